@@ -1,0 +1,302 @@
+//! Sans-I/O framing: bytes in, records out.
+//!
+//! A [`Decoder`] is fed the unread part of a connection's buffer and answers
+//! with one [`Decoded`] step: a record (a slice of the input, never a copy), a
+//! request for more bytes, or a counted problem. It owns no buffer and never
+//! allocates; the caller owns the bytes and drops `consumed` of them.
+//!
+//! Framings:
+//! - `newline`: records end at `\n`. A line longer than `max_record_bytes` is
+//!   counted once and skipped up to the next `\n` (the stream resynchronises).
+//! - `octet_counting` (RFC 6587 §3.4.1): `MSG-LEN SP MSG`, as
+//!   `logger --octet-count` and rsyslog send it; line feeds between frames are
+//!   tolerated. A bad or oversized length is fatal for the connection: the
+//!   framing is lost.
+//! - `length_prefixed`: a u32 big-endian length, then that many bytes. An
+//!   oversized length is fatal for the connection.
+//!
+//! One record per datagram needs no decoder: see [`datagram_record`].
+
+use crate::config::Framing;
+
+/// One step of decoding.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded<'a> {
+    /// A whole record; drop `consumed` bytes of input after using it.
+    Record { record: &'a [u8], consumed: usize },
+    /// No whole frame yet; drop `consumed` bytes (skipped) and read more.
+    NeedMore { consumed: usize },
+    /// A frame longer than the limit. With `fatal`, the framing is lost and
+    /// the connection must be closed; otherwise the bytes were skipped.
+    Oversize { consumed: usize, fatal: bool },
+    /// Bytes that are not a frame of this framing; the connection must close.
+    Invalid { reason: &'static str },
+}
+
+/// Cuts a byte stream into records.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    framing: Framing,
+    max_record_bytes: usize,
+    /// `newline` only: inside an oversized line, skipping to its end.
+    skipping: bool,
+}
+
+/// Longest decimal length octet counting accepts (10 digits fit a u32 frame
+/// bigger than any record limit).
+const OCTET_LEN_DIGITS_MAX: usize = 10;
+
+impl Decoder {
+    pub fn new(framing: Framing, max_record_bytes: usize) -> Decoder {
+        debug_assert!(framing != Framing::Datagram, "datagrams need no decoder");
+        Decoder {
+            framing,
+            max_record_bytes,
+            skipping: false,
+        }
+    }
+
+    /// The most bytes a caller must hold to see one whole frame.
+    pub fn frame_bytes_max(&self) -> usize {
+        self.max_record_bytes + OCTET_LEN_DIGITS_MAX + 2
+    }
+
+    /// Decodes the next step from `buf`, the unread input.
+    #[inline]
+    pub fn decode<'a>(&mut self, buf: &'a [u8]) -> Decoded<'a> {
+        match self.framing {
+            Framing::Newline | Framing::Datagram => self.newline(buf),
+            Framing::OctetCounting => self.octet_counting(buf),
+            Framing::LengthPrefixed => self.length_prefixed(buf),
+        }
+    }
+
+    /// At end of stream: the unterminated rest of a newline stream is a last
+    /// record; a partial counted frame is not.
+    pub fn finish<'a>(&mut self, buf: &'a [u8]) -> Option<&'a [u8]> {
+        match self.framing {
+            Framing::Newline if !self.skipping && !buf.is_empty() => {
+                (buf.len() <= self.max_record_bytes).then_some(buf)
+            }
+            _ => None,
+        }
+    }
+
+    #[inline]
+    fn newline<'a>(&mut self, buf: &'a [u8]) -> Decoded<'a> {
+        match memchr::memchr(b'\n', buf) {
+            Some(i) if self.skipping => {
+                self.skipping = false;
+                Decoded::NeedMore { consumed: i + 1 }
+            }
+            Some(i) if i > self.max_record_bytes => Decoded::Oversize {
+                consumed: i + 1,
+                fatal: false,
+            },
+            Some(i) => Decoded::Record {
+                record: &buf[..i],
+                consumed: i + 1,
+            },
+            None if self.skipping => Decoded::NeedMore {
+                consumed: buf.len(),
+            },
+            None if buf.len() > self.max_record_bytes => {
+                self.skipping = true;
+                Decoded::Oversize {
+                    consumed: buf.len(),
+                    fatal: false,
+                }
+            }
+            None => Decoded::NeedMore { consumed: 0 },
+        }
+    }
+
+    #[inline]
+    fn octet_counting<'a>(&mut self, buf: &'a [u8]) -> Decoded<'a> {
+        // Line feeds (and CRs) between frames are tolerated.
+        let start = buf
+            .iter()
+            .position(|&b| b != b'\n' && b != b'\r')
+            .unwrap_or(buf.len());
+        let rest = &buf[start..];
+        let mut len: usize = 0;
+        let mut digits = 0;
+        for &b in rest.iter() {
+            match b {
+                b'0'..=b'9' => {
+                    if digits == 0 && b == b'0' {
+                        return Decoded::Invalid {
+                            reason: "octet count with a leading zero",
+                        };
+                    }
+                    len = len * 10 + (b - b'0') as usize;
+                    digits += 1;
+                    if digits > OCTET_LEN_DIGITS_MAX {
+                        return Decoded::Invalid {
+                            reason: "octet count too long",
+                        };
+                    }
+                }
+                b' ' if digits > 0 => {
+                    if len > self.max_record_bytes {
+                        return Decoded::Oversize {
+                            consumed: buf.len(),
+                            fatal: true,
+                        };
+                    }
+                    let body = start + digits + 1;
+                    if buf.len() < body + len {
+                        return Decoded::NeedMore { consumed: start };
+                    }
+                    return Decoded::Record {
+                        record: &buf[body..body + len],
+                        consumed: body + len,
+                    };
+                }
+                _ => {
+                    return Decoded::Invalid {
+                        reason: "expected an octet count (digits, then a space)",
+                    }
+                }
+            }
+        }
+        Decoded::NeedMore { consumed: start }
+    }
+
+    #[inline]
+    fn length_prefixed<'a>(&mut self, buf: &'a [u8]) -> Decoded<'a> {
+        let Some(head) = buf.get(..4) else {
+            return Decoded::NeedMore { consumed: 0 };
+        };
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        if len > self.max_record_bytes {
+            return Decoded::Oversize {
+                consumed: buf.len(),
+                fatal: true,
+            };
+        }
+        if buf.len() < 4 + len {
+            return Decoded::NeedMore { consumed: 0 };
+        }
+        Decoded::Record {
+            record: &buf[4..4 + len],
+            consumed: 4 + len,
+        }
+    }
+}
+
+/// The record a datagram carries: the datagram less one trailing newline.
+#[inline]
+pub fn datagram_record(datagram: &[u8]) -> &[u8] {
+    match datagram.last() {
+        Some(b'\n') => &datagram[..datagram.len() - 1],
+        _ => datagram,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` in pieces of `step` bytes, as reads would, and collects
+    /// the records and the problems.
+    fn run(framing: Framing, max: usize, input: &[u8], step: usize) -> (Vec<Vec<u8>>, usize, bool) {
+        let mut d = Decoder::new(framing, max);
+        let mut buf = Vec::new();
+        let mut records = Vec::new();
+        let mut oversize = 0;
+        for chunk in input.chunks(step) {
+            buf.extend_from_slice(chunk);
+            loop {
+                match d.decode(&buf) {
+                    Decoded::Record { record, consumed } => {
+                        records.push(record.to_vec());
+                        buf.drain(..consumed);
+                    }
+                    Decoded::NeedMore { consumed } => {
+                        buf.drain(..consumed);
+                        break;
+                    }
+                    Decoded::Oversize { consumed, fatal } => {
+                        oversize += 1;
+                        buf.drain(..consumed);
+                        if fatal {
+                            return (records, oversize, true);
+                        }
+                    }
+                    Decoded::Invalid { .. } => return (records, oversize, true),
+                }
+            }
+        }
+        if let Some(r) = d.finish(&buf) {
+            records.push(r.to_vec());
+        }
+        (records, oversize, false)
+    }
+
+    #[test]
+    fn newline_whole_and_split_reads() {
+        for step in [1, 3, 64] {
+            let (r, o, closed) = run(Framing::Newline, 100, b"a\nbb\n\nccc", step);
+            assert_eq!(r, vec![b"a".to_vec(), b"bb".to_vec(), b"".to_vec(), b"ccc".to_vec()]);
+            assert_eq!((o, closed), (0, false));
+        }
+    }
+
+    #[test]
+    fn newline_oversize_is_counted_once_and_resyncs() {
+        let mut input = vec![b'x'; 50];
+        input.extend_from_slice(b"\nok\n");
+        for step in [1, 7, 100] {
+            let (r, o, closed) = run(Framing::Newline, 10, &input, step);
+            assert_eq!(r, vec![b"ok".to_vec()], "step {step}");
+            assert_eq!((o, closed), (1, false), "step {step}");
+        }
+    }
+
+    #[test]
+    fn octet_counting_as_logger_sends_it() {
+        let input = b"11 hello world5 a\nb c\n3 xyz";
+        for step in [1, 4, 100] {
+            let (r, o, closed) = run(Framing::OctetCounting, 100, input, step);
+            assert_eq!(
+                r,
+                vec![b"hello world".to_vec(), b"a\nb c".to_vec(), b"xyz".to_vec()]
+            );
+            assert_eq!((o, closed), (0, false));
+        }
+    }
+
+    #[test]
+    fn octet_counting_garbage_and_oversize_close() {
+        let (r, _, closed) = run(Framing::OctetCounting, 100, b"3 abcgarbage", 100);
+        assert_eq!(r, vec![b"abc".to_vec()]);
+        assert!(closed);
+        let (r, o, closed) = run(Framing::OctetCounting, 10, b"500 aaaa", 100);
+        assert!(r.is_empty());
+        assert_eq!((o, closed), (1, true));
+    }
+
+    #[test]
+    fn length_prefixed() {
+        let mut input = Vec::new();
+        for rec in [&b"one"[..], b"", b"three"] {
+            input.extend_from_slice(&(rec.len() as u32).to_be_bytes());
+            input.extend_from_slice(rec);
+        }
+        for step in [1, 5, 100] {
+            let (r, o, closed) = run(Framing::LengthPrefixed, 10, &input, step);
+            assert_eq!(r, vec![b"one".to_vec(), b"".to_vec(), b"three".to_vec()]);
+            assert_eq!((o, closed), (0, false));
+        }
+        let (_, o, closed) = run(Framing::LengthPrefixed, 10, &[0, 0, 1, 0, b'x'], 100);
+        assert_eq!((o, closed), (1, true));
+    }
+
+    #[test]
+    fn datagram_strips_one_newline() {
+        assert_eq!(datagram_record(b"a\n"), b"a");
+        assert_eq!(datagram_record(b"a\n\n"), b"a\n");
+        assert_eq!(datagram_record(b""), b"");
+    }
+}

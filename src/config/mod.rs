@@ -1,0 +1,587 @@
+//! Configuration: the TOML a user writes ([`ConfigFile`]) and the validated
+//! [`Plan`] the runtime starts from, with every default and bound resolved.
+//!
+//! Parsing rejects unknown keys; validation rejects bad addresses, inputs that
+//! name no source and keys that do not belong to a component's type. Every
+//! error names the key it is about (`sinks.up.batch.max_records`), because a
+//! user fixing a config file needs nothing else. Nothing here does I/O except
+//! [`Plan::from_path`] reading the file.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Largest record updraft accepts by default (`max_record_bytes`).
+pub const MAX_RECORD_BYTES_DEFAULT: usize = 64 * 1024;
+/// No record may be larger than this, whatever the config says: a frame is
+/// held whole in a connection's read buffer.
+pub const MAX_RECORD_BYTES_LIMIT: usize = 16 * 1024 * 1024;
+/// The most a UDP datagram (over IPv4) carries.
+pub const UDP_PAYLOAD_BYTES_MAX: usize = 65_507;
+pub const MAX_CONNECTIONS_DEFAULT: usize = 256;
+pub const BATCH_MAX_RECORDS_DEFAULT: usize = 4096;
+pub const BATCH_MAX_BYTES_DEFAULT: usize = 1024 * 1024;
+pub const BATCH_LINGER_MS_DEFAULT: u64 = 5;
+/// What a sink may hold in memory, over all shards, by default.
+pub const BUFFER_MAX_BYTES_DEFAULT: usize = 64 * 1024 * 1024;
+pub const RETRY_INITIAL_BACKOFF_MS_DEFAULT: u64 = 50;
+pub const RETRY_MAX_BACKOFF_MS_DEFAULT: u64 = 2_000;
+pub const SHUTDOWN_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+pub const SHARDS_MAX: usize = 256;
+
+const _: () = assert!(MAX_RECORD_BYTES_DEFAULT <= MAX_RECORD_BYTES_LIMIT);
+const _: () = assert!(RETRY_INITIAL_BACKOFF_MS_DEFAULT <= RETRY_MAX_BACKOFF_MS_DEFAULT);
+
+/// An error in a config file. The message names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or a key is unknown or of the wrong type.
+    #[error("{key}: {message}")]
+    Parse { key: String, message: String },
+    /// A key has a value that cannot work.
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// What the user writes.
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub shards: Option<usize>,
+    pub data_dir: Option<PathBuf>,
+    pub shutdown_timeout_ms: Option<u64>,
+    pub metrics: Option<MetricsConfig>,
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceConfig>,
+    #[serde(default)]
+    pub sinks: BTreeMap<String, SinkConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub address: String,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Framing {
+    Newline,
+    OctetCounting,
+    LengthPrefixed,
+    Datagram,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PartitionBy {
+    #[default]
+    None,
+    Peer,
+}
+
+/// What a source does with a record that is not valid UTF-8.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Utf8Policy {
+    /// Count it as dropped (reason `invalid_utf8`) and skip it.
+    #[default]
+    Drop,
+    /// Forward bytes as they are, unchecked (binary payloads).
+    Pass,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    #[serde(rename = "type")]
+    pub kind: SourceKind,
+    pub address: String,
+    pub framing: Option<Framing>,
+    pub partition_by: Option<PartitionBy>,
+    pub max_record_bytes: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub receive_buffer_bytes: Option<usize>,
+    pub utf8: Option<Utf8Policy>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    Tcp,
+    File,
+    Blackhole,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    #[serde(rename = "type")]
+    pub kind: SinkKind,
+    pub inputs: Vec<String>,
+    pub address: Option<String>,
+    pub path: Option<PathBuf>,
+    pub batch: Option<BatchConfig>,
+    pub buffer: Option<BufferConfig>,
+    pub retry: Option<RetryConfig>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    pub max_records: Option<usize>,
+    pub max_bytes: Option<usize>,
+    pub linger_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BufferConfig {
+    #[serde(rename = "type")]
+    pub kind: Option<BufferKind>,
+    pub max_bytes: Option<usize>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BufferKind {
+    Memory,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    pub initial_backoff_ms: Option<u64>,
+    pub max_backoff_ms: Option<u64>,
+}
+
+// ---------------------------------------------------------------------------
+// What the runtime starts from.
+
+/// A validated configuration: every default applied, every bound checked.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub shards: usize,
+    pub data_dir: PathBuf,
+    pub shutdown_timeout_ms: u64,
+    pub metrics_address: Option<SocketAddr>,
+    /// Sources in name order; a source's id is its index here.
+    pub sources: Vec<SourcePlan>,
+    /// Sinks in name order; a sink's id is its index here.
+    pub sinks: Vec<SinkPlan>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SourcePlan {
+    pub name: String,
+    pub kind: SourceKind,
+    pub address: SocketAddr,
+    pub framing: Framing,
+    pub partition_by: PartitionBy,
+    pub max_record_bytes: usize,
+    pub max_connections: usize,
+    pub receive_buffer_bytes: Option<usize>,
+    pub utf8: Utf8Policy,
+    /// Ids of the sinks that list this source in `inputs`.
+    pub sinks: Vec<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub enum SinkTarget {
+    Tcp { address: SocketAddr },
+    File { path: PathBuf },
+    Blackhole,
+}
+
+#[derive(Debug, Clone)]
+pub struct SinkPlan {
+    pub name: String,
+    pub target: SinkTarget,
+    /// Ids of the sources this sink takes.
+    pub inputs: Vec<usize>,
+    pub batch: BatchLimits,
+    /// Sealed batches a sink may queue on one shard before sources wait.
+    pub queue_batches: usize,
+    pub retry: RetryPlan,
+}
+
+/// When a batch is sealed: whichever comes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub max_records: usize,
+    pub max_bytes: usize,
+    pub linger_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPlan {
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+impl SinkTarget {
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            SinkTarget::Tcp { .. } => "tcp",
+            SinkTarget::File { .. } => "file",
+            SinkTarget::Blackhole => "blackhole",
+        }
+    }
+}
+
+fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("invalid address {value:?}: expected IP:PORT such as \"127.0.0.1:5140\""),
+        )
+    })
+}
+
+impl Plan {
+    /// Reads, parses and validates a config file.
+    pub fn from_path(path: &Path) -> Result<Plan, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Plan::from_toml(&text)
+    }
+
+    /// Parses and validates the text of a config file.
+    pub fn from_toml(text: &str) -> Result<Plan, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let file: ConfigFile = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let message = inner.message().to_string();
+            let key = if key == "." {
+                "config".to_string()
+            } else {
+                key
+            };
+            let location = inner
+                .span()
+                .map(|s| {
+                    let line = text[..s.start].matches('\n').count() + 1;
+                    format!(" (line {line})")
+                })
+                .unwrap_or_default();
+            ConfigError::Parse {
+                key,
+                message: format!("{}{location}", message.trim_end()),
+            }
+        })?;
+        Plan::validate(file)
+    }
+
+    fn validate(file: ConfigFile) -> Result<Plan, ConfigError> {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let shards = file.shards.unwrap_or(cpus);
+        if shards == 0 || shards > SHARDS_MAX {
+            return Err(invalid(
+                "shards",
+                format!("must be between 1 and {SHARDS_MAX}, got {shards}"),
+            ));
+        }
+        let metrics_address = match &file.metrics {
+            Some(m) => Some(parse_addr("metrics.address", &m.address)?),
+            None => None,
+        };
+        if file.sources.is_empty() {
+            return Err(invalid("sources", "at least one source is required"));
+        }
+        if file.sinks.is_empty() {
+            return Err(invalid("sinks", "at least one sink is required"));
+        }
+        let source_ids: BTreeMap<&str, usize> = file
+            .sources
+            .keys()
+            .enumerate()
+            .map(|(i, k)| (k.as_str(), i))
+            .collect();
+
+        let mut sources = Vec::with_capacity(file.sources.len());
+        for (name, s) in &file.sources {
+            let key = |k: &str| format!("sources.{name}.{k}");
+            let address = parse_addr(&key("address"), &s.address)?;
+            let framing = match (s.kind, s.framing) {
+                (SourceKind::Udp, None | Some(Framing::Datagram)) => Framing::Datagram,
+                (SourceKind::Udp, Some(f)) => {
+                    return Err(invalid(
+                        key("framing"),
+                        format!("a udp source takes one record per datagram (\"datagram\"), not {f:?}"),
+                    ))
+                }
+                (SourceKind::Tcp, None) => Framing::Newline,
+                (SourceKind::Tcp, Some(Framing::Datagram)) => {
+                    return Err(invalid(
+                        key("framing"),
+                        "\"datagram\" is for udp sources; a tcp source takes newline, octet_counting or length_prefixed",
+                    ))
+                }
+                (SourceKind::Tcp, Some(f)) => f,
+            };
+            let max_record_bytes = match (s.kind, s.max_record_bytes) {
+                (_, Some(m)) => m,
+                (SourceKind::Udp, None) => MAX_RECORD_BYTES_DEFAULT.min(UDP_PAYLOAD_BYTES_MAX),
+                (SourceKind::Tcp, None) => MAX_RECORD_BYTES_DEFAULT,
+            };
+            if max_record_bytes == 0 || max_record_bytes > MAX_RECORD_BYTES_LIMIT {
+                return Err(invalid(
+                    key("max_record_bytes"),
+                    format!("must be between 1 and {MAX_RECORD_BYTES_LIMIT}, got {max_record_bytes}"),
+                ));
+            }
+            if s.kind == SourceKind::Udp && max_record_bytes > UDP_PAYLOAD_BYTES_MAX {
+                return Err(invalid(
+                    key("max_record_bytes"),
+                    format!("a UDP datagram carries at most {UDP_PAYLOAD_BYTES_MAX} bytes"),
+                ));
+            }
+            let max_connections = match (s.kind, s.max_connections) {
+                (SourceKind::Udp, Some(_)) => {
+                    return Err(invalid(key("max_connections"), "only tcp sources have connections"))
+                }
+                (_, Some(0)) => return Err(invalid(key("max_connections"), "must be at least 1")),
+                (_, m) => m.unwrap_or(MAX_CONNECTIONS_DEFAULT),
+            };
+            let sinks = file
+                .sinks
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, k))| k.inputs.iter().any(|i| i == name))
+                .map(|(i, _)| i)
+                .collect();
+            sources.push(SourcePlan {
+                name: name.clone(),
+                kind: s.kind,
+                address,
+                framing,
+                partition_by: s.partition_by.unwrap_or_default(),
+                max_record_bytes,
+                max_connections,
+                receive_buffer_bytes: s.receive_buffer_bytes,
+                utf8: s.utf8.unwrap_or_default(),
+                sinks,
+            });
+        }
+
+        let mut sinks = Vec::with_capacity(file.sinks.len());
+        for (name, k) in &file.sinks {
+            let key = |x: &str| format!("sinks.{name}.{x}");
+            let target = match k.kind {
+                SinkKind::Tcp => {
+                    let a = k.address.as_deref().ok_or_else(|| {
+                        invalid(key("address"), "a tcp sink needs an address (IP:PORT)")
+                    })?;
+                    if k.path.is_some() {
+                        return Err(invalid(key("path"), "a tcp sink takes an address, not a path"));
+                    }
+                    SinkTarget::Tcp {
+                        address: parse_addr(&key("address"), a)?,
+                    }
+                }
+                SinkKind::File => {
+                    let p = k
+                        .path
+                        .clone()
+                        .ok_or_else(|| invalid(key("path"), "a file sink needs a path"))?;
+                    if k.address.is_some() {
+                        return Err(invalid(key("address"), "a file sink takes a path, not an address"));
+                    }
+                    SinkTarget::File { path: p }
+                }
+                SinkKind::Blackhole => {
+                    if k.address.is_some() || k.path.is_some() {
+                        return Err(invalid(
+                            key("type"),
+                            "a blackhole sink takes neither address nor path",
+                        ));
+                    }
+                    SinkTarget::Blackhole
+                }
+            };
+            if k.inputs.is_empty() {
+                return Err(invalid(key("inputs"), "list at least one source"));
+            }
+            let mut inputs = Vec::with_capacity(k.inputs.len());
+            for input in &k.inputs {
+                let id = source_ids.get(input.as_str()).ok_or_else(|| {
+                    invalid(
+                        key("inputs"),
+                        format!(
+                            "{input:?} names no source (sources: {})",
+                            source_ids.keys().copied().collect::<Vec<_>>().join(", ")
+                        ),
+                    )
+                })?;
+                inputs.push(*id);
+            }
+            let b = k.batch.as_ref();
+            let batch = BatchLimits {
+                max_records: b
+                    .and_then(|b| b.max_records)
+                    .unwrap_or(BATCH_MAX_RECORDS_DEFAULT),
+                max_bytes: b.and_then(|b| b.max_bytes).unwrap_or(BATCH_MAX_BYTES_DEFAULT),
+                linger_ms: b.and_then(|b| b.linger_ms).unwrap_or(BATCH_LINGER_MS_DEFAULT),
+            };
+            if batch.max_records == 0 || batch.max_records > u32::MAX as usize {
+                return Err(invalid(key("batch.max_records"), "must be at least 1"));
+            }
+            if batch.max_bytes < 64 || batch.max_bytes > 256 * 1024 * 1024 {
+                return Err(invalid(
+                    key("batch.max_bytes"),
+                    "must be between 64 bytes and 256 MiB",
+                ));
+            }
+            let buffer_max_bytes = k
+                .buffer
+                .as_ref()
+                .and_then(|b| b.max_bytes)
+                .unwrap_or(BUFFER_MAX_BYTES_DEFAULT);
+            // The buffer is split evenly over the shards and counted in whole
+            // batches; at least two per shard so one can fill while one is sent.
+            let queue_batches = (buffer_max_bytes / shards / batch.max_bytes).max(2);
+            let r = k.retry.as_ref();
+            let retry = RetryPlan {
+                initial_backoff_ms: r
+                    .and_then(|r| r.initial_backoff_ms)
+                    .unwrap_or(RETRY_INITIAL_BACKOFF_MS_DEFAULT)
+                    .max(1),
+                max_backoff_ms: r
+                    .and_then(|r| r.max_backoff_ms)
+                    .unwrap_or(RETRY_MAX_BACKOFF_MS_DEFAULT),
+            };
+            if retry.max_backoff_ms < retry.initial_backoff_ms {
+                return Err(invalid(
+                    key("retry.max_backoff_ms"),
+                    "must be at least retry.initial_backoff_ms",
+                ));
+            }
+            sinks.push(SinkPlan {
+                name: name.clone(),
+                target,
+                inputs,
+                batch,
+                queue_batches,
+                retry,
+            });
+        }
+        for s in &sources {
+            if s.sinks.is_empty() {
+                tracing::warn!(source = %s.name, "no sink lists this source in its inputs; its records are counted and dropped");
+            }
+        }
+
+        Ok(Plan {
+            shards,
+            data_dir: file.data_dir.unwrap_or_else(|| PathBuf::from("./data")),
+            shutdown_timeout_ms: file
+                .shutdown_timeout_ms
+                .unwrap_or(SHUTDOWN_TIMEOUT_MS_DEFAULT),
+            metrics_address,
+            sources,
+            sinks,
+        })
+    }
+
+    /// The largest record any source accepts: the size a batch's payload must
+    /// be able to take in one piece.
+    pub fn max_record_bytes(&self) -> usize {
+        self.sources
+            .iter()
+            .map(|s| s.max_record_bytes)
+            .max()
+            .unwrap_or(MAX_RECORD_BYTES_DEFAULT)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+shards = 2
+data_dir = "./data"
+[metrics]
+address = "127.0.0.1:9598"
+[sources.app]
+type = "tcp"
+address = "127.0.0.1:5140"
+framing = "newline"
+partition_by = "none"
+max_record_bytes = 65536
+[sinks.up]
+type = "tcp"
+inputs = ["app"]
+address = "127.0.0.1:16000"
+[sinks.up.batch]
+max_records = 1000
+linger_ms = 5
+"#;
+
+    #[test]
+    fn contract_keys_parse() {
+        let plan = Plan::from_toml(GOOD).unwrap();
+        assert_eq!(plan.shards, 2);
+        assert_eq!(plan.sources[0].sinks, vec![0]);
+        assert_eq!(plan.sinks[0].batch.max_records, 1000);
+        assert_eq!(plan.sinks[0].inputs, vec![0]);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = GOOD.replace("max_records = 1000", "max_recordz = 1000");
+        let err = Plan::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("sinks.up.batch"), "{err}");
+        assert!(err.contains("max_recordz"), "{err}");
+    }
+
+    #[test]
+    fn bad_address_is_named() {
+        let text = GOOD.replace("127.0.0.1:5140", "localhost");
+        let err = Plan::from_toml(&text).unwrap_err().to_string();
+        assert!(err.starts_with("sources.app.address"), "{err}");
+    }
+
+    #[test]
+    fn input_naming_no_source_is_named() {
+        let text = GOOD.replace("inputs = [\"app\"]", "inputs = [\"nope\"]");
+        let err = Plan::from_toml(&text).unwrap_err().to_string();
+        assert!(err.starts_with("sinks.up.inputs"), "{err}");
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn udp_takes_only_datagram_framing() {
+        let text = GOOD.replace("type = \"tcp\"\naddress = \"127.0.0.1:5140\"", "type = \"udp\"\naddress = \"127.0.0.1:5140\"");
+        let err = Plan::from_toml(&text).unwrap_err().to_string();
+        assert!(err.starts_with("sources.app.framing"), "{err}");
+    }
+}

@@ -1,0 +1,397 @@
+//! Per-shard counters and the Prometheus endpoint that sums them.
+//!
+//! Each shard owns its [`ShardMetrics`] and is the only writer of it: a counter
+//! is a relaxed load and store, not a locked read-modify-write, and shards
+//! never touch each other's cache lines. The exporter thread reads every
+//! shard's counters on a scrape, sums them per source and sink, and renders
+//! Prometheus text with `prometheus-client`. It serves `/metrics`, `/health`
+//! and `/ready` with `tiny_http` on a thread of its own, off the hot path.
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+/// A monotonic counter with one writer (its shard).
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`. Only the owning shard calls this, so a plain load and store
+    /// suffice (no `lock` prefix on the hot path).
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// A value that goes up and down, with one writer.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    #[inline]
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Relaxed);
+    }
+
+    #[inline]
+    pub fn add(&self, n: i64) {
+        self.0.store(self.0.load(Relaxed) + n, Relaxed);
+    }
+
+    pub fn get(&self) -> i64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// Why a source dropped a record. Each reason is a label value of
+/// `updraft_source_dropped_records_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Longer than `max_record_bytes`.
+    Oversize,
+    /// Bytes that are not a frame of the source's framing (connection closed).
+    Framing,
+    /// Not valid UTF-8 (with `utf8 = "drop"`).
+    InvalidUtf8,
+    /// An empty line or zero-length frame.
+    Empty,
+    /// A UDP datagram arrived while its sink's buffer was full.
+    SinkFull,
+    /// Dropped by the kernel: the UDP socket's receive buffer was full.
+    ReceiveBuffer,
+    /// No sink takes the source's records.
+    NoSink,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 7] = [
+        DropReason::Oversize,
+        DropReason::Framing,
+        DropReason::InvalidUtf8,
+        DropReason::Empty,
+        DropReason::SinkFull,
+        DropReason::ReceiveBuffer,
+        DropReason::NoSink,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::Oversize => "oversize",
+            DropReason::Framing => "framing",
+            DropReason::InvalidUtf8 => "invalid_utf8",
+            DropReason::Empty => "empty",
+            DropReason::SinkFull => "sink_full",
+            DropReason::ReceiveBuffer => "receive_buffer",
+            DropReason::NoSink => "no_sink",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct SourceCounters {
+    pub records: Counter,
+    pub bytes: Counter,
+    dropped: [Counter; DropReason::ALL.len()],
+    /// The kernel's drop count of this shard's UDP socket (SO_MEMINFO), set.
+    pub kernel_drops: Gauge,
+    pub connections_accepted: Counter,
+    pub connections_rejected: Counter,
+    pub connections_open: Gauge,
+}
+
+impl SourceCounters {
+    #[inline]
+    pub fn drop(&self, reason: DropReason, n: u64) {
+        self.dropped[reason as usize].add(n);
+    }
+
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        match reason {
+            DropReason::ReceiveBuffer => {
+                self.dropped[reason as usize].get() + self.kernel_drops.get().max(0) as u64
+            }
+            _ => self.dropped[reason as usize].get(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct SinkCounters {
+    pub records: Counter,
+    pub bytes: Counter,
+    pub batches: Counter,
+    pub send_errors: Counter,
+    pub retries: Counter,
+    pub queued_batches: Gauge,
+    pub connected: Gauge,
+}
+
+/// Everything one shard counts. Written by that shard only.
+#[derive(Debug)]
+pub struct ShardMetrics {
+    pub sources: Vec<SourceCounters>,
+    pub sinks: Vec<SinkCounters>,
+    /// Batches waiting in the rings that lead into this shard.
+    pub ring_batches: Gauge,
+    /// Batches this shard's pool has allocated since start.
+    pub pool_batches_made: Gauge,
+}
+
+impl ShardMetrics {
+    pub fn new(sources: usize, sinks: usize) -> ShardMetrics {
+        ShardMetrics {
+            sources: (0..sources).map(|_| SourceCounters::default()).collect(),
+            sinks: (0..sinks).map(|_| SinkCounters::default()).collect(),
+            ring_batches: Gauge::default(),
+            pool_batches_made: Gauge::default(),
+        }
+    }
+}
+
+/// All shards' counters with the names to label them by.
+#[derive(Debug)]
+pub struct Metrics {
+    pub source_names: Vec<String>,
+    pub sink_names: Vec<(String, &'static str)>,
+    pub shards: Vec<Arc<ShardMetrics>>,
+    pub ready: AtomicBool,
+}
+
+impl Metrics {
+    pub fn new(
+        source_names: Vec<String>,
+        sink_names: Vec<(String, &'static str)>,
+        shards: usize,
+    ) -> Metrics {
+        let shards = (0..shards)
+            .map(|_| Arc::new(ShardMetrics::new(source_names.len(), sink_names.len())))
+            .collect();
+        Metrics {
+            source_names,
+            sink_names,
+            shards,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Sum over shards of one source counter.
+    pub fn source_sum(&self, source: usize, f: impl Fn(&SourceCounters) -> u64) -> u64 {
+        self.shards.iter().map(|s| f(&s.sources[source])).sum()
+    }
+
+    /// Sum over shards of one sink counter.
+    pub fn sink_sum(&self, sink: usize, f: impl Fn(&SinkCounters) -> i64) -> i64 {
+        self.shards.iter().map(|s| f(&s.sinks[sink])).sum()
+    }
+
+    /// Renders Prometheus text.
+    pub fn render(self: &Arc<Self>) -> String {
+        let mut registry = Registry::with_prefix("updraft");
+        registry.register_collector(Box::new(Exposition(self.clone())));
+        let mut out = String::with_capacity(8 * 1024);
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[derive(Debug)]
+struct Exposition(Arc<Metrics>);
+
+fn family<'a, M: EncodeMetric>(
+    enc: &mut DescriptorEncoder<'a>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: impl IntoIterator<Item = (Vec<(&'static str, String)>, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in rows {
+        value.encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Exposition {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m = &self.0;
+        let src = |i: usize| vec![("source", m.source_names[i].clone())];
+        let sink = |i: usize| {
+            vec![
+                ("sink", m.sink_names[i].0.clone()),
+                ("type", m.sink_names[i].1.to_string()),
+            ]
+        };
+        let n_src = m.source_names.len();
+        let n_sink = m.sink_names.len();
+        let source_counter = |f: fn(&SourceCounters) -> u64| {
+            (0..n_src).map(move |i| (src(i), ConstCounter::new(m.source_sum(i, f))))
+        };
+        family(
+            &mut enc,
+            "source_received_records",
+            "Records a source accepted.",
+            MetricType::Counter,
+            source_counter(|c| c.records.get()),
+        )?;
+        family(
+            &mut enc,
+            "source_received_bytes",
+            "Bytes a source read from its sockets.",
+            MetricType::Counter,
+            source_counter(|c| c.bytes.get()),
+        )?;
+        family(
+            &mut enc,
+            "source_dropped_records",
+            "Records a source dropped, by reason.",
+            MetricType::Counter,
+            (0..n_src).flat_map(|i| {
+                DropReason::ALL.iter().map(move |r| {
+                    let mut l = src(i);
+                    l.push(("reason", r.label().to_string()));
+                    (l, ConstCounter::new(m.source_sum(i, |c| c.dropped(*r))))
+                })
+            }),
+        )?;
+        family(
+            &mut enc,
+            "source_connections_accepted",
+            "TCP connections a source accepted.",
+            MetricType::Counter,
+            source_counter(|c| c.connections_accepted.get()),
+        )?;
+        family(
+            &mut enc,
+            "source_connections_rejected",
+            "TCP connections closed at once because max_connections was reached.",
+            MetricType::Counter,
+            source_counter(|c| c.connections_rejected.get()),
+        )?;
+        family(
+            &mut enc,
+            "source_connections_open",
+            "TCP connections open now.",
+            MetricType::Gauge,
+            (0..n_src).map(|i| {
+                (
+                    src(i),
+                    ConstGauge::new(m.source_sum(i, |c| c.connections_open.get() as u64) as i64),
+                )
+            }),
+        )?;
+        let sink_counter = |f: fn(&SinkCounters) -> i64| {
+            (0..n_sink).map(move |i| (sink(i), ConstCounter::new(m.sink_sum(i, f) as u64)))
+        };
+        family(
+            &mut enc,
+            "sink_sent_records",
+            "Records a sink delivered.",
+            MetricType::Counter,
+            sink_counter(|c| c.records.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_sent_bytes",
+            "Bytes a sink delivered.",
+            MetricType::Counter,
+            sink_counter(|c| c.bytes.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_sent_batches",
+            "Batches a sink delivered.",
+            MetricType::Counter,
+            sink_counter(|c| c.batches.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_send_errors",
+            "Failed connects and writes; the batch is kept and retried.",
+            MetricType::Counter,
+            sink_counter(|c| c.send_errors.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_retries",
+            "Attempts to send a batch again after an error.",
+            MetricType::Counter,
+            sink_counter(|c| c.retries.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_queued_batches",
+            "Sealed batches waiting for the sink.",
+            MetricType::Gauge,
+            (0..n_sink).map(|i| (sink(i), ConstGauge::new(m.sink_sum(i, |c| c.queued_batches.get())))),
+        )?;
+        family(
+            &mut enc,
+            "sink_connected",
+            "Shards whose connection to the sink is up.",
+            MetricType::Gauge,
+            (0..n_sink).map(|i| (sink(i), ConstGauge::new(m.sink_sum(i, |c| c.connected.get())))),
+        )?;
+        family(
+            &mut enc,
+            "shard_ring_batches",
+            "Batches waiting in the rings that lead into a shard.",
+            MetricType::Gauge,
+            m.shards
+                .iter()
+                .enumerate()
+                .map(|(k, s)| (vec![("shard", k.to_string())], ConstGauge::new(s.ring_batches.get()))),
+        )?;
+        family(
+            &mut enc,
+            "shard_pool_batches",
+            "Batches a shard's pool has allocated since start.",
+            MetricType::Gauge,
+            m.shards.iter().enumerate().map(|(k, s)| {
+                (
+                    vec![("shard", k.to_string())],
+                    ConstGauge::new(s.pool_batches_made.get()),
+                )
+            }),
+        )?;
+        Ok(())
+    }
+}
+
+/// Serves `/metrics`, `/health` and `/ready` on `address` from a thread of
+/// its own. Binding happens before this returns, so a bad address fails start.
+pub fn serve(address: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let server = tiny_http::Server::http(address).map_err(std::io::Error::other)?;
+    std::thread::Builder::new()
+        .name("updraft-metrics".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let path = request.url().split('?').next().unwrap_or("");
+                let (status, body, ctype) = match path {
+                    "/metrics" => (200, metrics.render(), "text/plain; version=0.0.4"),
+                    "/health" => (200, "ok\n".to_string(), "text/plain"),
+                    "/ready" if metrics.ready.load(Relaxed) => (200, "ready\n".to_string(), "text/plain"),
+                    "/ready" => (503, "starting\n".to_string(), "text/plain"),
+                    _ => (404, "not found\n".to_string(), "text/plain"),
+                };
+                let header = tiny_http::Header::from_bytes("Content-Type", ctype)
+                    .expect("static header is valid");
+                let response = tiny_http::Response::from_string(body)
+                    .with_status_code(status)
+                    .with_header(header);
+                let _ = request.respond(response);
+            }
+        })?;
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! Shards: threads, CPU pinning, the io_uring probe, start and stop.
+//!
+//! This is the only module that starts threads. [`start`] checks that
+//! io_uring can be set up (and says exactly what to check when it cannot),
+//! binds every source's sockets up front (so a taken port fails the start, not
+//! a shard), builds the ring mesh and starts one pinned thread per shard, each
+//! running its own tokio-uring runtime. [`Running::stop`] tells every shard to
+//! stop and waits, up to `shutdown_timeout_ms`, for them to drain.
+
+pub mod shard;
+
+use crate::config::{Plan, SourceKind};
+use crate::metrics::Metrics;
+use crate::route::Mesh;
+use crate::sources::BoundSocket;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// Submission queue entries per shard ring.
+pub const URING_ENTRIES: u32 = 1024;
+
+/// Why the collector could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("io_uring is not available: {reason}. {hint}")]
+    Uring { reason: String, hint: &'static str },
+    #[error("sources.{source_name}.address: cannot bind {address}: {error}")]
+    Bind {
+        source_name: String,
+        address: std::net::SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("metrics.address: cannot serve on {address}: {error}")]
+    Metrics {
+        address: std::net::SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("cannot start shard thread {shard}: {error}")]
+    Thread { shard: usize, error: std::io::Error },
+}
+
+/// What the shards share to stop in order.
+#[derive(Debug)]
+pub struct Lifecycle {
+    pub stopping: AtomicBool,
+    /// One wake-up per shard.
+    pub stop: Vec<Notify>,
+    /// Shards whose sources have finished and whose lanes have crossed.
+    pub sources_done: AtomicUsize,
+}
+
+/// Checks that this process may create an io_uring, with an actionable
+/// message when it may not.
+pub fn probe_uring() -> Result<(), StartError> {
+    match io_uring::IoUring::new(8) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .unwrap_or(0);
+            let hint = match e.raw_os_error() {
+                Some(libc::ENOSYS) => "the kernel lacks io_uring (it needs Linux 5.11 or later, built with CONFIG_IO_URING)",
+                Some(libc::EPERM) if disabled > 0 => "sysctl kernel.io_uring_disabled is set; set it to 0 (or to 1 and run updraft in the group kernel.io_uring_group names)",
+                Some(libc::EPERM) => "a seccomp profile refuses io_uring_setup; container runtimes (Docker 25+, containerd) do by default: run with a profile that allows io_uring_setup, io_uring_enter and io_uring_register",
+                Some(libc::ENOMEM) => "the locked-memory limit is too low for the ring; raise `ulimit -l` (LimitMEMLOCK= under systemd)",
+                _ => "check kernel.io_uring_disabled, the container's seccomp profile and the kernel version (5.11 or later)",
+            };
+            Err(StartError::Uring {
+                reason: e.to_string(),
+                hint,
+            })
+        }
+    }
+}
+
+/// The CPUs this process may run on, in order.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays within CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::debug!(cpu, "could not pin shard thread");
+        }
+    }
+}
+
+/// A started collector.
+pub struct Running {
+    life: Arc<Lifecycle>,
+    done: mpsc::Receiver<usize>,
+    shards: usize,
+    timeout: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Starts the collector described by `plan`.
+pub fn start(plan: Plan) -> Result<Running, StartError> {
+    probe_uring()?;
+    let plan = Arc::new(plan);
+    let n = plan.shards;
+
+    // Bind everything before any thread starts: errors name the source.
+    let mut sockets: Vec<Vec<BoundSocket>> = (0..n).map(|_| Vec::new()).collect();
+    for (id, src) in plan.sources.iter().enumerate() {
+        for shard_sockets in sockets.iter_mut() {
+            let bound = crate::sources::bind(id, src).map_err(|error| StartError::Bind {
+                source_name: src.name.clone(),
+                address: src.address,
+                error,
+            })?;
+            shard_sockets.push(bound);
+        }
+        if src.kind == SourceKind::Udp {
+            tracing::info!(source = %src.name, address = %src.address, shards = n, "listening (udp)");
+        } else {
+            tracing::info!(source = %src.name, address = %src.address, shards = n, framing = ?src.framing, "listening (tcp)");
+        }
+    }
+
+    let metrics = Arc::new(Metrics::new(
+        plan.sources.iter().map(|s| s.name.clone()).collect(),
+        plan.sinks
+            .iter()
+            .map(|s| (s.name.clone(), s.target.kind_name()))
+            .collect(),
+        n,
+    ));
+    if let Some(address) = plan.metrics_address {
+        crate::metrics::serve(address, metrics.clone())
+            .map_err(|error| StartError::Metrics { address, error })?;
+        tracing::info!(%address, "metrics at /metrics, health at /health");
+    }
+
+    let life = Arc::new(Lifecycle {
+        stopping: AtomicBool::new(false),
+        stop: (0..n).map(|_| Notify::new()).collect(),
+        sources_done: AtomicUsize::new(0),
+    });
+    let connections: Arc<Vec<AtomicUsize>> =
+        Arc::new(plan.sources.iter().map(|_| AtomicUsize::new(0)).collect());
+    let cpus = allowed_cpus();
+    let (done_tx, done) = mpsc::channel();
+    let ends = Mesh::build(n);
+    for (ends, shard_sockets) in ends.into_iter().zip(sockets) {
+        let k = ends.shard;
+        let plan = plan.clone();
+        let shard_metrics = metrics.shards[k].clone();
+        let life = life.clone();
+        let connections = connections.clone();
+        let done_tx = done_tx.clone();
+        let cpu = (!cpus.is_empty()).then(|| cpus[k % cpus.len()]);
+        std::thread::Builder::new()
+            .name(format!("updraft-shard-{k}"))
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    pin_to(cpu);
+                }
+                tokio_uring::builder().entries(URING_ENTRIES).start(async move {
+                    let shard = std::rc::Rc::new(shard::Shard::new(
+                        plan,
+                        ends,
+                        shard_metrics,
+                        life,
+                        connections,
+                    ));
+                    shard
+                        .run(move |s| crate::sources::start(s, shard_sockets))
+                        .await;
+                });
+                let _ = done_tx.send(k);
+            })
+            .map_err(|error| StartError::Thread { shard: k, error })?;
+    }
+    metrics.ready.store(true, Ordering::Release);
+    Ok(Running {
+        life,
+        done,
+        shards: n,
+        timeout: Duration::from_millis(plan.shutdown_timeout_ms),
+        metrics,
+    })
+}
+
+impl Running {
+    /// Tells every shard to stop and waits for them to drain. Returns false
+    /// when the timeout passed first.
+    pub fn stop(self) -> bool {
+        self.life.stopping.store(true, Ordering::Release);
+        for n in &self.life.stop {
+            n.notify_one();
+        }
+        let deadline = Instant::now() + self.timeout;
+        let mut stopped = 0;
+        while stopped < self.shards {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.done.recv_timeout(left) {
+                Ok(_) => stopped += 1,
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+}
