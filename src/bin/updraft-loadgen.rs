@@ -1,1 +1,826 @@
-fn main(){}
+//! `updraft-loadgen`: the yardstick every throughput, loss and latency claim
+//! about updraft is measured with.
+//!
+//! `send` writes records over TCP or UDP, flat out or paced (quanta), over N
+//! connections; every record carries its stream id, a sequence number and a
+//! send timestamp in plain text:
+//!
+//! ```text
+//! stream=3 seq=000000012345 ts=1732240000123456789 xxxxxxxx…\n
+//! ```
+//!
+//! Payloads are built once per connection into a large block; only the
+//! sequence numbers and timestamps are patched in place before each write, so
+//! the generator is not what it measures. UDP goes out with `sendmmsg`.
+//!
+//! `receive` is a TCP (or UDP) sink that counts records, checks per stream
+//! that every sequence number arrived exactly once (lost, duplicated,
+//! reordered) and records end-to-end latency in an HDR histogram. It can
+//! also play an upstream that restarts gracefully (`--pause-after`), closing
+//! its side, draining what was sent, refusing connections for a while.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "updraft-loadgen", version, about = "Load generator and verifying receiver for updraft")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum Framing {
+    Newline,
+    OctetCounting,
+    LengthPrefixed,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Send records to a collector.
+    Send(SendArgs),
+    /// Receive records, verify them and measure latency.
+    Receive(ReceiveArgs),
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    /// Address to send to (IP:PORT).
+    #[arg(long)]
+    target: SocketAddr,
+    #[arg(long, value_enum, default_value = "tcp")]
+    proto: Proto,
+    /// Connections (TCP) or sockets (UDP), each its own stream and thread.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Records in total over all connections.
+    #[arg(long)]
+    count: u64,
+    /// Bytes per record, newline included.
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Records per second in total; flat out without it.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// How TCP records are framed.
+    #[arg(long, value_enum, default_value = "newline")]
+    framing: Framing,
+    /// Id of the first connection's stream (the next get the following ids).
+    #[arg(long, default_value_t = 0)]
+    stream_base: u64,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct ReceiveArgs {
+    /// Address to listen on (IP:PORT).
+    #[arg(long)]
+    listen: SocketAddr,
+    #[arg(long, value_enum, default_value = "tcp")]
+    proto: Proto,
+    /// Stop once this many distinct records arrived; exit non-zero if they
+    /// did not within the timeout.
+    #[arg(long)]
+    expect: Option<u64>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 60.0)]
+    timeout_s: f64,
+    /// After --expect is met, wait this long for late duplicates.
+    #[arg(long, default_value_t = 200)]
+    linger_ms: u64,
+    /// Play a graceful upstream restart once this many records arrived:
+    /// close our side of every connection, drain them, refuse new ones.
+    #[arg(long)]
+    pause_after: Option<u64>,
+    /// How long the restart refuses connections.
+    #[arg(long, default_value_t = 3.0)]
+    pause_s: f64,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Send(a) => send(a),
+        Command::Receive(a) => {
+            let ok = receive(a)?;
+            if !ok {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------
+// Record layout.
+
+const SEQ_DIGITS: usize = 12;
+const TS_DIGITS: usize = 19;
+
+/// Writes `v` as exactly `out.len()` decimal digits, zero-padded.
+#[inline]
+fn put_digits(out: &mut [u8], mut v: u64) {
+    for b in out.iter_mut().rev() {
+        *b = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+}
+
+/// One connection's records, built once and patched in place.
+struct Block {
+    bytes: Vec<u8>,
+    frame: usize,
+    seq_at: usize,
+    ts_at: usize,
+    records: usize,
+}
+
+impl Block {
+    fn new(stream: u64, size: usize, framing: Framing, records: usize) -> Result<Block> {
+        let head = format!("stream={stream} seq={} ts={} ", "0".repeat(SEQ_DIGITS), "0".repeat(TS_DIGITS));
+        if size < head.len() + 1 {
+            bail!("--size {size} is too small: a record needs at least {} bytes", head.len() + 1);
+        }
+        // The record without its newline, then the frame around it.
+        let mut record = head.clone().into_bytes();
+        record.resize(size - 1, b'x');
+        let (prefix, suffix): (Vec<u8>, &[u8]) = match framing {
+            Framing::Newline => (Vec::new(), b"\n"),
+            Framing::OctetCounting => (format!("{} ", record.len()).into_bytes(), b""),
+            Framing::LengthPrefixed => ((record.len() as u32).to_be_bytes().to_vec(), b""),
+        };
+        let frame = prefix.len() + record.len() + suffix.len();
+        let mut bytes = Vec::with_capacity(frame * records);
+        for _ in 0..records {
+            bytes.extend_from_slice(&prefix);
+            bytes.extend_from_slice(&record);
+            bytes.extend_from_slice(suffix);
+        }
+        let seq_at = prefix.len() + head.find(" seq=").expect("in head") + 5;
+        let ts_at = prefix.len() + head.find(" ts=").expect("in head") + 4;
+        Ok(Block {
+            bytes,
+            frame,
+            seq_at,
+            ts_at,
+            records,
+        })
+    }
+
+    /// Patches the first `n` records with sequence numbers from `first` and
+    /// the send time `ts`; returns the bytes to write.
+    fn fill(&mut self, first: u64, n: usize, ts: u64) -> &[u8] {
+        debug_assert!(n <= self.records);
+        let mut ts_digits = [0u8; TS_DIGITS];
+        put_digits(&mut ts_digits, ts);
+        for i in 0..n {
+            let base = i * self.frame;
+            put_digits(&mut self.bytes[base + self.seq_at..base + self.seq_at + SEQ_DIGITS], first + i as u64);
+            self.bytes[base + self.ts_at..base + self.ts_at + TS_DIGITS].copy_from_slice(&ts_digits);
+        }
+        &self.bytes[..n * self.frame]
+    }
+}
+
+/// Parses `stream=S seq=N ts=T ...`.
+fn parse_record(line: &[u8]) -> Option<(u64, u64, u64)> {
+    fn digits(b: &[u8]) -> Option<(u64, &[u8])> {
+        let n = b.iter().take_while(|c| c.is_ascii_digit()).count();
+        if n == 0 || n > 19 {
+            return None;
+        }
+        let mut v: u64 = 0;
+        for &c in &b[..n] {
+            v = v * 10 + (c - b'0') as u64;
+        }
+        Some((v, &b[n..]))
+    }
+    let rest = line.strip_prefix(b"stream=")?;
+    let (stream, rest) = digits(rest)?;
+    let rest = rest.strip_prefix(b" seq=")?;
+    let (seq, rest) = digits(rest)?;
+    let rest = rest.strip_prefix(b" ts=")?;
+    let (ts, _) = digits(rest)?;
+    Some((stream, seq, ts))
+}
+
+// ---------------------------------------------------------------------------
+// send
+
+#[derive(Serialize)]
+struct SendSummary {
+    sent: u64,
+    seconds: f64,
+    records_per_sec: f64,
+    mib_per_sec: f64,
+}
+
+/// Bytes written per call when flat out.
+const SEND_BLOCK_BYTES: usize = 256 * 1024;
+/// Datagrams per sendmmsg call.
+const UDP_BATCH: usize = 64;
+
+/// Waits until `done` records may have been sent at `rate` per second.
+fn pace(start: quanta::Instant, done: u64, rate: f64) {
+    let due = Duration::from_secs_f64(done as f64 / rate);
+    loop {
+        let elapsed = quanta::Instant::now().duration_since(start);
+        if elapsed >= due {
+            return;
+        }
+        let left = due - elapsed;
+        if left > Duration::from_micros(500) {
+            std::thread::sleep(left - Duration::from_micros(200));
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+fn send(a: SendArgs) -> Result<()> {
+    if a.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    let progress = Arc::new(AtomicU64::new(0));
+    let bar = indicatif::ProgressBar::new(a.count);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("send {bar:40} {pos}/{len} {per_sec} {elapsed}")
+            .expect("valid template"),
+    );
+    let start = Instant::now();
+    let mut threads = Vec::new();
+    for c in 0..a.connections {
+        let count = a.count / a.connections as u64 + u64::from((c as u64) < a.count % a.connections as u64);
+        let rate = a.rate.map(|r| r as f64 / a.connections as f64);
+        let stream = a.stream_base + c as u64;
+        let (target, size, framing, proto) = (a.target, a.size, a.framing, a.proto);
+        let progress = progress.clone();
+        threads.push(std::thread::spawn(move || -> Result<()> {
+            match proto {
+                Proto::Tcp => send_tcp(target, stream, count, size, framing, rate, &progress),
+                Proto::Udp => send_udp(target, stream, count, size, rate, &progress),
+            }
+        }));
+    }
+    let mut failed = None;
+    loop {
+        let done = threads.iter().all(|t| t.is_finished());
+        bar.set_position(progress.load(Relaxed));
+        if done {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for t in threads {
+        if let Err(e) = t.join().expect("sender thread panicked") {
+            failed.get_or_insert(e);
+        }
+    }
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    let sent = progress.load(Relaxed);
+    let summary = SendSummary {
+        sent,
+        seconds,
+        records_per_sec: sent as f64 / seconds,
+        mib_per_sec: (sent as f64 * a.size as f64) / seconds / (1024.0 * 1024.0),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        eprintln!(
+            "sent {} records in {:.3} s: {:.0} records/s, {:.1} MiB/s",
+            summary.sent, summary.seconds, summary.records_per_sec, summary.mib_per_sec
+        );
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn send_tcp(
+    target: SocketAddr,
+    stream_id: u64,
+    count: u64,
+    size: usize,
+    framing: Framing,
+    rate: Option<f64>,
+    progress: &AtomicU64,
+) -> Result<()> {
+    let per_block = match rate {
+        // About a millisecond of records per write when paced.
+        Some(r) => ((r / 1000.0) as usize).clamp(1, (SEND_BLOCK_BYTES / size).max(1)),
+        None => (SEND_BLOCK_BYTES / size).max(1),
+    };
+    let mut block = Block::new(stream_id, size, framing, per_block)?;
+    let mut conn = TcpStream::connect(target).with_context(|| format!("connect to {target}"))?;
+    let start = quanta::Instant::now();
+    let mut sent = 0u64;
+    while sent < count {
+        if let Some(r) = rate {
+            pace(start, sent, r);
+        }
+        let n = ((count - sent) as usize).min(per_block);
+        let bytes = block.fill(sent, n, unix_ns());
+        conn.write_all(bytes).with_context(|| format!("write to {target}"))?;
+        sent += n as u64;
+        progress.fetch_add(n as u64, Relaxed);
+    }
+    conn.flush()?;
+    conn.shutdown(Shutdown::Write)?;
+    Ok(())
+}
+
+fn send_udp(
+    target: SocketAddr,
+    stream_id: u64,
+    count: u64,
+    size: usize,
+    rate: Option<f64>,
+    progress: &AtomicU64,
+) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+    let sock = UdpSocket::bind(bind)?;
+    sock.connect(target)?;
+    let per_call = match rate {
+        Some(r) => ((r / 1000.0) as usize).clamp(1, UDP_BATCH),
+        None => UDP_BATCH,
+    };
+    let mut block = Block::new(stream_id, size, Framing::Newline, UDP_BATCH)?;
+    let frame = block.frame;
+    let start = quanta::Instant::now();
+    let mut sent = 0u64;
+    while sent < count {
+        if let Some(r) = rate {
+            pace(start, sent, r);
+        }
+        let n = ((count - sent) as usize).min(per_call);
+        let bytes = block.fill(sent, n, unix_ns());
+        let mut iov: [libc::iovec; UDP_BATCH] = unsafe { std::mem::zeroed() };
+        let mut msgs: [libc::mmsghdr; UDP_BATCH] = unsafe { std::mem::zeroed() };
+        for i in 0..n {
+            iov[i].iov_base = bytes[i * frame..].as_ptr() as *mut libc::c_void;
+            iov[i].iov_len = frame;
+            msgs[i].msg_hdr.msg_iov = &mut iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        let mut done = 0usize;
+        while done < n {
+            // SAFETY: msgs[done..n] point at iovecs into `bytes`, alive here.
+            let rc = unsafe {
+                libc::sendmmsg(sock.as_raw_fd(), msgs[done..].as_mut_ptr(), (n - done) as u32, 0)
+            };
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    // An ICMP error from an earlier datagram: keep sending.
+                    ErrorKind::ConnectionRefused | ErrorKind::Interrupted => continue,
+                    ErrorKind::WouldBlock => {
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    _ => return Err(e).context("sendmmsg"),
+                }
+            }
+            done += rc as usize;
+        }
+        sent += n as u64;
+        progress.fetch_add(n as u64, Relaxed);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// receive
+
+#[derive(Default)]
+struct StreamState {
+    seen: Vec<u64>,
+    unique: u64,
+    duplicates: u64,
+    reordered: u64,
+    max_seq: Option<u64>,
+}
+
+/// The most sequence numbers tracked per stream (a bitmap of 2^32 bits,
+/// 512 MiB, is the ceiling; a larger number is counted as malformed).
+const SEQ_MAX: u64 = 1 << 32;
+
+struct Tracker {
+    streams: HashMap<u64, StreamState>,
+    received: u64,
+    malformed: u64,
+    bytes: u64,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    latency_us: Histogram<u64>,
+}
+
+impl Tracker {
+    fn new() -> Tracker {
+        Tracker {
+            streams: HashMap::new(),
+            received: 0,
+            malformed: 0,
+            bytes: 0,
+            first: None,
+            last: None,
+            latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+        }
+    }
+
+    fn unique(&self) -> u64 {
+        self.streams.values().map(|s| s.unique).sum()
+    }
+
+    fn apply(&mut self, parsed: &[(u64, u64, u64)], malformed: u64, bytes: u64) {
+        let now = Instant::now();
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+        self.malformed += malformed;
+        self.bytes += bytes;
+        let now_ns = unix_ns();
+        for &(stream, seq, ts) in parsed {
+            self.received += 1;
+            if seq >= SEQ_MAX {
+                self.malformed += 1;
+                continue;
+            }
+            let s = self.streams.entry(stream).or_default();
+            let word = (seq / 64) as usize;
+            if s.seen.len() <= word {
+                s.seen.resize((word + 1).next_power_of_two(), 0);
+            }
+            let bit = 1u64 << (seq % 64);
+            if s.seen[word] & bit != 0 {
+                s.duplicates += 1;
+                continue;
+            }
+            s.seen[word] |= bit;
+            s.unique += 1;
+            match s.max_seq {
+                Some(m) if seq < m => s.reordered += 1,
+                Some(m) if seq == m => {}
+                _ => s.max_seq = Some(seq),
+            }
+            let lat = now_ns.saturating_sub(ts) / 1000;
+            let _ = self.latency_us.record(lat.max(1));
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Latency {
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+}
+
+#[derive(Serialize)]
+struct ReceiveSummary {
+    received: u64,
+    unique: u64,
+    lost: u64,
+    duplicates: u64,
+    reordered: u64,
+    malformed: u64,
+    streams: usize,
+    seconds: f64,
+    records_per_sec: f64,
+    mib_per_sec: f64,
+    latency_us: Latency,
+}
+
+/// Parses whole lines of `buf`; returns the bytes used.
+fn parse_lines(buf: &[u8], out: &mut Vec<(u64, u64, u64)>, malformed: &mut u64) -> usize {
+    let mut used = 0;
+    while let Some(i) = memchr::memchr(b'\n', &buf[used..]) {
+        match parse_record(&buf[used..used + i]) {
+            Some(r) => out.push(r),
+            None => *malformed += 1,
+        }
+        used += i + 1;
+    }
+    used
+}
+
+fn tcp_connection(mut conn: TcpStream, tracker: Arc<Mutex<Tracker>>) {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut filled = 0;
+    let mut parsed = Vec::with_capacity(8192);
+    loop {
+        let n = match conn.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        filled += n;
+        let mut malformed = 0;
+        parsed.clear();
+        let used = parse_lines(&buf[..filled], &mut parsed, &mut malformed);
+        buf.copy_within(used..filled, 0);
+        filled -= used;
+        if filled == buf.len() {
+            // A line longer than the buffer: count it and start over.
+            malformed += 1;
+            filled = 0;
+        }
+        tracker.lock().expect("tracker").apply(&parsed, malformed, n as u64);
+    }
+}
+
+fn bind_tcp(addr: SocketAddr) -> Result<TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into()).with_context(|| format!("bind {addr}"))?;
+    s.listen(1024)?;
+    let l: TcpListener = s.into();
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Accepts connections until `stop`; plays the graceful restart.
+fn tcp_acceptor(
+    first: TcpListener,
+    listen: SocketAddr,
+    tracker: Arc<Mutex<Tracker>>,
+    stop: Arc<AtomicBool>,
+    pause_after: Option<u64>,
+    pause: Duration,
+    received: Arc<AtomicU64>,
+) -> Result<()> {
+    let mut listener = Some(first);
+    let mut open: Vec<TcpStream> = Vec::new();
+    let mut paused_until: Option<Instant> = None;
+    let mut pause_pending = pause_after;
+    while !stop.load(Relaxed) {
+        if let Some(after) = pause_pending {
+            if received.load(Relaxed) >= after {
+                pause_pending = None;
+                listener = None;
+                for c in open.drain(..) {
+                    let _ = c.shutdown(Shutdown::Write);
+                }
+                paused_until = Some(Instant::now() + pause);
+                eprintln!("receive: pausing for {:.1} s (graceful restart)", pause.as_secs_f64());
+            }
+        }
+        if let Some(t) = paused_until {
+            if Instant::now() >= t {
+                paused_until = None;
+                listener = Some(bind_tcp(listen)?);
+                eprintln!("receive: listening again");
+            }
+        }
+        let Some(l) = listener.as_ref() else {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        match l.accept() {
+            Ok((conn, _)) => {
+                conn.set_nonblocking(false)?;
+                if let Ok(c) = conn.try_clone() {
+                    open.push(c);
+                }
+                let t = tracker.clone();
+                std::thread::spawn(move || tcp_connection(conn, t));
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => return Err(e).context("accept"),
+        }
+    }
+    Ok(())
+}
+
+fn bind_udp(listen: SocketAddr) -> Result<UdpSocket> {
+    use std::os::fd::AsRawFd;
+    let s = socket2::Socket::new(socket2::Domain::for_address(listen), socket2::Type::DGRAM, None)?;
+    let want: libc::c_int = 64 << 20;
+    // SAFETY: setsockopt with a pointer to a c_int that outlives the call.
+    let forced = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &want as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if forced != 0 {
+        let _ = s.set_recv_buffer_size(want as usize);
+    }
+    s.bind(&listen.into()).with_context(|| format!("bind {listen}"))?;
+    s.set_read_timeout(Some(Duration::from_millis(50)))?;
+    Ok(s.into())
+}
+
+fn udp_receiver(sock: UdpSocket, tracker: Arc<Mutex<Tracker>>, stop: Arc<AtomicBool>) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    const N: usize = 256;
+    const DGRAM: usize = 65536;
+    let mut bufs = vec![0u8; N * DGRAM];
+    let mut parsed = Vec::with_capacity(N);
+    while !stop.load(Relaxed) {
+        let mut iov: Vec<libc::iovec> = (0..N)
+            .map(|i| libc::iovec {
+                iov_base: bufs[i * DGRAM..].as_mut_ptr() as *mut libc::c_void,
+                iov_len: DGRAM,
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = (0..N)
+            .map(|i| {
+                // SAFETY: an all-zero mmsghdr is valid.
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_iov = &mut iov[i];
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        // SAFETY: msgs point at iovecs into `bufs`, both alive for the call.
+        let rc = unsafe {
+            libc::recvmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), N as u32, libc::MSG_WAITFORONE, std::ptr::null_mut())
+        };
+        if rc <= 0 {
+            continue;
+        }
+        parsed.clear();
+        let mut malformed = 0;
+        let mut bytes = 0u64;
+        for (i, m) in msgs.iter().take(rc as usize).enumerate() {
+            let len = m.msg_len as usize;
+            bytes += len as u64;
+            let d = &bufs[i * DGRAM..i * DGRAM + len];
+            let d = d.strip_suffix(b"\n").unwrap_or(d);
+            match parse_record(d) {
+                Some(r) => parsed.push(r),
+                None => malformed += 1,
+            }
+        }
+        tracker.lock().expect("tracker").apply(&parsed, malformed, bytes);
+    }
+    Ok(())
+}
+
+fn receive(a: ReceiveArgs) -> Result<bool> {
+    let tracker = Arc::new(Mutex::new(Tracker::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
+    let worker = {
+        let (tracker, stop, received) = (tracker.clone(), stop.clone(), received.clone());
+        let pause = Duration::from_secs_f64(a.pause_s);
+        let (listen, proto, pause_after) = (a.listen, a.proto, a.pause_after);
+        // Bind before anything else, so a sender started right after us connects.
+        match proto {
+            Proto::Tcp => {
+                let l = bind_tcp(listen)?;
+                std::thread::spawn(move || tcp_acceptor(l, listen, tracker, stop, pause_after, pause, received))
+            }
+            Proto::Udp => {
+                let sock = bind_udp(listen)?;
+                std::thread::spawn(move || udp_receiver(sock, tracker, stop))
+            }
+        }
+    };
+    let bar = indicatif::ProgressBar::new(a.expect.unwrap_or(0));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("receive {bar:40} {pos}/{len} {per_sec} {elapsed}")
+            .expect("valid template"),
+    );
+    let start = Instant::now();
+    let timeout = Duration::from_secs_f64(a.timeout_s);
+    let mut met_at: Option<Instant> = None;
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        if worker.is_finished() {
+            break;
+        }
+        let (unique, total) = {
+            let t = tracker.lock().expect("tracker");
+            (t.unique(), t.received)
+        };
+        received.store(total, Relaxed);
+        bar.set_position(unique);
+        if let Some(e) = a.expect {
+            if unique >= e && met_at.is_none() {
+                met_at = Some(Instant::now());
+            }
+        }
+        if met_at.is_some_and(|t| t.elapsed() >= Duration::from_millis(a.linger_ms)) {
+            break;
+        }
+        if start.elapsed() >= timeout {
+            break;
+        }
+    }
+    stop.store(true, Relaxed);
+    bar.finish_and_clear();
+    if worker.is_finished() {
+        worker.join().expect("receiver thread panicked")?;
+    }
+    let t = tracker.lock().expect("tracker");
+    let unique = t.unique();
+    let gaps: u64 = t
+        .streams
+        .values()
+        .map(|s| s.max_seq.map_or(0, |m| m + 1 - s.unique))
+        .sum();
+    let lost = match a.expect {
+        Some(e) => gaps.max(e.saturating_sub(unique)),
+        None => gaps,
+    };
+    let seconds = match (t.first, t.last) {
+        (Some(f), Some(l)) => l.duration_since(f).as_secs_f64().max(1e-9),
+        _ => 0.0,
+    };
+    let per_sec = |x: f64| if seconds > 0.0 { x / seconds } else { 0.0 };
+    let h = &t.latency_us;
+    let summary = ReceiveSummary {
+        received: t.received,
+        unique,
+        lost,
+        duplicates: t.streams.values().map(|s| s.duplicates).sum(),
+        reordered: t.streams.values().map(|s| s.reordered).sum(),
+        malformed: t.malformed,
+        streams: t.streams.len(),
+        seconds,
+        records_per_sec: per_sec(unique as f64),
+        mib_per_sec: per_sec(t.bytes as f64) / (1024.0 * 1024.0),
+        latency_us: Latency {
+            p50: h.value_at_quantile(0.5) as f64,
+            p99: h.value_at_quantile(0.99) as f64,
+            p999: h.value_at_quantile(0.999) as f64,
+            max: h.max() as f64,
+        },
+    };
+    let table = format!(
+        "received   {:>12}\nunique     {:>12}\nlost       {:>12}\nduplicates {:>12}\nreordered  {:>12}\nmalformed  {:>12}\nstreams    {:>12}\nseconds    {:>12.3}\nrecords/s  {:>12.0}\nMiB/s      {:>12.1}\nlatency µs p50 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}",
+        summary.received, summary.unique, summary.lost, summary.duplicates, summary.reordered,
+        summary.malformed, summary.streams, summary.seconds, summary.records_per_sec,
+        summary.mib_per_sec, summary.latency_us.p50, summary.latency_us.p99,
+        summary.latency_us.p999, summary.latency_us.max
+    );
+    if a.json {
+        eprintln!("{table}");
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!("{table}");
+    }
+    Ok(a.expect.is_none_or(|e| unique >= e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_records_parse_back() {
+        let mut b = Block::new(7, 128, Framing::Newline, 3).unwrap();
+        let bytes = b.fill(41, 3, 1_732_240_000_123_456_789).to_vec();
+        let lines: Vec<&[u8]> = bytes.split(|&c| c == b'\n').filter(|l| !l.is_empty()).collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0].len(), 127);
+        assert_eq!(parse_record(lines[2]), Some((7, 43, 1_732_240_000_123_456_789)));
+    }
+
+    #[test]
+    fn tracker_counts_loss_duplicates_and_order() {
+        let mut t = Tracker::new();
+        t.apply(&[(1, 0, 0), (1, 2, 0), (1, 1, 0), (1, 2, 0)], 0, 0);
+        let s = &t.streams[&1];
+        assert_eq!((s.unique, s.duplicates, s.reordered), (3, 1, 1));
+    }
+}
