@@ -1,0 +1,224 @@
+//! Starts the real `updraft` and `updraft-loadgen` binaries on loopback, each
+//! with its own ports and temporary directory, and reads `/metrics`.
+
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const UPDRAFT: &str = env!("CARGO_BIN_EXE_updraft");
+pub const LOADGEN: &str = env!("CARGO_BIN_EXE_updraft-loadgen");
+
+/// A loopback address with a port nobody listens on right now.
+pub fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    // The same port must be free for UDP too.
+    let a = l.local_addr().unwrap();
+    match std::net::UdpSocket::bind(a) {
+        Ok(_) => a,
+        Err(_) => free_addr(),
+    }
+}
+
+pub struct Updraft {
+    child: Option<Child>,
+    pub metrics: SocketAddr,
+    pub dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Updraft {
+    /// Starts `updraft run` on `config` (a `[metrics]` table is added) and
+    /// waits until it answers on `/health`.
+    pub fn start(config: &str) -> Updraft {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = free_addr();
+        let path = dir.path().join("updraft.toml");
+        let text = format!(
+            "data_dir = \"{}\"\n{config}\n[metrics]\naddress = \"{metrics}\"\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(&path, text).unwrap();
+        let log = dir.path().join("updraft.log");
+        let child = Command::new(UPDRAFT)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("UPDRAFT_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut u = Updraft {
+            child: Some(child),
+            metrics,
+            dir,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while http_get(metrics, "/health").is_none() {
+            if let Some(status) = u.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("updraft exited with {status} at start:\n{}", u.log_text());
+            }
+            assert!(Instant::now() < deadline, "updraft did not start:\n{}", u.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        u
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The value of one metric line, e.g.
+    /// `updraft_source_dropped_records_total{source="app",reason="oversize"}`.
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = http_get(self.metrics, "/metrics").expect("metrics endpoint answers");
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                (name == series).then(|| value.parse::<f64>().unwrap())
+            })
+            .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+    }
+
+    /// Waits until `series` reaches at least `at_least`.
+    pub fn wait_metric(&self, series: &str, at_least: f64, timeout: Duration) -> f64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.metric(series);
+            if v >= at_least {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{series} = {v}, expected at least {at_least}\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM and waits; returns the exit status and how long it took.
+    pub fn terminate(&mut self) -> (ExitStatus, Duration) {
+        let child = self.child.as_mut().unwrap();
+        let t = Instant::now();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = t + Duration::from_secs(15);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                self.child = None;
+                return (s, t.elapsed());
+            }
+            assert!(Instant::now() < deadline, "updraft did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+}
+
+impl Drop for Updraft {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// GET `path`, returning the body of a 200 answer.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?;
+    (status == "200").then(|| body.to_string())
+}
+
+/// A running `updraft-loadgen receive`.
+pub struct Receiver {
+    child: Child,
+}
+
+impl Receiver {
+    /// Starts a TCP receiver expecting `expect` records; `extra` adds flags.
+    pub fn start(listen: SocketAddr, expect: u64, timeout_s: u64, extra: &[&str]) -> Receiver {
+        let child = Command::new(LOADGEN)
+            .args(["receive", "--listen", &listen.to_string(), "--json"])
+            .args(["--expect", &expect.to_string(), "--timeout-s", &timeout_s.to_string()])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // It binds before anything else; give it a moment to get there.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        if !extra.contains(&"udp") {
+            while TcpStream::connect(listen).is_err() {
+                assert!(Instant::now() < deadline, "receiver did not listen on {listen}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Receiver { child }
+    }
+
+    /// Waits for the summary; returns it and whether the exit code was 0.
+    pub fn finish(self) -> (Value, bool) {
+        let out = self.child.wait_with_output().unwrap();
+        let json = parse_json(&out);
+        (json, out.status.success())
+    }
+}
+
+fn parse_json(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| {
+        panic!(
+            "no JSON in output (status {}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    serde_json::from_str(line).unwrap()
+}
+
+/// Runs `updraft-loadgen send` to completion and returns its summary.
+pub fn send(target: SocketAddr, args: &[&str]) -> Value {
+    let out = Command::new(LOADGEN)
+        .args(["send", "--target", &target.to_string(), "--json"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "loadgen send failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_json(&out)
+}
+
+/// Starts `updraft-loadgen send` in the background.
+pub fn spawn_send(target: SocketAddr, args: &[&str]) -> Child {
+    Command::new(LOADGEN)
+        .args(["send", "--target", &target.to_string(), "--json"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+pub fn u(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {v}"))
+}

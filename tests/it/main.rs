@@ -1,0 +1,9 @@
+//! End-to-end tests: the real `updraft` binary, the real load generator, real
+//! sockets on loopback. Modules by purpose.
+
+mod harness;
+
+mod config;
+mod delivery;
+mod input;
+mod loadgen;
