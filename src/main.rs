@@ -21,7 +21,11 @@ static GLOBAL: updraft::alloc_count::Counting = updraft::alloc_count::Counting;
 const QUICKSTART: &str = include_str!("../examples/quickstart.toml");
 
 #[derive(Parser)]
-#[command(name = "updraft", version, about = "A Linux-native edge collector: UDP/TCP in, batches out, nothing dropped silently")]
+#[command(
+    name = "updraft",
+    version,
+    about = "A Linux-native edge collector: UDP/TCP in, batches out, nothing dropped silently"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -88,14 +92,16 @@ fn run(config: Option<&PathBuf>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let mut signals =
-        match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM]) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("error: cannot install signal handlers: {e}");
-                return ExitCode::from(2);
-            }
-        };
+    let mut signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot install signal handlers: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let shards = plan.shards;
     let running = match updraft::runtime::start(plan) {
         Ok(r) => r,
@@ -104,7 +110,11 @@ fn run(config: Option<&PathBuf>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing::info!(shards, version = env!("CARGO_PKG_VERSION"), "updraft running");
+    tracing::info!(
+        shards,
+        version = env!("CARGO_PKG_VERSION"),
+        "updraft running"
+    );
     let signal = signals.forever().next().unwrap_or(0);
     tracing::info!(signal, "stopping: flushing what is batched");
     if running.stop() {

@@ -34,7 +34,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "updraft-loadgen", version, about = "Load generator and verifying receiver for updraft")]
+#[command(
+    name = "updraft-loadgen",
+    version,
+    about = "Load generator and verifying receiver for updraft"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -167,9 +171,16 @@ struct Block {
 
 impl Block {
     fn new(stream: u64, size: usize, framing: Framing, records: usize) -> Result<Block> {
-        let head = format!("stream={stream} seq={} ts={} ", "0".repeat(SEQ_DIGITS), "0".repeat(TS_DIGITS));
+        let head = format!(
+            "stream={stream} seq={} ts={} ",
+            "0".repeat(SEQ_DIGITS),
+            "0".repeat(TS_DIGITS)
+        );
         if size < head.len() + 1 {
-            bail!("--size {size} is too small: a record needs at least {} bytes", head.len() + 1);
+            bail!(
+                "--size {size} is too small: a record needs at least {} bytes",
+                head.len() + 1
+            );
         }
         // The record without its newline, then the frame around it.
         let mut record = head.clone().into_bytes();
@@ -205,8 +216,12 @@ impl Block {
         put_digits(&mut ts_digits, ts);
         for i in 0..n {
             let base = i * self.frame;
-            put_digits(&mut self.bytes[base + self.seq_at..base + self.seq_at + SEQ_DIGITS], first + i as u64);
-            self.bytes[base + self.ts_at..base + self.ts_at + TS_DIGITS].copy_from_slice(&ts_digits);
+            put_digits(
+                &mut self.bytes[base + self.seq_at..base + self.seq_at + SEQ_DIGITS],
+                first + i as u64,
+            );
+            self.bytes[base + self.ts_at..base + self.ts_at + TS_DIGITS]
+                .copy_from_slice(&ts_digits);
         }
         &self.bytes[..n * self.frame]
     }
@@ -280,7 +295,8 @@ fn send(a: SendArgs) -> Result<()> {
     let start = Instant::now();
     let mut threads = Vec::new();
     for c in 0..a.connections {
-        let count = a.count / a.connections as u64 + u64::from((c as u64) < a.count % a.connections as u64);
+        let count =
+            a.count / a.connections as u64 + u64::from((c as u64) < a.count % a.connections as u64);
         let rate = a.rate.map(|r| r as f64 / a.connections as f64);
         let stream = a.stream_base + c as u64;
         let (target, size, framing, proto) = (a.target, a.size, a.framing, a.proto);
@@ -353,7 +369,8 @@ fn send_tcp(
         }
         let n = ((count - sent) as usize).min(per_block);
         let bytes = block.fill(sent, n, unix_ns());
-        conn.write_all(bytes).with_context(|| format!("write to {target}"))?;
+        conn.write_all(bytes)
+            .with_context(|| format!("write to {target}"))?;
         sent += n as u64;
         progress.fetch_add(n as u64, Relaxed);
     }
@@ -371,7 +388,12 @@ fn send_udp(
     progress: &AtomicU64,
 ) -> Result<()> {
     use std::os::fd::AsRawFd;
-    let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+    let bind: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()?;
     let sock = UdpSocket::bind(bind)?;
     sock.connect(target)?;
     let per_call = match rate {
@@ -400,7 +422,12 @@ fn send_udp(
         while done < n {
             // SAFETY: msgs[done..n] point at iovecs into `bytes`, alive here.
             let rc = unsafe {
-                libc::sendmmsg(sock.as_raw_fd(), msgs[done..].as_mut_ptr(), (n - done) as u32, 0)
+                libc::sendmmsg(
+                    sock.as_raw_fd(),
+                    msgs[done..].as_mut_ptr(),
+                    (n - done) as u32,
+                    0,
+                )
             };
             if rc < 0 {
                 let e = std::io::Error::last_os_error();
@@ -559,14 +586,22 @@ fn tcp_connection(mut conn: TcpStream, tracker: Arc<Mutex<Tracker>>) {
             malformed += 1;
             filled = 0;
         }
-        tracker.lock().expect("tracker").apply(&parsed, malformed, n as u64);
+        tracker
+            .lock()
+            .expect("tracker")
+            .apply(&parsed, malformed, n as u64);
     }
 }
 
 fn bind_tcp(addr: SocketAddr) -> Result<TcpListener> {
-    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
     s.set_reuse_address(true)?;
-    s.bind(&addr.into()).with_context(|| format!("bind {addr}"))?;
+    s.bind(&addr.into())
+        .with_context(|| format!("bind {addr}"))?;
     s.listen(1024)?;
     let l: TcpListener = s.into();
     l.set_nonblocking(true)?;
@@ -596,7 +631,10 @@ fn tcp_acceptor(
                     let _ = c.shutdown(Shutdown::Write);
                 }
                 paused_until = Some(Instant::now() + pause);
-                eprintln!("receive: pausing for {:.1} s (graceful restart)", pause.as_secs_f64());
+                eprintln!(
+                    "receive: pausing for {:.1} s (graceful restart)",
+                    pause.as_secs_f64()
+                );
             }
         }
         if let Some(t) = paused_until {
@@ -619,7 +657,9 @@ fn tcp_acceptor(
                 let t = tracker.clone();
                 std::thread::spawn(move || tcp_connection(conn, t));
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
             Err(e) => return Err(e).context("accept"),
         }
     }
@@ -628,7 +668,11 @@ fn tcp_acceptor(
 
 fn bind_udp(listen: SocketAddr) -> Result<UdpSocket> {
     use std::os::fd::AsRawFd;
-    let s = socket2::Socket::new(socket2::Domain::for_address(listen), socket2::Type::DGRAM, None)?;
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(listen),
+        socket2::Type::DGRAM,
+        None,
+    )?;
     let want: libc::c_int = 64 << 20;
     // SAFETY: setsockopt with a pointer to a c_int that outlives the call.
     let forced = unsafe {
@@ -643,12 +687,17 @@ fn bind_udp(listen: SocketAddr) -> Result<UdpSocket> {
     if forced != 0 {
         let _ = s.set_recv_buffer_size(want as usize);
     }
-    s.bind(&listen.into()).with_context(|| format!("bind {listen}"))?;
+    s.bind(&listen.into())
+        .with_context(|| format!("bind {listen}"))?;
     s.set_read_timeout(Some(Duration::from_millis(50)))?;
     Ok(s.into())
 }
 
-fn udp_receiver(sock: UdpSocket, tracker: Arc<Mutex<Tracker>>, stop: Arc<AtomicBool>) -> Result<()> {
+fn udp_receiver(
+    sock: UdpSocket,
+    tracker: Arc<Mutex<Tracker>>,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
     use std::os::fd::AsRawFd;
     const N: usize = 256;
     const DGRAM: usize = 65536;
@@ -672,7 +721,13 @@ fn udp_receiver(sock: UdpSocket, tracker: Arc<Mutex<Tracker>>, stop: Arc<AtomicB
             .collect();
         // SAFETY: msgs point at iovecs into `bufs`, both alive for the call.
         let rc = unsafe {
-            libc::recvmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), N as u32, libc::MSG_WAITFORONE, std::ptr::null_mut())
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                N as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
         };
         if rc <= 0 {
             continue;
@@ -690,7 +745,10 @@ fn udp_receiver(sock: UdpSocket, tracker: Arc<Mutex<Tracker>>, stop: Arc<AtomicB
                 None => malformed += 1,
             }
         }
-        tracker.lock().expect("tracker").apply(&parsed, malformed, bytes);
+        tracker
+            .lock()
+            .expect("tracker")
+            .apply(&parsed, malformed, bytes);
     }
     Ok(())
 }
@@ -707,7 +765,9 @@ fn receive(a: ReceiveArgs) -> Result<bool> {
         match proto {
             Proto::Tcp => {
                 let l = bind_tcp(listen)?;
-                std::thread::spawn(move || tcp_acceptor(l, listen, tracker, stop, pause_after, pause, received))
+                std::thread::spawn(move || {
+                    tcp_acceptor(l, listen, tracker, stop, pause_after, pause, received)
+                })
             }
             Proto::Udp => {
                 let sock = bind_udp(listen)?;
@@ -810,10 +870,16 @@ mod tests {
     fn block_records_parse_back() {
         let mut b = Block::new(7, 128, Framing::Newline, 3).unwrap();
         let bytes = b.fill(41, 3, 1_732_240_000_123_456_789).to_vec();
-        let lines: Vec<&[u8]> = bytes.split(|&c| c == b'\n').filter(|l| !l.is_empty()).collect();
+        let lines: Vec<&[u8]> = bytes
+            .split(|&c| c == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
         assert_eq!(lines.len(), 3);
         assert_eq!(lines[0].len(), 127);
-        assert_eq!(parse_record(lines[2]), Some((7, 43, 1_732_240_000_123_456_789)));
+        assert_eq!(
+            parse_record(lines[2]),
+            Some((7, 43, 1_732_240_000_123_456_789))
+        );
     }
 
     #[test]

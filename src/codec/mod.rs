@@ -86,8 +86,23 @@ impl Decoder {
     fn newline<'a>(&mut self, buf: &'a [u8]) -> Decoded<'a> {
         match memchr::memchr(b'\n', buf) {
             Some(i) if self.skipping => {
+                // The oversized line ends here; go on with what follows it.
                 self.skipping = false;
-                Decoded::NeedMore { consumed: i + 1 }
+                let skipped = i + 1;
+                match self.newline(&buf[skipped..]) {
+                    Decoded::Record { record, consumed } => Decoded::Record {
+                        record,
+                        consumed: skipped + consumed,
+                    },
+                    Decoded::NeedMore { consumed } => Decoded::NeedMore {
+                        consumed: skipped + consumed,
+                    },
+                    Decoded::Oversize { consumed, fatal } => Decoded::Oversize {
+                        consumed: skipped + consumed,
+                        fatal,
+                    },
+                    invalid @ Decoded::Invalid { .. } => invalid,
+                }
             }
             Some(i) if i > self.max_record_bytes => Decoded::Oversize {
                 consumed: i + 1,
@@ -238,7 +253,10 @@ mod tests {
     fn newline_whole_and_split_reads() {
         for step in [1, 3, 64] {
             let (r, o, closed) = run(Framing::Newline, 100, b"a\nbb\n\nccc", step);
-            assert_eq!(r, vec![b"a".to_vec(), b"bb".to_vec(), b"".to_vec(), b"ccc".to_vec()]);
+            assert_eq!(
+                r,
+                vec![b"a".to_vec(), b"bb".to_vec(), b"".to_vec(), b"ccc".to_vec()]
+            );
             assert_eq!((o, closed), (0, false));
         }
     }

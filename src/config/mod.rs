@@ -355,7 +355,9 @@ impl Plan {
             if max_record_bytes == 0 || max_record_bytes > MAX_RECORD_BYTES_LIMIT {
                 return Err(invalid(
                     key("max_record_bytes"),
-                    format!("must be between 1 and {MAX_RECORD_BYTES_LIMIT}, got {max_record_bytes}"),
+                    format!(
+                        "must be between 1 and {MAX_RECORD_BYTES_LIMIT}, got {max_record_bytes}"
+                    ),
                 ));
             }
             if s.kind == SourceKind::Udp && max_record_bytes > UDP_PAYLOAD_BYTES_MAX {
@@ -366,7 +368,10 @@ impl Plan {
             }
             let max_connections = match (s.kind, s.max_connections) {
                 (SourceKind::Udp, Some(_)) => {
-                    return Err(invalid(key("max_connections"), "only tcp sources have connections"))
+                    return Err(invalid(
+                        key("max_connections"),
+                        "only tcp sources have connections",
+                    ))
                 }
                 (_, Some(0)) => return Err(invalid(key("max_connections"), "must be at least 1")),
                 (_, m) => m.unwrap_or(MAX_CONNECTIONS_DEFAULT),
@@ -401,7 +406,10 @@ impl Plan {
                         invalid(key("address"), "a tcp sink needs an address (IP:PORT)")
                     })?;
                     if k.path.is_some() {
-                        return Err(invalid(key("path"), "a tcp sink takes an address, not a path"));
+                        return Err(invalid(
+                            key("path"),
+                            "a tcp sink takes an address, not a path",
+                        ));
                     }
                     SinkTarget::Tcp {
                         address: parse_addr(&key("address"), a)?,
@@ -413,7 +421,10 @@ impl Plan {
                         .clone()
                         .ok_or_else(|| invalid(key("path"), "a file sink needs a path"))?;
                     if k.address.is_some() {
-                        return Err(invalid(key("address"), "a file sink takes a path, not an address"));
+                        return Err(invalid(
+                            key("address"),
+                            "a file sink takes a path, not an address",
+                        ));
                     }
                     SinkTarget::File { path: p }
                 }
@@ -448,8 +459,12 @@ impl Plan {
                 max_records: b
                     .and_then(|b| b.max_records)
                     .unwrap_or(BATCH_MAX_RECORDS_DEFAULT),
-                max_bytes: b.and_then(|b| b.max_bytes).unwrap_or(BATCH_MAX_BYTES_DEFAULT),
-                linger_ms: b.and_then(|b| b.linger_ms).unwrap_or(BATCH_LINGER_MS_DEFAULT),
+                max_bytes: b
+                    .and_then(|b| b.max_bytes)
+                    .unwrap_or(BATCH_MAX_BYTES_DEFAULT),
+                linger_ms: b
+                    .and_then(|b| b.linger_ms)
+                    .unwrap_or(BATCH_LINGER_MS_DEFAULT),
             };
             if batch.max_records == 0 || batch.max_records > u32::MAX as usize {
                 return Err(invalid(key("batch.max_records"), "must be at least 1"));
@@ -580,7 +595,10 @@ linger_ms = 5
 
     #[test]
     fn udp_takes_only_datagram_framing() {
-        let text = GOOD.replace("type = \"tcp\"\naddress = \"127.0.0.1:5140\"", "type = \"udp\"\naddress = \"127.0.0.1:5140\"");
+        let text = GOOD.replace(
+            "type = \"tcp\"\naddress = \"127.0.0.1:5140\"",
+            "type = \"udp\"\naddress = \"127.0.0.1:5140\"",
+        );
         let err = Plan::from_toml(&text).unwrap_err().to_string();
         assert!(err.starts_with("sources.app.framing"), "{err}");
     }

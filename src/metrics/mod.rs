@@ -334,24 +334,36 @@ impl Collector for Exposition {
             "sink_queued_batches",
             "Sealed batches waiting for the sink.",
             MetricType::Gauge,
-            (0..n_sink).map(|i| (sink(i), ConstGauge::new(m.sink_sum(i, |c| c.queued_batches.get())))),
+            (0..n_sink).map(|i| {
+                (
+                    sink(i),
+                    ConstGauge::new(m.sink_sum(i, |c| c.queued_batches.get())),
+                )
+            }),
         )?;
         family(
             &mut enc,
             "sink_connected",
             "Shards whose connection to the sink is up.",
             MetricType::Gauge,
-            (0..n_sink).map(|i| (sink(i), ConstGauge::new(m.sink_sum(i, |c| c.connected.get())))),
+            (0..n_sink).map(|i| {
+                (
+                    sink(i),
+                    ConstGauge::new(m.sink_sum(i, |c| c.connected.get())),
+                )
+            }),
         )?;
         family(
             &mut enc,
             "shard_ring_batches",
             "Batches waiting in the rings that lead into a shard.",
             MetricType::Gauge,
-            m.shards
-                .iter()
-                .enumerate()
-                .map(|(k, s)| (vec![("shard", k.to_string())], ConstGauge::new(s.ring_batches.get()))),
+            m.shards.iter().enumerate().map(|(k, s)| {
+                (
+                    vec![("shard", k.to_string())],
+                    ConstGauge::new(s.ring_batches.get()),
+                )
+            }),
         )?;
         family(
             &mut enc,
@@ -381,7 +393,9 @@ pub fn serve(address: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> 
                 let (status, body, ctype) = match path {
                     "/metrics" => (200, metrics.render(), "text/plain; version=0.0.4"),
                     "/health" => (200, "ok\n".to_string(), "text/plain"),
-                    "/ready" if metrics.ready.load(Relaxed) => (200, "ready\n".to_string(), "text/plain"),
+                    "/ready" if metrics.ready.load(Relaxed) => {
+                        (200, "ready\n".to_string(), "text/plain")
+                    }
                     "/ready" => (503, "starting\n".to_string(), "text/plain"),
                     _ => (404, "not found\n".to_string(), "text/plain"),
                 };

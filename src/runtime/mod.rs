@@ -173,18 +173,20 @@ pub fn start(plan: Plan) -> Result<Running, StartError> {
                 if let Some(cpu) = cpu {
                     pin_to(cpu);
                 }
-                tokio_uring::builder().entries(URING_ENTRIES).start(async move {
-                    let shard = std::rc::Rc::new(shard::Shard::new(
-                        plan,
-                        ends,
-                        shard_metrics,
-                        life,
-                        connections,
-                    ));
-                    shard
-                        .run(move |s| crate::sources::start(s, shard_sockets))
-                        .await;
-                });
+                tokio_uring::builder()
+                    .entries(URING_ENTRIES)
+                    .start(async move {
+                        let shard = std::rc::Rc::new(shard::Shard::new(
+                            plan,
+                            ends,
+                            shard_metrics,
+                            life,
+                            connections,
+                        ));
+                        shard
+                            .run(move |s| crate::sources::start(s, shard_sockets))
+                            .await;
+                    });
                 let _ = done_tx.send(k);
             })
             .map_err(|error| StartError::Thread { shard: k, error })?;

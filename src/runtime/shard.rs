@@ -201,7 +201,9 @@ impl Shard {
             }
             return Ok(());
         }
-        let lane = self.out[dest].as_ref().expect("a lane to every other shard");
+        let lane = self.out[dest]
+            .as_ref()
+            .expect("a lane to every other shard");
         let mut st = lane.state.borrow_mut();
         let (builder, ring) = &mut *st;
         if !builder.fits(record.len()) {
@@ -236,7 +238,14 @@ impl Shard {
 
     /// Appends a record bound for shard `dest`, waiting while it is full.
     #[inline]
-    pub async fn offer(&self, source: usize, dest: usize, ts_ns: u64, key_hash: u32, record: &[u8]) {
+    pub async fn offer(
+        &self,
+        source: usize,
+        dest: usize,
+        ts_ns: u64,
+        key_hash: u32,
+        record: &[u8],
+    ) {
         loop {
             let blocked = match self.try_offer(source, dest, ts_ns, key_hash, record) {
                 Ok(()) => return,
@@ -249,7 +258,10 @@ impl Shard {
             let wait = notify.notified();
             tokio::pin!(wait);
             wait.as_mut().enable();
-            if self.try_offer(source, dest, ts_ns, key_hash, record).is_ok() {
+            if self
+                .try_offer(source, dest, ts_ns, key_hash, record)
+                .is_ok()
+            {
                 return;
             }
             wait.await;

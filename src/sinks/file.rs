@@ -14,7 +14,11 @@ use std::time::Duration;
 use tokio_uring::fs::{File, OpenOptions};
 
 async fn open(path: &PathBuf) -> std::io::Result<File> {
-    OpenOptions::new().append(true).create(true).open(path).await
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .await
 }
 
 pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>, path: PathBuf) {

@@ -48,7 +48,11 @@ struct QueueState {
 }
 
 impl SinkQueue {
-    pub fn new(plan: &SinkPlan, sink: usize, counters: Arc<crate::metrics::ShardMetrics>) -> SinkQueue {
+    pub fn new(
+        plan: &SinkPlan,
+        sink: usize,
+        counters: Arc<crate::metrics::ShardMetrics>,
+    ) -> SinkQueue {
         SinkQueue {
             sink,
             state: RefCell::new(QueueState {
@@ -77,7 +81,14 @@ impl SinkQueue {
 
     /// Appends a record; the caller checked [`has_room`](Self::has_room).
     #[inline]
-    pub fn append(&self, pool: &mut BatchPool, ts_ns: u64, key_hash: u32, source: u16, record: &[u8]) {
+    pub fn append(
+        &self,
+        pool: &mut BatchPool,
+        ts_ns: u64,
+        key_hash: u32,
+        source: u16,
+        record: &[u8],
+    ) {
         let mut st = self.state.borrow_mut();
         if !st.builder.fits(record.len()) {
             self.seal(&mut st);

@@ -78,7 +78,10 @@ impl Dropped {
     /// Moves the counts into the shard's counters (once per read).
     fn flush(&mut self, counters: &crate::metrics::SourceCounters) {
         counters.drop(DropReason::Oversize, std::mem::take(&mut self.oversize));
-        counters.drop(DropReason::InvalidUtf8, std::mem::take(&mut self.invalid_utf8));
+        counters.drop(
+            DropReason::InvalidUtf8,
+            std::mem::take(&mut self.invalid_utf8),
+        );
         counters.drop(DropReason::Empty, std::mem::take(&mut self.empty));
     }
 }

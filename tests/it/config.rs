@@ -25,7 +25,10 @@ fn check(subcommand: &str, text: &str) -> (bool, String) {
         .arg(&path)
         .output()
         .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -38,9 +41,15 @@ fn a_good_config_validates() {
 fn bad_keys_are_named_by_validate_and_run() {
     let cases = [
         (GOOD.replace("max_records", "max_recordz"), "sinks.up.batch"),
-        (GOOD.replace("127.0.0.1:5140", "127.0.0.1"), "sources.app.address"),
+        (
+            GOOD.replace("127.0.0.1:5140", "127.0.0.1"),
+            "sources.app.address",
+        ),
         (GOOD.replace("[\"app\"]", "[\"nope\"]"), "sinks.up.inputs"),
-        (GOOD.replace("type = \"tcp\"\ninputs", "type = \"kafka\"\ninputs"), "sinks.up.type"),
+        (
+            GOOD.replace("type = \"tcp\"\ninputs", "type = \"kafka\"\ninputs"),
+            "sinks.up.type",
+        ),
     ];
     for (text, key) in cases {
         for sub in ["validate", "run"] {

@@ -4,7 +4,12 @@
 use crate::harness::*;
 use std::time::Duration;
 
-fn tcp_to_tcp(src: std::net::SocketAddr, sink: std::net::SocketAddr, shards: usize, extra: &str) -> String {
+fn tcp_to_tcp(
+    src: std::net::SocketAddr,
+    sink: std::net::SocketAddr,
+    shards: usize,
+    extra: &str,
+) -> String {
     format!(
         r#"
 shards = {shards}
@@ -28,7 +33,10 @@ fn a_million_records_over_four_tcp_connections_arrive_exactly_once() {
     let (src, sink) = (free_addr(), free_addr());
     let _u = Updraft::start(&tcp_to_tcp(src, sink, 2, ""));
     let rx = Receiver::start(sink, 1_000_000, 60, &[]);
-    let sent = send(src, &["--connections", "4", "--count", "1000000", "--size", "200"]);
+    let sent = send(
+        src,
+        &["--connections", "4", "--count", "1000000", "--size", "200"],
+    );
     assert_eq!(u(&sent, "sent"), 1_000_000);
     let (r, ok) = rx.finish();
     assert!(ok, "{r}");
@@ -55,12 +63,28 @@ address = "{sink}"
 "#
     ));
     let rx = Receiver::start(sink, 100_000, 60, &[]);
-    send(src, &["--proto", "udp", "--connections", "2", "--count", "100000", "--size", "128", "--rate", "25000"]);
+    send(
+        src,
+        &[
+            "--proto",
+            "udp",
+            "--connections",
+            "2",
+            "--count",
+            "100000",
+            "--size",
+            "128",
+            "--rate",
+            "25000",
+        ],
+    );
     let (r, ok) = rx.finish();
     assert!(ok, "{r}\n{}", u_.log_text());
     assert_eq!(u(&r, "unique"), 100_000, "{r}");
     assert_eq!(u(&r, "duplicates"), 0, "{r}");
-    let dropped = u_.metric(r#"updraft_source_dropped_records_total{source="sensors",reason="receive_buffer"}"#);
+    let dropped = u_.metric(
+        r#"updraft_source_dropped_records_total{source="sensors",reason="receive_buffer"}"#,
+    );
     assert_eq!(dropped, 0.0);
 }
 
@@ -69,7 +93,10 @@ fn partition_by_peer_keeps_each_streams_order_across_shards() {
     let (src, sink) = (free_addr(), free_addr());
     let u_ = Updraft::start(&tcp_to_tcp(src, sink, 2, "partition_by = \"peer\""));
     let rx = Receiver::start(sink, 400_000, 60, &[]);
-    send(src, &["--connections", "8", "--count", "400000", "--size", "128"]);
+    send(
+        src,
+        &["--connections", "8", "--count", "400000", "--size", "128"],
+    );
     let (r, ok) = rx.finish();
     assert!(ok, "{r}");
     assert_eq!(u(&r, "streams"), 8, "{r}");
@@ -77,7 +104,10 @@ fn partition_by_peer_keeps_each_streams_order_across_shards() {
     assert_eq!(u(&r, "lost"), 0, "{r}");
     assert_eq!(u(&r, "duplicates"), 0, "{r}");
     // Both shards' sinks sent: records did cross to their owners.
-    assert_eq!(u_.metric(r#"updraft_sink_sent_records_total{sink="up",type="tcp"}"#), 400_000.0);
+    assert_eq!(
+        u_.metric(r#"updraft_sink_sent_records_total{sink="up",type="tcp"}"#),
+        400_000.0
+    );
 }
 
 #[test]
@@ -85,8 +115,25 @@ fn the_tcp_sink_going_away_for_seconds_loses_nothing() {
     let (src, sink) = (free_addr(), free_addr());
     let u_ = Updraft::start(&tcp_to_tcp(src, sink, 2, ""));
     // The upstream restarts after 100k records and is gone for 3 s.
-    let rx = Receiver::start(sink, 500_000, 60, &["--pause-after", "100000", "--pause-s", "3"]);
-    send(src, &["--connections", "4", "--count", "500000", "--size", "128", "--rate", "100000"]);
+    let rx = Receiver::start(
+        sink,
+        500_000,
+        60,
+        &["--pause-after", "100000", "--pause-s", "3"],
+    );
+    send(
+        src,
+        &[
+            "--connections",
+            "4",
+            "--count",
+            "500000",
+            "--size",
+            "128",
+            "--rate",
+            "100000",
+        ],
+    );
     let (r, ok) = rx.finish();
     assert!(ok, "{r}\n{}", u_.log_text());
     assert_eq!(u(&r, "lost"), 0, "{r}");
@@ -101,19 +148,31 @@ fn a_sink_that_is_down_stops_tcp_sources_in_bounded_memory_and_loses_nothing() {
         "[sinks.up.retry]",
         "[sinks.up.batch]\nmax_bytes = 65536\n[sinks.up.buffer]\nmax_bytes = 1048576\n[sinks.up.retry]",
     ));
-    let mut sender = spawn_send(src, &["--connections", "2", "--count", "300000", "--size", "256"]);
+    let mut sender = spawn_send(
+        src,
+        &["--connections", "2", "--count", "300000", "--size", "256"],
+    );
     std::thread::sleep(Duration::from_secs(2));
     // Nothing can leave, so the sender is held back: 1 MiB of buffer is far
     // less than 77 MB of records.
-    assert!(sender.try_wait().unwrap().is_none(), "the sender should be blocked");
+    assert!(
+        sender.try_wait().unwrap().is_none(),
+        "the sender should be blocked"
+    );
     let queued = u_.metric(r#"updraft_sink_queued_batches{sink="up",type="tcp"}"#);
     assert!(queued <= 2.0 * 8.0, "queued {queued} batches");
     let received = u_.metric(r#"updraft_source_received_records_total{source="app"}"#);
-    assert!(received < 100_000.0, "received {received} while the sink was down");
+    assert!(
+        received < 100_000.0,
+        "received {received} while the sink was down"
+    );
     let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", u_.pid()))
         .unwrap()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").parse().unwrap()))
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .map(|v| v.trim().trim_end_matches(" kB").parse().unwrap())
+        })
         .unwrap();
     assert!(rss_kib < 200 * 1024, "RSS {rss_kib} KiB");
     let rx = Receiver::start(sink, 300_000, 60, &[]);
@@ -132,10 +191,20 @@ fn sigterm_flushes_what_was_batched_and_exits_zero() {
         "[sinks.up.batch]\nmax_records = 100000\nlinger_ms = 600000\n[sinks.up.retry]",
     ));
     let rx = Receiver::start(sink, 1000, 30, &[]);
-    send(src, &["--connections", "2", "--count", "1000", "--size", "100"]);
-    u_.wait_metric(r#"updraft_source_received_records_total{source="app"}"#, 1000.0, Duration::from_secs(10));
+    send(
+        src,
+        &["--connections", "2", "--count", "1000", "--size", "100"],
+    );
+    u_.wait_metric(
+        r#"updraft_source_received_records_total{source="app"}"#,
+        1000.0,
+        Duration::from_secs(10),
+    );
     // Held in the open batch: a ten-minute linger has not passed.
-    assert_eq!(u_.metric(r#"updraft_sink_sent_records_total{sink="up",type="tcp"}"#), 0.0);
+    assert_eq!(
+        u_.metric(r#"updraft_sink_sent_records_total{sink="up",type="tcp"}"#),
+        0.0
+    );
     let (status, took) = u_.terminate();
     assert!(status.success(), "exit status {status}");
     assert!(took < Duration::from_secs(5), "took {took:?}");
@@ -162,12 +231,21 @@ path = "{}"
 "#,
         path.display()
     ));
-    send(src, &["--connections", "3", "--count", "30000", "--size", "80"]);
-    u_.wait_metric(r#"updraft_sink_sent_records_total{sink="disk",type="file"}"#, 30000.0, Duration::from_secs(10));
+    send(
+        src,
+        &["--connections", "3", "--count", "30000", "--size", "80"],
+    );
+    u_.wait_metric(
+        r#"updraft_sink_sent_records_total{sink="disk",type="file"}"#,
+        30000.0,
+        Duration::from_secs(10),
+    );
     let (status, _) = u_.terminate();
     assert!(status.success());
     let text = std::fs::read_to_string(&path).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 30000);
-    assert!(lines.iter().all(|l| l.len() == 79 && l.starts_with("stream=")));
+    assert!(lines
+        .iter()
+        .all(|l| l.len() == 79 && l.starts_with("stream=")));
 }

@@ -25,7 +25,8 @@ pub fn free_addr() -> SocketAddr {
 pub struct Updraft {
     child: Option<Child>,
     pub metrics: SocketAddr,
-    pub dir: tempfile::TempDir,
+    /// Holds the config, the log and `data_dir` until the test ends.
+    _dir: tempfile::TempDir,
     log: PathBuf,
 }
 
@@ -53,7 +54,7 @@ impl Updraft {
         let mut u = Updraft {
             child: Some(child),
             metrics,
-            dir,
+            _dir: dir,
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -61,7 +62,11 @@ impl Updraft {
             if let Some(status) = u.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("updraft exited with {status} at start:\n{}", u.log_text());
             }
-            assert!(Instant::now() < deadline, "updraft did not start:\n{}", u.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "updraft did not start:\n{}",
+                u.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         u
@@ -113,7 +118,10 @@ impl Updraft {
                 self.child = None;
                 return (s, t.elapsed());
             }
-            assert!(Instant::now() < deadline, "updraft did not exit after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "updraft did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -154,7 +162,12 @@ impl Receiver {
     pub fn start(listen: SocketAddr, expect: u64, timeout_s: u64, extra: &[&str]) -> Receiver {
         let child = Command::new(LOADGEN)
             .args(["receive", "--listen", &listen.to_string(), "--json"])
-            .args(["--expect", &expect.to_string(), "--timeout-s", &timeout_s.to_string()])
+            .args([
+                "--expect",
+                &expect.to_string(),
+                "--timeout-s",
+                &timeout_s.to_string(),
+            ])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -164,7 +177,10 @@ impl Receiver {
         let deadline = Instant::now() + Duration::from_secs(5);
         if !extra.contains(&"udp") {
             while TcpStream::connect(listen).is_err() {
-                assert!(Instant::now() < deadline, "receiver did not listen on {listen}");
+                assert!(
+                    Instant::now() < deadline,
+                    "receiver did not listen on {listen}"
+                );
                 std::thread::sleep(Duration::from_millis(10));
             }
         } else {
@@ -183,13 +199,17 @@ impl Receiver {
 
 fn parse_json(out: &Output) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| {
-        panic!(
-            "no JSON in output (status {}):\n{stdout}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| {
+            panic!(
+                "no JSON in output (status {}):\n{stdout}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
     serde_json::from_str(line).unwrap()
 }
 
@@ -220,5 +240,7 @@ pub fn spawn_send(target: SocketAddr, args: &[&str]) -> Child {
 }
 
 pub fn u(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {v}"))
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
 }

@@ -29,7 +29,16 @@ path = "{}"
     let messages = ["first message with spaces", "second: 12 34 five", "third"];
     // logger sends each line of its input as one message.
     let mut logger = Command::new("logger")
-        .args(["--tcp", "--octet-count", "-n", "127.0.0.1", "-P", &src.port().to_string(), "-t", "updraft-it"])
+        .args([
+            "--tcp",
+            "--octet-count",
+            "-n",
+            "127.0.0.1",
+            "-P",
+            &src.port().to_string(),
+            "-t",
+            "updraft-it",
+        ])
         .stdin(std::process::Stdio::piped())
         .spawn()
         .expect("logger (util-linux) is installed");
@@ -39,7 +48,11 @@ path = "{}"
     }
     drop(stdin);
     assert!(logger.wait().unwrap().success());
-    u_.wait_metric(r#"updraft_sink_sent_records_total{sink="disk",type="file"}"#, 3.0, Duration::from_secs(10));
+    u_.wait_metric(
+        r#"updraft_sink_sent_records_total{sink="disk",type="file"}"#,
+        3.0,
+        Duration::from_secs(10),
+    );
     assert_eq!(
         u_.metric(r#"updraft_source_dropped_records_total{source="syslog",reason="framing"}"#),
         0.0
@@ -78,7 +91,19 @@ address = "{sink}"
 "#
     ));
     let rx = Receiver::start(sink, 200_000, 60, &[]);
-    let mut good = spawn_send(lines_src, &["--connections", "2", "--count", "200000", "--size", "128", "--rate", "100000"]);
+    let mut good = spawn_send(
+        lines_src,
+        &[
+            "--connections",
+            "2",
+            "--count",
+            "200000",
+            "--size",
+            "128",
+            "--rate",
+            "100000",
+        ],
+    );
 
     // Bad peers on the newline source: invalid UTF-8, then a 5000-byte line,
     // then a good line on the same connection (it resynchronises).
@@ -102,8 +127,16 @@ address = "{sink}"
     u_.wait_metric(&dropped("framing", "counted"), 1.0, t);
     u_.wait_metric(&dropped("oversize", "counted"), 1.0, t);
     // The good line after the oversized one came through on the same connection.
-    u_.wait_metric(r#"updraft_source_received_records_total{source="counted"}"#, 1.0, t);
-    u_.wait_metric(r#"updraft_source_received_records_total{source="lines"}"#, 200_001.0, Duration::from_secs(30));
+    u_.wait_metric(
+        r#"updraft_source_received_records_total{source="counted"}"#,
+        1.0,
+        t,
+    );
+    u_.wait_metric(
+        r#"updraft_source_received_records_total{source="lines"}"#,
+        200_001.0,
+        Duration::from_secs(30),
+    );
 
     assert!(good.wait().unwrap().success());
     let (r, ok) = rx.finish();

@@ -6,7 +6,10 @@ use crate::harness::*;
 fn loadgen_tcp_at_full_speed_loses_nothing() {
     let addr = free_addr();
     let rx = Receiver::start(addr, 2_000_000, 60, &[]);
-    let s = send(addr, &["--connections", "4", "--count", "2000000", "--size", "256"]);
+    let s = send(
+        addr,
+        &["--connections", "4", "--count", "2000000", "--size", "256"],
+    );
     assert_eq!(u(&s, "sent"), 2_000_000);
     let (r, ok) = rx.finish();
     assert!(ok, "{r}");
