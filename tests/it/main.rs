@@ -7,3 +7,4 @@ mod config;
 mod delivery;
 mod input;
 mod loadgen;
+mod runtime;
