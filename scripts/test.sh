@@ -18,3 +18,6 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 # One test at a time: each pushes load through two cores.
 cargo test --release -- --test-threads=1
+# Allocations per record, counted on the shard threads of a binary built with
+# the counting allocator.
+cargo test --release --features count-alloc --test it alloc

@@ -223,6 +223,18 @@ fn family<'a, M: EncodeMetric>(
     Ok(())
 }
 
+/// A metric family with one unlabelled value.
+#[cfg(feature = "count-alloc")]
+fn single<M: EncodeMetric>(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    value: M,
+) -> Result<(), std::fmt::Error> {
+    value.encode(enc.encode_descriptor(name, help, None, kind)?)
+}
+
 impl Collector for Exposition {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let m = &self.0;
@@ -377,6 +389,24 @@ impl Collector for Exposition {
                 )
             }),
         )?;
+        #[cfg(feature = "count-alloc")]
+        {
+            let (allocations, bytes) = crate::alloc_count::totals();
+            single(
+                &mut enc,
+                "shard_allocations",
+                "Heap allocations made on shard threads (feature count-alloc).",
+                MetricType::Counter,
+                ConstCounter::new(allocations),
+            )?;
+            single(
+                &mut enc,
+                "shard_allocated_bytes",
+                "Bytes allocated on shard threads (feature count-alloc).",
+                MetricType::Counter,
+                ConstCounter::new(bytes),
+            )?;
+        }
         Ok(())
     }
 }

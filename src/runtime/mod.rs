@@ -173,6 +173,8 @@ pub fn start(plan: Plan) -> Result<Running, StartError> {
                 if let Some(cpu) = cpu {
                     pin_to(cpu);
                 }
+                #[cfg(feature = "count-alloc")]
+                crate::alloc_count::count_this_thread();
                 tokio_uring::builder()
                     .entries(URING_ENTRIES)
                     .start(async move {

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod alloc;
 mod config;
 mod delivery;
 mod input;
