@@ -63,6 +63,24 @@ enum Command {
     Send(SendArgs),
     /// Receive records, verify them and measure latency.
     Receive(ReceiveArgs),
+    /// The simplest forwarder, the ceiling a collector is measured against:
+    /// each TCP connection's bytes copied to its own upstream connection with
+    /// large buffers (or, with --proto udp, datagrams appended as lines to
+    /// one upstream connection). No framing, no batching.
+    Relay(RelayArgs),
+}
+
+#[derive(clap::Args)]
+struct RelayArgs {
+    /// Address to listen on (IP:PORT).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Upstream TCP address (IP:PORT).
+    #[arg(long)]
+    target: SocketAddr,
+    /// What to listen for.
+    #[arg(long, value_enum, default_value = "tcp")]
+    proto: Proto,
 }
 
 #[derive(clap::Args)]
@@ -128,6 +146,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Send(a) => send(a),
+        Command::Relay(a) => relay(a),
         Command::Receive(a) => {
             let ok = receive(a)?;
             if !ok {
@@ -447,6 +466,88 @@ fn send_udp(
         progress.fetch_add(n as u64, Relaxed);
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// relay
+
+/// Bytes copied per read and write.
+const RELAY_BUFFER_BYTES: usize = 1 << 20;
+
+fn relay(a: RelayArgs) -> Result<()> {
+    match a.proto {
+        Proto::Tcp => {
+            let listener = bind_tcp(a.listen)?;
+            listener.set_nonblocking(false)?;
+            for conn in listener.incoming() {
+                let mut conn = conn?;
+                let target = a.target;
+                std::thread::spawn(move || -> Result<()> {
+                    let mut up = TcpStream::connect(target)?;
+                    let mut buf = vec![0u8; RELAY_BUFFER_BYTES];
+                    loop {
+                        let n = conn.read(&mut buf)?;
+                        if n == 0 {
+                            break;
+                        }
+                        up.write_all(&buf[..n])?;
+                    }
+                    up.shutdown(Shutdown::Write)?;
+                    Ok(())
+                });
+            }
+            Ok(())
+        }
+        Proto::Udp => {
+            use std::os::fd::AsRawFd;
+            let sock = bind_udp(a.listen)?;
+            sock.set_read_timeout(None)?;
+            let mut up = TcpStream::connect(a.target)?;
+            const N: usize = 256;
+            const DGRAM: usize = 65536;
+            let mut bufs = vec![0u8; N * DGRAM];
+            let mut out = Vec::with_capacity(RELAY_BUFFER_BYTES);
+            let mut iov: Vec<libc::iovec> = (0..N)
+                .map(|i| libc::iovec {
+                    iov_base: bufs[i * DGRAM..].as_mut_ptr() as *mut libc::c_void,
+                    iov_len: DGRAM,
+                })
+                .collect();
+            loop {
+                let mut msgs: Vec<libc::mmsghdr> = (0..N)
+                    .map(|i| {
+                        // SAFETY: an all-zero mmsghdr is valid.
+                        let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                        m.msg_hdr.msg_iov = &mut iov[i];
+                        m.msg_hdr.msg_iovlen = 1;
+                        m
+                    })
+                    .collect();
+                // SAFETY: msgs point at iovecs into `bufs`, alive for the call.
+                let rc = unsafe {
+                    libc::recvmmsg(
+                        sock.as_raw_fd(),
+                        msgs.as_mut_ptr(),
+                        N as u32,
+                        libc::MSG_WAITFORONE,
+                        std::ptr::null_mut(),
+                    )
+                };
+                if rc <= 0 {
+                    continue;
+                }
+                out.clear();
+                for (i, m) in msgs.iter().take(rc as usize).enumerate() {
+                    let d = &bufs[i * DGRAM..i * DGRAM + m.msg_len as usize];
+                    out.extend_from_slice(d);
+                    if d.last() != Some(&b'\n') {
+                        out.push(b'\n');
+                    }
+                }
+                up.write_all(&out)?;
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
