@@ -1,0 +1,498 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark of updraft with updraft-loadgen, each scenario next to
+its ceiling (and a peer) measured in the same run. Run it through
+scripts/bench.sh, which builds the binaries and installs what this needs.
+
+Ceilings: loadgen send -> loadgen receive (for blackhole scenarios) and
+loadgen send -> loadgen relay -> loadgen receive (for forwarding scenarios),
+over TCP and UDP. Peer: rsyslog (and Fluent Bit / Vector when on PATH).
+Writes results.json, results.md, throughput.png and latency.png to --out.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UPDRAFT = os.path.join(ROOT, "target/release/updraft")
+LOADGEN = os.path.join(ROOT, "target/release/updraft-loadgen")
+TICK = os.sysconf("SC_CLK_TCK")
+MIB = 1024 * 1024
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_cpu_s(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def proc_peak_rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wait_port(port, proto="tcp", timeout=10):
+    if proto == "udp":
+        time.sleep(0.3)
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def json_line(text):
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"no JSON in: {text[-500:]}")
+
+
+def receiver(port, expect, timeout_s, proto="tcp"):
+    p = subprocess.Popen(
+        [LOADGEN, "receive", "--listen", f"127.0.0.1:{port}", "--proto", proto,
+         "--expect", str(expect), "--timeout-s", str(timeout_s), "--linger-ms", "50", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    wait_port(port, proto)
+    return p
+
+
+def send(port, proto, conns, count, size, rate=None):
+    cmd = [LOADGEN, "send", "--target", f"127.0.0.1:{port}", "--proto", proto,
+           "--connections", str(conns), "--count", str(count), "--size", str(size), "--json"]
+    if rate:
+        cmd += ["--rate", str(rate)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json_line(out.stdout)
+
+
+def finish(p):
+    out, _ = p.communicate()
+    return json_line(out)
+
+
+class Collector:
+    """A collector process (updraft or a peer) and its resource use."""
+
+    def __init__(self, argv, ready_port, metrics_port=None, proto="tcp"):
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.metrics_port = metrics_port
+        if metrics_port:
+            wait_port(metrics_port)
+        wait_port(ready_port, proto)
+        self.cpu0 = proc_cpu_s(self.proc.pid)
+
+    def metric(self, series):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(series + " "):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def usage(self):
+        return proc_cpu_s(self.proc.pid) - self.cpu0, proc_peak_rss_mib(self.proc.pid)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def updraft(tmp, shards, source_proto, sink):
+    src, mport = free_port(), free_port()
+    sink_toml = {
+        "blackhole": 'type = "blackhole"',
+        "tcp": f'type = "tcp"\naddress = "127.0.0.1:{sink[1] if isinstance(sink, tuple) else 0}"',
+        "file": f'type = "file"\npath = "{os.path.join(tmp, "out.log")}"',
+    }[sink[0] if isinstance(sink, tuple) else sink]
+    cfg = os.path.join(tmp, "updraft.toml")
+    with open(cfg, "w") as f:
+        f.write(f"""shards = {shards}
+[metrics]
+address = "127.0.0.1:{mport}"
+[sources.in]
+type = "{source_proto}"
+address = "127.0.0.1:{src}"
+[sinks.out]
+{sink_toml}
+inputs = ["in"]
+""")
+    c = Collector([UPDRAFT, "run", "--config", cfg], src if source_proto == "tcp" else mport, mport, "tcp")
+    return c, src
+
+
+def rsyslog(tmp, sink_port):
+    tcp, udp = free_port(), free_port()
+    work = os.path.join(tmp, "rsyslog")
+    os.makedirs(work, exist_ok=True)
+    cfg = os.path.join(work, "rsyslog.conf")
+    with open(cfg, "w") as f:
+        f.write(f"""global(workDirectory="{work}" maxMessageSize="64k")
+module(load="imtcp" MaxSessions="1000")
+module(load="imudp")
+template(name="raw" type="string" string="%rawmsg%\\n")
+ruleset(name="fwd" queue.type="LinkedList" queue.size="200000") {{
+  action(type="omfwd" target="127.0.0.1" port="{sink_port}" protocol="tcp" template="raw")
+}}
+input(type="imtcp" address="127.0.0.1" port="{tcp}" ruleset="fwd")
+input(type="imudp" address="127.0.0.1" port="{udp}" ruleset="fwd")
+""")
+    c = Collector(["rsyslogd", "-n", "-f", cfg, "-i", os.path.join(work, "rsyslog.pid")], tcp)
+    return c, tcp, udp
+
+
+def row(scenario, who, size, conns, shards, rps, lat=None, cpu_s=None, rss=None, n=None, lost=0, dup=0, note=""):
+    return {
+        "scenario": scenario, "collector": who, "size": size, "connections": conns, "shards": shards,
+        "records_per_sec": rps, "mib_per_sec": rps * size / MIB,
+        "p50_us": lat["p50"] if lat else None, "p99_us": lat["p99"] if lat else None,
+        "peak_rss_mib": rss, "cpu_s_per_million": (cpu_s / n * 1e6) if (cpu_s is not None and n) else None,
+        "lost": lost, "duplicates": dup, "note": note,
+    }
+
+
+def count_for(size, quick):
+    """Records per run: about a second of traffic at the ceiling."""
+    n = {64: 10_000_000, 256: 5_000_000, 1024: 2_000_000}[size]
+    return n // 10 if quick else n
+
+
+# --- TCP scenarios -----------------------------------------------------------
+
+def tcp_ceiling_direct(size, conns, n):
+    port = free_port()
+    rx = receiver(port, n, 60)
+    send(port, "tcp", conns, n, size)
+    r = finish(rx)
+    return row("tcp->blackhole", "ceiling", size, conns, None, r["records_per_sec"], r["latency_us"], lost=r["lost"])
+
+
+def tcp_ceiling_relay(size, conns, n):
+    sink, relay_port = free_port(), free_port()
+    rx = receiver(sink, n, 60)
+    relay = Collector([LOADGEN, "relay", "--listen", f"127.0.0.1:{relay_port}", "--target", f"127.0.0.1:{sink}"], relay_port)
+    send(relay_port, "tcp", conns, n, size)
+    r = finish(rx)
+    cpu, rss = relay.usage()
+    relay.stop()
+    return row("tcp->tcp", "ceiling", size, conns, None, r["records_per_sec"], r["latency_us"], cpu, rss, n, r["lost"], r["duplicates"])
+
+
+def updraft_tcp_forward(tmp, size, conns, shards, n):
+    sink = free_port()
+    rx = receiver(sink, n, 60)
+    c, src = updraft(tmp, shards, "tcp", ("tcp", sink))
+    send(src, "tcp", conns, n, size)
+    r = finish(rx)
+    cpu, rss = c.usage()
+    c.stop()
+    return row("tcp->tcp", "updraft", size, conns, shards, r["records_per_sec"], r["latency_us"], cpu, rss, n, r["lost"], r["duplicates"])
+
+
+def updraft_tcp_counted(tmp, sink_kind, size, conns, shards, n):
+    """tcp -> blackhole/file: throughput from the sink's counter."""
+    c, src = updraft(tmp, shards, "tcp", sink_kind)
+    t0 = time.time()
+    s = send(src, "tcp", conns, n, size)
+    # The sender is held back by the collector, so its rate is the
+    # collector's; what is still in flight when it ends is waited for
+    # (polling only then, so the poller does not take CPU from the run).
+    series = f'updraft_sink_sent_records_total{{sink="out",type="{sink_kind}"}}'
+    while c.metric(series) < n and time.time() - t0 < 60:
+        time.sleep(0.002)
+    took = max(s["seconds"], time.time() - t0 - 0.002)
+    delivered = c.metric(series)
+    cpu, rss = c.usage()
+    c.stop()
+    path = os.path.join(tmp, "out.log")
+    if os.path.exists(path):
+        os.remove(path)
+    return row(f"tcp->{sink_kind}", "updraft", size, conns, shards, delivered / took, None, cpu, rss, n, n - delivered)
+
+
+def rsyslog_tcp_forward(tmp, size, conns, n):
+    sink = free_port()
+    rx = receiver(sink, n, 60)
+    c, tcp, _ = rsyslog(tmp, sink)
+    send(tcp, "tcp", conns, n, size)
+    r = finish(rx)
+    cpu, rss = c.usage()
+    c.stop()
+    return row("tcp->tcp", "rsyslog", size, conns, None, r["records_per_sec"], r["latency_us"], cpu, rss, n, r["lost"], r["duplicates"])
+
+
+# --- UDP scenarios: the highest rate with under 0.1% loss ----------------------
+
+def sweep(rates, seconds, attempt):
+    """attempt(rate, count) -> (delivered, sent, extra); returns the best row data."""
+    best = None
+    for rate in rates:
+        n = int(rate * seconds)
+        delivered, sent_rate, extra = attempt(rate, n)
+        loss = 1 - delivered / n
+        if loss < 0.001:
+            best = (sent_rate, rate, extra)
+        else:
+            break
+    return best
+
+
+def udp_ceiling_direct(size, conns, rates, seconds):
+    def attempt(rate, n):
+        port = free_port()
+        rx = receiver(port, n, seconds + 5, "udp")
+        s = send(port, "udp", conns, n, size, rate)
+        r = finish(rx)
+        return r["unique"], s["records_per_sec"], r
+    best = sweep(rates, seconds, attempt)
+    rps = best[0] if best else 0
+    return row("udp->blackhole", "ceiling", size, conns, None, rps, best[2]["latency_us"] if best else None,
+               note=f"highest rate tried with <0.1% loss: {best[1] if best else 'none'}")
+
+
+def udp_ceiling_relay(size, conns, rates, seconds):
+    def attempt(rate, n):
+        sink, port = free_port(), free_port()
+        rx = receiver(sink, n, seconds + 5)
+        relay = Collector([LOADGEN, "relay", "--proto", "udp", "--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{sink}"], port, proto="udp")
+        s = send(port, "udp", conns, n, size, rate)
+        r = finish(rx)
+        relay.stop()
+        return r["unique"], s["records_per_sec"], r
+    best = sweep(rates, seconds, attempt)
+    return row("udp->tcp", "ceiling", size, conns, None, best[0] if best else 0, best[2]["latency_us"] if best else None,
+               note=f"highest rate tried with <0.1% loss: {best[1] if best else 'none'}")
+
+
+def updraft_udp(tmp, sink_kind, size, conns, shards, rates, seconds):
+    usage = {}
+
+    def attempt(rate, n):
+        if sink_kind == "tcp":
+            sink = free_port()
+            rx = receiver(sink, n, seconds + 5)
+            c, src = updraft(tmp, shards, "udp", ("tcp", sink))
+            s = send(src, "udp", conns, n, size, rate)
+            r = finish(rx)
+            delivered = r["unique"]
+        else:
+            c, src = updraft(tmp, shards, "udp", "blackhole")
+            s = send(src, "udp", conns, n, size, rate)
+            series = 'updraft_sink_sent_records_total{sink="out",type="blackhole"}'
+            t0 = time.time()
+            while c.metric(series) < n and time.time() - t0 < 1.0:
+                time.sleep(0.01)
+            delivered, r = c.metric(series), None
+        usage[rate] = c.usage() + (n,)
+        c.stop()
+        return delivered, s["records_per_sec"], (r, rate)
+    best = sweep(rates, seconds, attempt)
+    if not best:
+        return row(f"udp->{sink_kind}", "updraft", size, conns, shards, 0, note="loss at the lowest rate")
+    r, rate = best[2]
+    cpu, rss, n = usage[rate]
+    return row(f"udp->{sink_kind}", "updraft", size, conns, shards, best[0], r["latency_us"] if r else None, cpu, rss, n,
+               note=f"highest rate tried with <0.1% loss: {rate}")
+
+
+def rsyslog_udp(tmp, size, conns, rates, seconds):
+    usage = {}
+
+    def attempt(rate, n):
+        sink = free_port()
+        rx = receiver(sink, n, seconds + 5)
+        c, _, udp = rsyslog(tmp, sink)
+        s = send(udp, "udp", conns, n, size, rate)
+        r = finish(rx)
+        usage[rate] = c.usage() + (n,)
+        c.stop()
+        return r["unique"], s["records_per_sec"], (r, rate)
+    best = sweep(rates, seconds, attempt)
+    if not best:
+        return row("udp->tcp", "rsyslog", size, conns, None, 0, note="loss at the lowest rate")
+    r, rate = best[2]
+    cpu, rss, n = usage[rate]
+    return row("udp->tcp", "rsyslog", size, conns, None, best[0], r["latency_us"], cpu, rss, n,
+               note=f"highest rate tried with <0.1% loss: {rate}")
+
+
+# --- report -------------------------------------------------------------------
+
+def add_ratios(rows):
+    def key(r):
+        return (r["scenario"], r["size"], r["connections"])
+    ceilings = {key(r): r["records_per_sec"] for r in rows if r["collector"] == "ceiling"}
+    peers = {key(r): r["records_per_sec"] for r in rows if r["collector"] == "rsyslog"}
+    for r in rows:
+        c, p = ceilings.get(key(r)), peers.get(key(r))
+        r["ratio_to_ceiling"] = r["records_per_sec"] / c if c else None
+        r["ratio_to_peer"] = r["records_per_sec"] / p if p and r["collector"] == "updraft" else None
+
+
+def fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def markdown(rows, meta):
+    out = [f"Run: {meta['date']} on {meta['machine']}; command: `{meta['command']}`", "",
+           "| scenario | collector | size B | conns | shards | records/s | MiB/s | × ceiling | × rsyslog | p50 µs | p99 µs | peak RSS MiB | CPU s / M records | lost | note |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append("| " + " | ".join([
+            r["scenario"], r["collector"], str(r["size"]), str(r["connections"]), fmt(r["shards"], "d"),
+            fmt(r["records_per_sec"], ",.0f"), fmt(r["mib_per_sec"], ".1f"), fmt(r["ratio_to_ceiling"], ".2f"),
+            fmt(r["ratio_to_peer"], ".2f"), fmt(r["p50_us"], ".0f"), fmt(r["p99_us"], ".0f"),
+            fmt(r["peak_rss_mib"], ".1f"), fmt(r["cpu_s_per_million"], ".2f"), fmt(r["lost"], ".0f"), r["note"],
+        ]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot(rows, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    series = [("ceiling", None), ("rsyslog", None)] + sorted({("updraft", r["shards"]) for r in rows if r["collector"] == "updraft"})
+    panels = [("TCP", [r for r in rows if r["scenario"].startswith("tcp")]),
+              ("UDP, best rate at <0.1% loss", [r for r in rows if r["scenario"].startswith("udp")])]
+    panels = [(t, p) for t, p in panels if p]
+    widths = [len({(r["scenario"], r["size"], r["connections"]) for r in p}) for _, p in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(8, sum(widths) * 1.2), 5),
+                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    width = 0.8 / len(series)
+    for ax, (title, prow) in zip(axes[0], panels):
+        groups = sorted({(r["scenario"], r["size"], r["connections"]) for r in prow})
+        for i, (who, shards) in enumerate(series):
+            vals = []
+            for g in groups:
+                m = [r for r in prow if (r["scenario"], r["size"], r["connections"]) == g and r["collector"] == who
+                     and (shards is None or r["shards"] == shards)]
+                vals.append(m[0]["records_per_sec"] / 1e6 if m else 0)
+            name = who if shards is None else f"updraft, {shards} shard{'s' if shards > 1 else ''}"
+            ax.bar([x + i * width for x in range(len(groups))], vals, width, label=name)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))])
+        ax.set_xticklabels([f"{s}\n{z}B ×{c}" for s, z, c in groups], fontsize=7)
+        ax.set_ylabel("million records/s")
+        ax.set_title(title)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Throughput per scenario, updraft beside its ceiling and rsyslog (same run)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "throughput.png"), dpi=110)
+
+    lat = [r for r in rows if r["p50_us"] is not None and r["collector"] != "ceiling"]
+    fig, ax = plt.subplots(figsize=(max(8, len(lat) * 0.6), 5))
+    names = [f"{r['collector']} {r['scenario']} {r['size']}B ×{r['connections']}" + (f" s{r['shards']}" if r["shards"] else "") for r in lat]
+    ax.bar(range(len(lat)), [r["p99_us"] / 1000 for r in lat], label="p99")
+    ax.bar(range(len(lat)), [r["p50_us"] / 1000 for r in lat], label="p50")
+    ax.set_xticks(range(len(lat)))
+    ax.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("end-to-end latency, ms")
+    ax.set_yscale("log")
+    ax.set_title("Latency percentiles (forwarding scenarios)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "latency.png"), dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="about a minute: 256 B, 4 connections")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench-results"))
+    ap.add_argument("--replot", action="store_true", help="redraw the plots from --out/results.json")
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    if a.replot:
+        with open(os.path.join(a.out, "results.json")) as f:
+            plot(json.load(f)["rows"], a.out)
+        return
+    have_rsyslog = shutil.which("rsyslogd") is not None
+    notes = []
+    for peer in ("fluent-bit", "vector"):
+        if not shutil.which(peer):
+            notes.append(f"{peer} is not on PATH: skipped")
+    if not have_rsyslog:
+        notes.append("rsyslogd is not installed: peer skipped")
+
+    if a.quick:
+        sizes, conns_list, shard_list = [256], [4], [2]
+        udp_rates, udp_seconds = [100_000, 200_000, 400_000], 1.0
+    else:
+        sizes, conns_list, shard_list = [64, 256, 1024], [1, 4], [1, 2]
+        udp_rates = [50_000, 100_000, 200_000, 300_000, 400_000, 500_000, 600_000, 800_000, 1_000_000]
+        udp_seconds = 2.0
+
+    rows = []
+    tmp = tempfile.mkdtemp(prefix="updraft-bench-")
+
+    def log(r):
+        print(f"  {r['scenario']:15} {r['collector']:8} {r['size']:5}B x{r['connections']} "
+              f"shards={r['shards']}: {r['records_per_sec']:>12,.0f} rec/s {r['note']}", flush=True)
+        rows.append(r)
+
+    try:
+        for size in sizes:
+            for conns in conns_list:
+                n = count_for(size, a.quick)
+                print(f"tcp, {size} B, {conns} connections, {n} records", flush=True)
+                log(tcp_ceiling_direct(size, conns, n))
+                log(tcp_ceiling_relay(size, conns, n))
+                for shards in shard_list:
+                    log(updraft_tcp_forward(tmp, size, conns, shards, n))
+                if have_rsyslog:
+                    log(rsyslog_tcp_forward(tmp, size, conns, n))
+        n = count_for(256, a.quick)
+        for shards in shard_list:
+            log(updraft_tcp_counted(tmp, "blackhole", 256, 4, shards, n))
+            log(updraft_tcp_counted(tmp, "file", 256, 4, shards, n))
+        print("udp rate sweeps, 256 B, 4 senders", flush=True)
+        log(udp_ceiling_direct(256, 4, udp_rates, udp_seconds))
+        log(udp_ceiling_relay(256, 4, udp_rates, udp_seconds))
+        for shards in shard_list:
+            log(updraft_udp(tmp, "blackhole", 256, 4, shards, udp_rates, udp_seconds))
+            log(updraft_udp(tmp, "tcp", 256, 4, shards, udp_rates, udp_seconds))
+        if have_rsyslog:
+            log(rsyslog_udp(tmp, 256, 4, udp_rates, udp_seconds))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    add_ratios(rows)
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{os.cpu_count()} CPUs, {os.uname().release}",
+        "command": "scripts/bench.sh" + (" --quick" if a.quick else ""),
+        "notes": notes,
+    }
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    md = markdown(rows, meta) + "".join(f"\n- {n}" for n in notes) + "\n"
+    with open(os.path.join(a.out, "results.md"), "w") as f:
+        f.write(md)
+    plot(rows, a.out)
+    print(md)
+    print(f"written: {a.out}/results.json, results.md, throughput.png, latency.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

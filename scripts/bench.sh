@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: updraft next to its ceiling and rsyslog in the same
+# run. `scripts/bench.sh --quick` takes about a minute; without it, about ten.
+# Results: bench-results/{results.json,results.md,throughput.png,latency.png}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+if ! command -v rsyslogd >/dev/null 2>&1; then
+    as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsyslog
+fi
+if ! python3 -c 'import matplotlib' 2>/dev/null; then
+    python3 -m pip install --quiet matplotlib
+fi
+cargo build --release --bins
+exec python3 scripts/bench.py "$@"

@@ -1,0 +1,349 @@
+//! The write-ahead log on disk. This comment is the specification.
+//!
+//! A sink's log on one shard lives in `data_dir/<sink>/<shard>/`: segment files
+//! named by their id (`00000000000000000007.wal`, 20 decimal digits, ids
+//! increase by one) and one `checkpoint` file. All integers are little-endian.
+//!
+//! ## Segment
+//!
+//! ```text
+//! offset size field
+//!      0    8 magic      b"UPDRWAL\0"
+//!      8    4 version    1
+//!     12    4 flags      0
+//!     16    8 segment    the id in the file name
+//!     24    4 crc32c     of bytes 0..24
+//!     28    4 reserved   0
+//!     32      frames, each starting at a multiple of FRAME_ALIGN (16)
+//! ```
+//!
+//! ## Frame
+//!
+//! ```text
+//! offset size field
+//!      0    4 len        bytes of the archive, 1..=FRAME_BYTES_MAX
+//!      4    4 crc32c     of the archive
+//!      8    8 reserved   0 (puts the archive on a 16-byte boundary)
+//!     16  len archive    the rkyv archive of one `record::Batch`
+//!         pad zeros up to the next multiple of 16
+//! ```
+//!
+//! A batch's stable id is (segment, frame offset). Frames are only appended;
+//! a segment is deleted whole once every frame in it is acknowledged.
+//!
+//! ## Reading back
+//!
+//! [`scan`] walks a segment's bytes and classifies what it finds:
+//! - a frame header of zeros, or a frame that runs past the end of the file,
+//!   is the end of the written data (a crash mid-write leaves a *torn tail*):
+//!   the segment is truncated there;
+//! - a frame whose archive fails its CRC (a flipped bit) is counted and
+//!   skipped: its length field is still believed because its header is
+//!   plausible;
+//! - a header that is not plausible (length over the maximum, reserved bits
+//!   set) means the framing is lost: the frames before it are kept, the rest of
+//!   the segment is set aside (renamed `.damaged`) and counted;
+//! - a bad segment header sets the whole file aside.
+//!
+//! ## Checkpoint
+//!
+//! Two 32-byte slots; a write goes to slot `seq % 2`, then fdatasync, so one
+//! slot always holds a whole earlier checkpoint:
+//!
+//! ```text
+//! offset size field
+//!      0    8 seq        increases with every write
+//!      8    8 segment    of the highest batch acknowledged with all before it
+//!     16    8 offset     of that batch's frame
+//!     24    4 crc32c     of bytes 0..24
+//!     28    4 reserved   0
+//! ```
+//!
+//! On start the valid slot with the higher `seq` wins. No valid slot means
+//! replay from the oldest segment: duplicates, never loss.
+
+/// Segment magic.
+pub const MAGIC: [u8; 8] = *b"UPDRWAL\0";
+pub const VERSION: u32 = 1;
+pub const SEGMENT_HEADER_BYTES: usize = 32;
+pub const FRAME_HEADER_BYTES: usize = 16;
+/// Frames and archives start on this boundary (rkyv's alignment for a batch).
+pub const FRAME_ALIGN: usize = 16;
+/// The largest archive a frame may carry.
+pub const FRAME_BYTES_MAX: usize = 512 * 1024 * 1024;
+pub const CHECKPOINT_SLOT_BYTES: usize = 32;
+pub const CHECKPOINT_BYTES: usize = 2 * CHECKPOINT_SLOT_BYTES;
+
+const _: () = assert!(SEGMENT_HEADER_BYTES % FRAME_ALIGN == 0);
+const _: () = assert!(FRAME_HEADER_BYTES % FRAME_ALIGN == 0);
+
+/// Bytes a frame takes for an archive of `len` bytes, padding included.
+pub const fn frame_bytes(len: usize) -> usize {
+    FRAME_HEADER_BYTES + len.div_ceil(FRAME_ALIGN) * FRAME_ALIGN
+}
+
+/// The file name of segment `id`.
+pub fn segment_file_name(id: u64) -> String {
+    format!("{id:020}.wal")
+}
+
+/// The id in a segment file name, if it is one.
+pub fn parse_segment_file_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".wal")?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+pub fn segment_header(id: u64) -> [u8; SEGMENT_HEADER_BYTES] {
+    let mut h = [0u8; SEGMENT_HEADER_BYTES];
+    h[0..8].copy_from_slice(&MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[16..24].copy_from_slice(&id.to_le_bytes());
+    let crc = crc32c::crc32c(&h[0..24]);
+    h[24..28].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Writes a frame header for `archive` into `out`.
+pub fn frame_header(archive: &[u8]) -> [u8; FRAME_HEADER_BYTES] {
+    let mut h = [0u8; FRAME_HEADER_BYTES];
+    h[0..4].copy_from_slice(&(archive.len() as u32).to_le_bytes());
+    h[4..8].copy_from_slice(&crc32c::crc32c(archive).to_le_bytes());
+    h
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// A frame found by [`scan`]: where its archive lies in the segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameRef {
+    /// Offset of the frame (its id within the segment).
+    pub offset: u64,
+    /// Offset of the archive.
+    pub archive_at: usize,
+    pub len: usize,
+}
+
+/// What [`scan`] found in a segment.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Scan {
+    pub frames: Vec<FrameRef>,
+    /// Where the written data ends; the file is truncated here.
+    pub end: u64,
+    /// Frames skipped because their archive failed its CRC.
+    pub bad_frames: u64,
+    /// The framing was lost at this offset; what follows is set aside.
+    pub lost_at: Option<u64>,
+    /// Bytes past `end` that were a torn write.
+    pub torn_bytes: u64,
+}
+
+/// Why a segment cannot be read at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SegmentError {
+    #[error("segment header is short or damaged")]
+    BadHeader,
+    #[error("segment header names id {found}, the file name {expected}")]
+    WrongId { expected: u64, found: u64 },
+    #[error("segment version {0} is not supported")]
+    Version(u32),
+}
+
+/// Walks a segment's bytes. Never panics on any input.
+pub fn scan(id: u64, bytes: &[u8]) -> Result<Scan, SegmentError> {
+    if bytes.len() < SEGMENT_HEADER_BYTES || bytes[0..8] != MAGIC {
+        return Err(SegmentError::BadHeader);
+    }
+    if crc32c::crc32c(&bytes[0..24]) != u32_at(bytes, 24) {
+        return Err(SegmentError::BadHeader);
+    }
+    let version = u32_at(bytes, 8);
+    if version != VERSION {
+        return Err(SegmentError::Version(version));
+    }
+    let found = u64_at(bytes, 16);
+    if found != id {
+        return Err(SegmentError::WrongId { expected: id, found });
+    }
+    let mut scan = Scan::default();
+    let mut at = SEGMENT_HEADER_BYTES;
+    loop {
+        let rest = bytes.len() - at;
+        if rest < FRAME_HEADER_BYTES {
+            scan.torn_bytes = rest as u64;
+            break;
+        }
+        let len = u32_at(bytes, at) as usize;
+        let crc = u32_at(bytes, at + 4);
+        let reserved = u64_at(bytes, at + 8);
+        if len == 0 && crc == 0 && reserved == 0 {
+            // Zeros: nothing was written here (or the write was torn before
+            // its header reached the disk).
+            scan.torn_bytes = rest as u64;
+            break;
+        }
+        if len == 0 || len > FRAME_BYTES_MAX || reserved != 0 {
+            scan.lost_at = Some(at as u64);
+            break;
+        }
+        let size = frame_bytes(len);
+        if size > rest {
+            scan.torn_bytes = rest as u64;
+            break;
+        }
+        let archive_at = at + FRAME_HEADER_BYTES;
+        if crc32c::crc32c(&bytes[archive_at..archive_at + len]) == crc {
+            scan.frames.push(FrameRef {
+                offset: at as u64,
+                archive_at,
+                len,
+            });
+        } else {
+            scan.bad_frames += 1;
+        }
+        at += size;
+    }
+    scan.end = at as u64;
+    Ok(scan)
+}
+
+/// A checkpoint: the highest batch acknowledged with every batch before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointSlot {
+    pub seq: u64,
+    pub segment: u64,
+    pub offset: u64,
+}
+
+pub fn encode_checkpoint(c: CheckpointSlot) -> [u8; CHECKPOINT_SLOT_BYTES] {
+    let mut s = [0u8; CHECKPOINT_SLOT_BYTES];
+    s[0..8].copy_from_slice(&c.seq.to_le_bytes());
+    s[8..16].copy_from_slice(&c.segment.to_le_bytes());
+    s[16..24].copy_from_slice(&c.offset.to_le_bytes());
+    let crc = crc32c::crc32c(&s[0..24]);
+    s[24..28].copy_from_slice(&crc.to_le_bytes());
+    s
+}
+
+/// Where slot `seq` is written in the checkpoint file.
+pub fn checkpoint_slot_offset(seq: u64) -> u64 {
+    (seq % 2) * CHECKPOINT_SLOT_BYTES as u64
+}
+
+/// The newest valid slot of a checkpoint file, if any.
+pub fn decode_checkpoint(bytes: &[u8]) -> Option<CheckpointSlot> {
+    (0..2)
+        .filter_map(|i| {
+            let s = bytes.get(i * CHECKPOINT_SLOT_BYTES..(i + 1) * CHECKPOINT_SLOT_BYTES)?;
+            if crc32c::crc32c(&s[0..24]) != u32_at(s, 24) || s.iter().all(|&b| b == 0) {
+                return None;
+            }
+            Some(CheckpointSlot {
+                seq: u64_at(s, 0),
+                segment: u64_at(s, 8),
+                offset: u64_at(s, 16),
+            })
+        })
+        .max_by_key(|c| c.seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segment_with(id: u64, archives: &[&[u8]]) -> Vec<u8> {
+        let mut b = segment_header(id).to_vec();
+        for a in archives {
+            b.extend_from_slice(&frame_header(a));
+            b.extend_from_slice(a);
+            b.resize(b.len().div_ceil(FRAME_ALIGN) * FRAME_ALIGN, 0);
+        }
+        b
+    }
+
+    #[test]
+    fn frames_are_found_in_order() {
+        let seg = segment_with(3, &[b"one", b"second frame", b"3"]);
+        let s = scan(3, &seg).unwrap();
+        assert_eq!(s.frames.len(), 3);
+        assert_eq!(&seg[s.frames[1].archive_at..][..s.frames[1].len], b"second frame");
+        assert_eq!(s.end as usize, seg.len());
+        assert_eq!((s.bad_frames, s.lost_at, s.torn_bytes), (0, None, 0));
+        assert!(s.frames.iter().all(|f| f.archive_at % FRAME_ALIGN == 0));
+    }
+
+    #[test]
+    fn torn_tail_ends_the_data() {
+        let seg = segment_with(1, &[b"kept", b"torn away"]);
+        let cut = &seg[..seg.len() - 5];
+        let s = scan(1, cut).unwrap();
+        assert_eq!(s.frames.len(), 1);
+        assert_eq!(s.end, frame_bytes(4) as u64 + SEGMENT_HEADER_BYTES as u64);
+        assert!(s.torn_bytes > 0);
+        // Zeros after the data (preallocation, or a header that never landed).
+        let mut zeros = seg.clone();
+        zeros.extend_from_slice(&[0u8; 64]);
+        assert_eq!(scan(1, &zeros).unwrap().frames.len(), 2);
+    }
+
+    #[test]
+    fn a_flipped_bit_skips_one_frame() {
+        let mut seg = segment_with(1, &[b"aaaa", b"bbbb", b"cccc"]);
+        let second_archive = SEGMENT_HEADER_BYTES + frame_bytes(4) + FRAME_HEADER_BYTES;
+        seg[second_archive + 1] ^= 0x10;
+        let s = scan(1, &seg).unwrap();
+        assert_eq!(s.frames.len(), 2);
+        assert_eq!(s.bad_frames, 1);
+        assert_eq!(&seg[s.frames[1].archive_at..][..4], b"cccc");
+    }
+
+    #[test]
+    fn lost_framing_keeps_what_came_before() {
+        let mut seg = segment_with(1, &[b"aaaa", b"bbbb", b"cccc"]);
+        let second = SEGMENT_HEADER_BYTES + frame_bytes(4);
+        seg[second + 3] = 0xff; // length now far over the maximum
+        let s = scan(1, &seg).unwrap();
+        assert_eq!(s.frames.len(), 1);
+        assert_eq!(s.lost_at, Some(second as u64));
+    }
+
+    #[test]
+    fn bad_headers_are_refused() {
+        let seg = segment_with(1, &[b"x"]);
+        assert_eq!(scan(2, &seg), Err(SegmentError::WrongId { expected: 2, found: 1 }));
+        let mut bad = seg.clone();
+        bad[17] ^= 1;
+        assert_eq!(scan(1, &bad), Err(SegmentError::BadHeader));
+        assert_eq!(scan(1, &seg[..10]), Err(SegmentError::BadHeader));
+    }
+
+    #[test]
+    fn checkpoint_keeps_the_newer_valid_slot() {
+        let mut file = vec![0u8; CHECKPOINT_BYTES];
+        assert_eq!(decode_checkpoint(&file), None);
+        for seq in 1..=3u64 {
+            let c = CheckpointSlot { seq, segment: seq * 10, offset: 32 };
+            let at = checkpoint_slot_offset(seq) as usize;
+            file[at..at + CHECKPOINT_SLOT_BYTES].copy_from_slice(&encode_checkpoint(c));
+        }
+        assert_eq!(decode_checkpoint(&file).unwrap().seq, 3);
+        // A torn write of slot 3 leaves slot 2.
+        let at = checkpoint_slot_offset(3) as usize;
+        file[at + 9] ^= 0xff;
+        assert_eq!(decode_checkpoint(&file).unwrap().segment, 20);
+    }
+
+    #[test]
+    fn segment_names_round_trip() {
+        assert_eq!(parse_segment_file_name(&segment_file_name(42)), Some(42));
+        assert_eq!(parse_segment_file_name("42.wal"), None);
+        assert_eq!(parse_segment_file_name("checkpoint"), None);
+    }
+}
