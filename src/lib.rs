@@ -28,6 +28,7 @@ pub mod route;
 pub mod runtime;
 pub mod sinks;
 pub mod sources;
+pub mod wal;
 
 #[cfg(feature = "count-alloc")]
 pub mod alloc_count;

@@ -170,7 +170,10 @@ pub fn scan(id: u64, bytes: &[u8]) -> Result<Scan, SegmentError> {
     }
     let found = u64_at(bytes, 16);
     if found != id {
-        return Err(SegmentError::WrongId { expected: id, found });
+        return Err(SegmentError::WrongId {
+            expected: id,
+            found,
+        });
     }
     let mut scan = Scan::default();
     let mut at = SEGMENT_HEADER_BYTES;
@@ -273,7 +276,10 @@ mod tests {
         let seg = segment_with(3, &[b"one", b"second frame", b"3"]);
         let s = scan(3, &seg).unwrap();
         assert_eq!(s.frames.len(), 3);
-        assert_eq!(&seg[s.frames[1].archive_at..][..s.frames[1].len], b"second frame");
+        assert_eq!(
+            &seg[s.frames[1].archive_at..][..s.frames[1].len],
+            b"second frame"
+        );
         assert_eq!(s.end as usize, seg.len());
         assert_eq!((s.bad_frames, s.lost_at, s.torn_bytes), (0, None, 0));
         assert!(s.frames.iter().all(|f| f.archive_at % FRAME_ALIGN == 0));
@@ -317,7 +323,13 @@ mod tests {
     #[test]
     fn bad_headers_are_refused() {
         let seg = segment_with(1, &[b"x"]);
-        assert_eq!(scan(2, &seg), Err(SegmentError::WrongId { expected: 2, found: 1 }));
+        assert_eq!(
+            scan(2, &seg),
+            Err(SegmentError::WrongId {
+                expected: 2,
+                found: 1
+            })
+        );
         let mut bad = seg.clone();
         bad[17] ^= 1;
         assert_eq!(scan(1, &bad), Err(SegmentError::BadHeader));
@@ -329,7 +341,11 @@ mod tests {
         let mut file = vec![0u8; CHECKPOINT_BYTES];
         assert_eq!(decode_checkpoint(&file), None);
         for seq in 1..=3u64 {
-            let c = CheckpointSlot { seq, segment: seq * 10, offset: 32 };
+            let c = CheckpointSlot {
+                seq,
+                segment: seq * 10,
+                offset: 32,
+            };
             let at = checkpoint_slot_offset(seq) as usize;
             file[at..at + CHECKPOINT_SLOT_BYTES].copy_from_slice(&encode_checkpoint(c));
         }

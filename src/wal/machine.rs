@@ -1,0 +1,493 @@
+//! The log's state machine, free of I/O: it is told about appends, completed
+//! syncs and acknowledgements, and says where to write, what is durable, what
+//! checkpoint to persist and which segments to delete. The driver does the
+//! writing, syncing and deleting and reports back.
+//!
+//! Positions are [`BatchId`]s, (segment, frame offset), ordered as the log
+//! is. Every appended batch moves through three states: *written* (in a
+//! segment, not yet synced), *durable* (a sync covering it completed; the
+//! sender may read it), *acknowledged* (the sink delivered it). The
+//! checkpoint is the highest acknowledged id with every id before it
+//! acknowledged too; segments wholly before it are deleted.
+//!
+//! Bounds: the bytes on disk never pass `max_bytes` (an append that would is
+//! refused with [`Full`]); the bookkeeping is one entry per unacknowledged
+//! batch, so it is bounded by `max_bytes` over the smallest frame.
+
+use super::format::{frame_bytes, CheckpointSlot, SEGMENT_HEADER_BYTES};
+use std::collections::VecDeque;
+
+/// Where a batch lies in the log, and its stable id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BatchId {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogConfig {
+    /// A segment is closed once it holds this many bytes.
+    pub segment_bytes: u64,
+    /// The most bytes all segments may hold.
+    pub max_bytes: u64,
+    /// Written-but-unsynced bytes that make a sync due at once.
+    pub sync_bytes: u64,
+}
+
+/// The log refused an append: it would pass `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
+
+/// Where to write an appended frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Append {
+    pub id: BatchId,
+    /// Bytes of the whole frame (header, archive, padding).
+    pub frame_bytes: u64,
+    /// A new segment to create (with its header) before writing the frame.
+    pub create_segment: Option<u64>,
+}
+
+/// A sync the driver is to perform: `fdatasync` each of `segments`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncPlan {
+    pub segments: Vec<u64>,
+    written: usize,
+}
+
+/// What an acknowledgement makes due.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AckOutcome {
+    /// The checkpoint moved: persist it.
+    pub checkpoint: Option<CheckpointSlot>,
+    /// Segments now wholly acknowledged: delete them (after the checkpoint
+    /// is persisted).
+    pub delete: Vec<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Segment {
+    id: u64,
+    /// Bytes in the file, header included.
+    bytes: u64,
+    /// Frames not yet acknowledged.
+    unacked: u32,
+}
+
+/// A segment as recovery found it.
+#[derive(Debug, Clone)]
+pub struct Recovered {
+    pub id: u64,
+    /// Where its valid data ends (the file is truncated there).
+    pub end: u64,
+    /// Offsets of its valid frames, in order.
+    pub frames: Vec<u64>,
+}
+
+#[derive(Debug)]
+pub struct Log {
+    cfg: LogConfig,
+    /// Oldest first; the back is the head being written.
+    segments: VecDeque<Segment>,
+    /// Whether the head may take more frames (false after recovery: new
+    /// data goes to a fresh segment).
+    head_open: bool,
+    next_segment: u64,
+    total_bytes: u64,
+    /// Appended, not yet covered by a sync, in order.
+    written: VecDeque<BatchId>,
+    unsynced_bytes: u64,
+    /// Segments written since the last sync began.
+    dirty: Vec<u64>,
+    /// Durable and not yet acknowledged, in log order, with an acked flag
+    /// for acknowledgements that came out of order.
+    outstanding: VecDeque<(BatchId, bool)>,
+    checkpoint: Option<BatchId>,
+    checkpoint_seq: u64,
+}
+
+impl Log {
+    pub fn new(cfg: LogConfig) -> Log {
+        Log {
+            cfg,
+            segments: VecDeque::new(),
+            head_open: false,
+            next_segment: 0,
+            total_bytes: 0,
+            written: VecDeque::new(),
+            unsynced_bytes: 0,
+            dirty: Vec::new(),
+            outstanding: VecDeque::new(),
+            checkpoint: None,
+            checkpoint_seq: 0,
+        }
+    }
+
+    /// Rebuilds the log from what recovery found; returns it and the
+    /// batches to replay (everything after the checkpoint), in order.
+    /// Segments with nothing to replay are listed in `delete` of the outcome.
+    pub fn recover(
+        cfg: LogConfig,
+        mut found: Vec<Recovered>,
+        checkpoint: Option<CheckpointSlot>,
+    ) -> (Log, Vec<BatchId>, Vec<u64>) {
+        found.sort_by_key(|s| s.id);
+        let mut log = Log::new(cfg);
+        let after = checkpoint.map(|c| BatchId {
+            segment: c.segment,
+            offset: c.offset,
+        });
+        log.checkpoint = after;
+        log.checkpoint_seq = checkpoint.map_or(0, |c| c.seq);
+        let mut replay = Vec::new();
+        let mut delete = Vec::new();
+        for s in &found {
+            let ids: Vec<BatchId> = s
+                .frames
+                .iter()
+                .map(|&offset| BatchId {
+                    segment: s.id,
+                    offset,
+                })
+                .filter(|id| after.is_none_or(|a| *id > a))
+                .collect();
+            log.next_segment = log.next_segment.max(s.id + 1);
+            if ids.is_empty() {
+                delete.push(s.id);
+                continue;
+            }
+            log.segments.push_back(Segment {
+                id: s.id,
+                bytes: s.end,
+                unacked: ids.len() as u32,
+            });
+            log.total_bytes += s.end;
+            for id in ids {
+                log.outstanding.push_back((id, false));
+                replay.push(id);
+            }
+        }
+        (log, replay, delete)
+    }
+
+    /// Bytes the segments hold.
+    pub fn bytes(&self) -> u64 {
+        self.total_bytes
+    }
+
+    pub fn checkpoint(&self) -> Option<BatchId> {
+        self.checkpoint
+    }
+
+    /// Batches appended or replayed but not yet acknowledged.
+    pub fn unacknowledged(&self) -> usize {
+        self.outstanding.iter().filter(|(_, a)| !a).count() + self.written.len()
+    }
+
+    /// Places a frame for an archive of `archive_len` bytes.
+    pub fn append(&mut self, archive_len: usize) -> Result<Append, Full> {
+        let frame = frame_bytes(archive_len) as u64;
+        let roll = match self.segments.back() {
+            Some(head) => {
+                !self.head_open
+                    || (head.bytes + frame > self.cfg.segment_bytes
+                        && head.bytes > SEGMENT_HEADER_BYTES as u64)
+            }
+            None => true,
+        };
+        let new_bytes = frame + if roll { SEGMENT_HEADER_BYTES as u64 } else { 0 };
+        if self.total_bytes + new_bytes > self.cfg.max_bytes {
+            return Err(Full);
+        }
+        let create_segment = if roll {
+            let id = self.next_segment;
+            self.next_segment += 1;
+            self.segments.push_back(Segment {
+                id,
+                bytes: SEGMENT_HEADER_BYTES as u64,
+                unacked: 0,
+            });
+            self.head_open = true;
+            self.total_bytes += SEGMENT_HEADER_BYTES as u64;
+            Some(id)
+        } else {
+            None
+        };
+        let head = self.segments.back_mut().expect("a head segment");
+        let id = BatchId {
+            segment: head.id,
+            offset: head.bytes,
+        };
+        head.bytes += frame;
+        head.unacked += 1;
+        self.total_bytes += frame;
+        self.unsynced_bytes += frame;
+        self.written.push_back(id);
+        if self.dirty.last() != Some(&head.id) {
+            self.dirty.push(head.id);
+        }
+        Ok(Append {
+            id,
+            frame_bytes: frame,
+            create_segment,
+        })
+    }
+
+    /// Takes back the last append, whose write failed: its bytes are free
+    /// and the next append goes to the same place.
+    pub fn abandon(&mut self, a: Append) {
+        assert_eq!(
+            self.written.back(),
+            Some(&a.id),
+            "only the last append can be abandoned"
+        );
+        self.written.pop_back();
+        let head = self.segments.back_mut().expect("a head segment");
+        head.bytes -= a.frame_bytes;
+        head.unacked -= 1;
+        self.total_bytes -= a.frame_bytes;
+        self.unsynced_bytes -= a.frame_bytes;
+    }
+
+    /// Whether enough is written that a sync should run now.
+    pub fn sync_due(&self) -> bool {
+        self.unsynced_bytes >= self.cfg.sync_bytes
+    }
+
+    /// Whether anything waits for a sync.
+    pub fn has_unsynced(&self) -> bool {
+        !self.written.is_empty()
+    }
+
+    /// Starts a sync of everything written so far.
+    pub fn begin_sync(&mut self) -> SyncPlan {
+        self.unsynced_bytes = 0;
+        SyncPlan {
+            segments: std::mem::take(&mut self.dirty),
+            written: self.written.len(),
+        }
+    }
+
+    /// A sync completed: what it covered is durable. Returns the ids that
+    /// became durable, in order.
+    pub fn synced(&mut self, plan: SyncPlan) -> Vec<BatchId> {
+        let now: Vec<BatchId> = self.written.drain(..plan.written).collect();
+        self.outstanding.extend(now.iter().map(|&id| (id, false)));
+        now
+    }
+
+    /// A sink delivered batch `id` (durable). Acknowledgements may come in
+    /// any order; the checkpoint moves over the contiguous prefix.
+    pub fn ack(&mut self, id: BatchId) -> AckOutcome {
+        let mut out = AckOutcome::default();
+        let Ok(i) = self.outstanding.binary_search_by(|(x, _)| x.cmp(&id)) else {
+            return out; // unknown or already acknowledged: nothing to do
+        };
+        if self.outstanding[i].1 {
+            return out;
+        }
+        self.outstanding[i].1 = true;
+        if let Some(s) = self.segments.iter_mut().find(|s| s.id == id.segment) {
+            s.unacked -= 1;
+        }
+        let mut moved = None;
+        while let Some(&(front, true)) = self.outstanding.front() {
+            self.outstanding.pop_front();
+            moved = Some(front);
+        }
+        if let Some(c) = moved {
+            self.checkpoint = Some(c);
+            self.checkpoint_seq += 1;
+            out.checkpoint = Some(CheckpointSlot {
+                seq: self.checkpoint_seq,
+                segment: c.segment,
+                offset: c.offset,
+            });
+        }
+        // Wholly acknowledged segments before the head go.
+        while self.segments.len() > 1 && self.segments[0].unacked == 0 {
+            let s = self.segments.pop_front().expect("checked");
+            self.total_bytes -= s.bytes;
+            out.delete.push(s.id);
+        }
+        // A closed head (after recovery) with nothing left goes too.
+        if !self.head_open && self.segments.len() == 1 && self.segments[0].unacked == 0 {
+            let s = self.segments.pop_front().expect("checked");
+            self.total_bytes -= s.bytes;
+            out.delete.push(s.id);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> LogConfig {
+        LogConfig {
+            segment_bytes: 32 + 3 * frame_bytes(100) as u64,
+            max_bytes: 10_000,
+            sync_bytes: 2 * frame_bytes(100) as u64,
+        }
+    }
+
+    fn sync_all(log: &mut Log) -> Vec<BatchId> {
+        let plan = log.begin_sync();
+        log.synced(plan)
+    }
+
+    #[test]
+    fn append_places_frames_and_rolls_over() {
+        let mut log = Log::new(cfg());
+        let a = log.append(100).unwrap();
+        assert_eq!(a.create_segment, Some(0));
+        assert_eq!(
+            a.id,
+            BatchId {
+                segment: 0,
+                offset: 32
+            }
+        );
+        let b = log.append(100).unwrap();
+        assert_eq!(b.id.offset, 32 + frame_bytes(100) as u64);
+        assert_eq!(b.create_segment, None);
+        log.append(100).unwrap();
+        let d = log.append(100).unwrap();
+        assert_eq!(
+            d.create_segment,
+            Some(1),
+            "the fourth frame does not fit segment 0"
+        );
+        assert_eq!(
+            d.id,
+            BatchId {
+                segment: 1,
+                offset: 32
+            }
+        );
+    }
+
+    #[test]
+    fn group_commit_makes_batches_durable_together() {
+        let mut log = Log::new(cfg());
+        let a = log.append(100).unwrap();
+        assert!(!log.sync_due());
+        let b = log.append(100).unwrap();
+        assert!(log.sync_due(), "two frames reach sync_bytes");
+        let plan = log.begin_sync();
+        assert_eq!(plan.segments, vec![0]);
+        // Written while the sync runs: not covered by it.
+        let c = log.append(100).unwrap();
+        assert_eq!(log.synced(plan), vec![a.id, b.id]);
+        assert!(log.has_unsynced());
+        assert_eq!(sync_all(&mut log), vec![c.id]);
+    }
+
+    #[test]
+    fn out_of_order_acks_move_the_checkpoint_over_the_contiguous_prefix() {
+        let mut log = Log::new(cfg());
+        let ids: Vec<BatchId> = (0..3).map(|_| log.append(100).unwrap().id).collect();
+        sync_all(&mut log);
+        let o = log.ack(ids[1]);
+        assert_eq!(o.checkpoint, None, "batch 0 is still out");
+        let o = log.ack(ids[0]);
+        let c = o.checkpoint.unwrap();
+        assert_eq!((c.segment, c.offset), (ids[1].segment, ids[1].offset));
+        assert_eq!(
+            log.ack(ids[0]),
+            AckOutcome::default(),
+            "a repeated ack changes nothing"
+        );
+        assert_eq!(log.ack(ids[2]).checkpoint.unwrap().seq, 2);
+    }
+
+    #[test]
+    fn acknowledged_segments_are_deleted_but_not_the_head() {
+        let mut log = Log::new(cfg());
+        let ids: Vec<BatchId> = (0..4).map(|_| log.append(100).unwrap().id).collect();
+        sync_all(&mut log);
+        let before = log.bytes();
+        let mut deleted = Vec::new();
+        for id in &ids[..3] {
+            deleted.extend(log.ack(*id).delete);
+        }
+        assert_eq!(deleted, vec![0]);
+        assert_eq!(log.bytes(), before - (32 + 3 * frame_bytes(100) as u64));
+        assert!(log.ack(ids[3]).delete.is_empty(), "segment 1 is the head");
+    }
+
+    #[test]
+    fn the_cap_refuses_appends_until_acks_free_space() {
+        let mut log = Log::new(LogConfig {
+            segment_bytes: 32 + frame_bytes(100) as u64,
+            max_bytes: 2 * (32 + frame_bytes(100) as u64),
+            sync_bytes: 1,
+        });
+        let a = log.append(100).unwrap();
+        log.append(100).unwrap();
+        assert_eq!(log.append(100), Err(Full));
+        sync_all(&mut log);
+        assert_eq!(log.ack(a.id).delete, vec![0]);
+        assert!(log.append(100).is_ok());
+    }
+
+    #[test]
+    fn an_abandoned_append_is_written_again_in_the_same_place() {
+        let mut log = Log::new(cfg());
+        log.append(100).unwrap();
+        let b = log.append(100).unwrap();
+        let bytes = log.bytes();
+        log.abandon(b);
+        assert_eq!(log.bytes(), bytes - b.frame_bytes);
+        assert_eq!(log.append(100).unwrap().id, b.id);
+    }
+
+    #[test]
+    fn recovery_replays_after_the_checkpoint_and_drops_finished_segments() {
+        let found = vec![
+            Recovered {
+                id: 4,
+                end: 500,
+                frames: vec![32, 160, 288],
+            },
+            Recovered {
+                id: 3,
+                end: 300,
+                frames: vec![32, 160],
+            },
+        ];
+        let cp = CheckpointSlot {
+            seq: 9,
+            segment: 4,
+            offset: 32,
+        };
+        let (mut log, replay, delete) = Log::recover(cfg(), found.clone(), Some(cp));
+        assert_eq!(delete, vec![3]);
+        assert_eq!(
+            replay,
+            vec![
+                BatchId {
+                    segment: 4,
+                    offset: 160
+                },
+                BatchId {
+                    segment: 4,
+                    offset: 288
+                }
+            ]
+        );
+        // New data goes to a new segment, after the recovered ones.
+        assert_eq!(log.append(100).unwrap().create_segment, Some(5));
+        // Acks of the replay finish segment 4, which is then deleted.
+        log.ack(replay[0]);
+        let o = log.ack(replay[1]);
+        assert_eq!(o.checkpoint.unwrap().seq, 11);
+        assert_eq!(o.delete, vec![4]);
+
+        // No checkpoint (missing or damaged): everything replays.
+        let (_, replay, delete) = Log::recover(cfg(), found, None);
+        assert_eq!(replay.len(), 5);
+        assert!(delete.is_empty());
+    }
+}
