@@ -74,8 +74,8 @@ pub const FRAME_BYTES_MAX: usize = 512 * 1024 * 1024;
 pub const CHECKPOINT_SLOT_BYTES: usize = 32;
 pub const CHECKPOINT_BYTES: usize = 2 * CHECKPOINT_SLOT_BYTES;
 
-const _: () = assert!(SEGMENT_HEADER_BYTES % FRAME_ALIGN == 0);
-const _: () = assert!(FRAME_HEADER_BYTES % FRAME_ALIGN == 0);
+const _: () = assert!(SEGMENT_HEADER_BYTES.is_multiple_of(FRAME_ALIGN));
+const _: () = assert!(FRAME_HEADER_BYTES.is_multiple_of(FRAME_ALIGN));
 
 /// Bytes a frame takes for an archive of `len` bytes, padding included.
 pub const fn frame_bytes(len: usize) -> usize {
