@@ -221,11 +221,6 @@ impl Log {
         head.bytes += frame;
         head.unacked += 1;
         self.total_bytes += frame;
-        self.unsynced_bytes += frame;
-        self.written.push_back(id);
-        if self.dirty.last() != Some(&head.id) {
-            self.dirty.push(head.id);
-        }
         Ok(Append {
             id,
             frame_bytes: frame,
@@ -233,20 +228,28 @@ impl Log {
         })
     }
 
+    /// The frame of `a` is written (not yet synced): the next sync covers it.
+    pub fn wrote(&mut self, a: Append) {
+        debug_assert!(self.written.back().is_none_or(|w| *w < a.id));
+        self.unsynced_bytes += a.frame_bytes;
+        self.written.push_back(a.id);
+        if self.dirty.last() != Some(&a.id.segment) {
+            self.dirty.push(a.id.segment);
+        }
+    }
+
     /// Takes back the last append, whose write failed: its bytes are free
     /// and the next append goes to the same place.
     pub fn abandon(&mut self, a: Append) {
+        let head = self.segments.back_mut().expect("a head segment");
         assert_eq!(
-            self.written.back(),
-            Some(&a.id),
+            (head.id, head.bytes),
+            (a.id.segment, a.id.offset + a.frame_bytes),
             "only the last append can be abandoned"
         );
-        self.written.pop_back();
-        let head = self.segments.back_mut().expect("a head segment");
         head.bytes -= a.frame_bytes;
         head.unacked -= 1;
         self.total_bytes -= a.frame_bytes;
-        self.unsynced_bytes -= a.frame_bytes;
     }
 
     /// Whether enough is written that a sync should run now.
@@ -332,6 +335,13 @@ mod tests {
         }
     }
 
+    /// Appends and reports the write done, as the driver does.
+    fn put(log: &mut Log, len: usize) -> Result<Append, Full> {
+        let a = log.append(len)?;
+        log.wrote(a);
+        Ok(a)
+    }
+
     fn sync_all(log: &mut Log) -> Vec<BatchId> {
         let plan = log.begin_sync();
         log.synced(plan)
@@ -340,7 +350,7 @@ mod tests {
     #[test]
     fn append_places_frames_and_rolls_over() {
         let mut log = Log::new(cfg());
-        let a = log.append(100).unwrap();
+        let a = put(&mut log, 100).unwrap();
         assert_eq!(a.create_segment, Some(0));
         assert_eq!(
             a.id,
@@ -349,11 +359,11 @@ mod tests {
                 offset: 32
             }
         );
-        let b = log.append(100).unwrap();
+        let b = put(&mut log, 100).unwrap();
         assert_eq!(b.id.offset, 32 + frame_bytes(100) as u64);
         assert_eq!(b.create_segment, None);
-        log.append(100).unwrap();
-        let d = log.append(100).unwrap();
+        put(&mut log, 100).unwrap();
+        let d = put(&mut log, 100).unwrap();
         assert_eq!(
             d.create_segment,
             Some(1),
@@ -371,14 +381,14 @@ mod tests {
     #[test]
     fn group_commit_makes_batches_durable_together() {
         let mut log = Log::new(cfg());
-        let a = log.append(100).unwrap();
+        let a = put(&mut log, 100).unwrap();
         assert!(!log.sync_due());
-        let b = log.append(100).unwrap();
+        let b = put(&mut log, 100).unwrap();
         assert!(log.sync_due(), "two frames reach sync_bytes");
         let plan = log.begin_sync();
         assert_eq!(plan.segments, vec![0]);
         // Written while the sync runs: not covered by it.
-        let c = log.append(100).unwrap();
+        let c = put(&mut log, 100).unwrap();
         assert_eq!(log.synced(plan), vec![a.id, b.id]);
         assert!(log.has_unsynced());
         assert_eq!(sync_all(&mut log), vec![c.id]);
@@ -387,7 +397,7 @@ mod tests {
     #[test]
     fn out_of_order_acks_move_the_checkpoint_over_the_contiguous_prefix() {
         let mut log = Log::new(cfg());
-        let ids: Vec<BatchId> = (0..3).map(|_| log.append(100).unwrap().id).collect();
+        let ids: Vec<BatchId> = (0..3).map(|_| put(&mut log, 100).unwrap().id).collect();
         sync_all(&mut log);
         let o = log.ack(ids[1]);
         assert_eq!(o.checkpoint, None, "batch 0 is still out");
@@ -405,7 +415,7 @@ mod tests {
     #[test]
     fn acknowledged_segments_are_deleted_but_not_the_head() {
         let mut log = Log::new(cfg());
-        let ids: Vec<BatchId> = (0..4).map(|_| log.append(100).unwrap().id).collect();
+        let ids: Vec<BatchId> = (0..4).map(|_| put(&mut log, 100).unwrap().id).collect();
         sync_all(&mut log);
         let before = log.bytes();
         let mut deleted = Vec::new();
@@ -424,23 +434,23 @@ mod tests {
             max_bytes: 2 * (32 + frame_bytes(100) as u64),
             sync_bytes: 1,
         });
-        let a = log.append(100).unwrap();
-        log.append(100).unwrap();
-        assert_eq!(log.append(100), Err(Full));
+        let a = put(&mut log, 100).unwrap();
+        put(&mut log, 100).unwrap();
+        assert_eq!(put(&mut log, 100), Err(Full));
         sync_all(&mut log);
         assert_eq!(log.ack(a.id).delete, vec![0]);
-        assert!(log.append(100).is_ok());
+        assert!(put(&mut log, 100).is_ok());
     }
 
     #[test]
     fn an_abandoned_append_is_written_again_in_the_same_place() {
         let mut log = Log::new(cfg());
-        log.append(100).unwrap();
+        put(&mut log, 100).unwrap();
         let b = log.append(100).unwrap();
         let bytes = log.bytes();
         log.abandon(b);
         assert_eq!(log.bytes(), bytes - b.frame_bytes);
-        assert_eq!(log.append(100).unwrap().id, b.id);
+        assert_eq!(put(&mut log, 100).unwrap().id, b.id);
     }
 
     #[test]
@@ -478,7 +488,7 @@ mod tests {
             ]
         );
         // New data goes to a new segment, after the recovered ones.
-        assert_eq!(log.append(100).unwrap().create_segment, Some(5));
+        assert_eq!(put(&mut log, 100).unwrap().create_segment, Some(5));
         // Acks of the replay finish segment 4, which is then deleted.
         log.ack(replay[0]);
         let o = log.ack(replay[1]);
