@@ -28,6 +28,13 @@ pub const BUFFER_MAX_BYTES_DEFAULT: usize = 64 * 1024 * 1024;
 pub const RETRY_INITIAL_BACKOFF_MS_DEFAULT: u64 = 50;
 pub const RETRY_MAX_BACKOFF_MS_DEFAULT: u64 = 2_000;
 pub const SHUTDOWN_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+pub const SYNC_INTERVAL_MS_DEFAULT: u64 = 100;
+/// Unsynced bytes that trigger a group commit before the interval ends.
+pub const SYNC_BYTES: u64 = 8 * 1024 * 1024;
+/// Largest segment file of a disk buffer.
+pub const SEGMENT_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// A disk buffer's segments hold at least this many full batches.
+const SEGMENT_BATCHES_MIN: u64 = 2;
 pub const SHARDS_MAX: usize = 256;
 
 const _: () = assert!(MAX_RECORD_BYTES_DEFAULT <= MAX_RECORD_BYTES_LIMIT);
@@ -163,12 +170,29 @@ pub struct BufferConfig {
     #[serde(rename = "type")]
     pub kind: Option<BufferKind>,
     pub max_bytes: Option<usize>,
+    pub when_full: Option<WhenFull>,
+    pub sync_interval_ms: Option<u64>,
 }
 
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum BufferKind {
+    /// A bounded queue in memory.
+    #[default]
     Memory,
+    /// A write-ahead log per shard under `data_dir/<sink>/<shard>/`.
+    Disk,
+}
+
+/// What a sink does with new records when its buffer is full.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Wait: TCP sources stop reading, UDP sources count drops.
+    #[default]
+    Block,
+    /// Drop the newest records and count them.
+    DropNewest,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -223,9 +247,27 @@ pub struct SinkPlan {
     /// Ids of the sources this sink takes.
     pub inputs: Vec<usize>,
     pub batch: BatchLimits,
-    /// Sealed batches a sink may queue on one shard before sources wait.
+    /// Sealed batches a sink may queue on one shard before sources wait
+    /// (for a disk buffer: before the log's writer takes them).
     pub queue_batches: usize,
+    pub buffer: BufferPlan,
     pub retry: RetryPlan,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BufferPlan {
+    pub kind: BufferKind,
+    pub when_full: WhenFull,
+    /// Over all shards.
+    pub max_bytes: usize,
+    /// Disk: group commit at least this often.
+    pub sync_interval_ms: u64,
+    /// Disk: a sync is due at once when this much is unsynced.
+    pub sync_bytes: u64,
+    /// Disk: a segment file is closed at this size.
+    pub segment_bytes: u64,
+    /// Disk: this sink's log directory on each shard is `<dir>/<shard>`.
+    pub dir: PathBuf,
 }
 
 /// When a batch is sealed: whichever comes first.
@@ -319,6 +361,10 @@ impl Plan {
         if file.sinks.is_empty() {
             return Err(invalid("sinks", "at least one sink is required"));
         }
+        let data_dir = file
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("./data"));
         let source_ids: BTreeMap<&str, usize> = file
             .sources
             .keys()
@@ -475,14 +521,58 @@ impl Plan {
                     "must be between 64 bytes and 256 MiB",
                 ));
             }
-            let buffer_max_bytes = k
-                .buffer
-                .as_ref()
-                .and_then(|b| b.max_bytes)
-                .unwrap_or(BUFFER_MAX_BYTES_DEFAULT);
-            // The buffer is split evenly over the shards and counted in whole
-            // batches; at least two per shard so one can fill while one is sent.
-            let queue_batches = (buffer_max_bytes / shards / batch.max_bytes).max(2);
+            let buf = k.buffer.as_ref();
+            let kind = buf.and_then(|b| b.kind).unwrap_or_default();
+            let buffer_max_bytes = buf.and_then(|b| b.max_bytes).unwrap_or(match kind {
+                BufferKind::Memory => BUFFER_MAX_BYTES_DEFAULT,
+                BufferKind::Disk => 4 * BUFFER_MAX_BYTES_DEFAULT,
+            });
+            let sync_interval_ms = buf
+                .and_then(|b| b.sync_interval_ms)
+                .unwrap_or(SYNC_INTERVAL_MS_DEFAULT);
+            if kind == BufferKind::Memory && buf.is_some_and(|b| b.sync_interval_ms.is_some()) {
+                return Err(invalid(
+                    key("buffer.sync_interval_ms"),
+                    "only a disk buffer syncs; set buffer.type = \"disk\"",
+                ));
+            }
+            if sync_interval_ms == 0 {
+                return Err(invalid(
+                    key("buffer.sync_interval_ms"),
+                    "must be at least 1",
+                ));
+            }
+            let per_shard = (buffer_max_bytes / shards) as u64;
+            // A segment takes a few full batches and is a fraction of the cap,
+            // so acknowledged segments can be deleted while new ones fill.
+            let segment_bytes = (per_shard / 4).min(SEGMENT_BYTES_MAX);
+            let frame_max = crate::wal::format::frame_bytes(batch.max_bytes * 2) as u64;
+            if kind == BufferKind::Disk && segment_bytes < SEGMENT_BATCHES_MIN * frame_max {
+                return Err(invalid(
+                    key("buffer.max_bytes"),
+                    format!(
+                        "a disk buffer needs at least {} bytes for {shards} shard(s) and batch.max_bytes = {} (8 full batches per shard)",
+                        4 * SEGMENT_BATCHES_MIN * frame_max * shards as u64,
+                        batch.max_bytes
+                    ),
+                ));
+            }
+            // A memory buffer is split evenly over the shards and counted in
+            // whole batches; at least two per shard so one can fill while one
+            // is sent. A disk buffer's queue only feeds its writer.
+            let queue_batches = match kind {
+                BufferKind::Memory => (buffer_max_bytes / shards / batch.max_bytes).max(2),
+                BufferKind::Disk => 4,
+            };
+            let buffer = BufferPlan {
+                kind,
+                when_full: buf.and_then(|b| b.when_full).unwrap_or_default(),
+                max_bytes: buffer_max_bytes,
+                sync_interval_ms,
+                sync_bytes: SYNC_BYTES,
+                segment_bytes,
+                dir: data_dir.join(name),
+            };
             let r = k.retry.as_ref();
             let retry = RetryPlan {
                 initial_backoff_ms: r
@@ -505,6 +595,7 @@ impl Plan {
                 inputs,
                 batch,
                 queue_batches,
+                buffer,
                 retry,
             });
         }
@@ -516,7 +607,7 @@ impl Plan {
 
         Ok(Plan {
             shards,
-            data_dir: file.data_dir.unwrap_or_else(|| PathBuf::from("./data")),
+            data_dir,
             shutdown_timeout_ms: file
                 .shutdown_timeout_ms
                 .unwrap_or(SHUTDOWN_TIMEOUT_MS_DEFAULT),

@@ -135,6 +135,19 @@ pub struct SinkCounters {
     pub retries: Counter,
     pub queued_batches: Gauge,
     pub connected: Gauge,
+    /// Records dropped by the sink's buffer (full, or a failing disk, with
+    /// `when_full = "drop_newest"`).
+    pub buffer_dropped: Counter,
+    /// Disk buffer: records in batches whose sync completed.
+    pub durable_records: Counter,
+    pub wal_bytes_written: Counter,
+    pub wal_syncs: Counter,
+    pub wal_write_errors: Counter,
+    pub wal_damaged_frames: Counter,
+    pub wal_damaged_segments: Counter,
+    pub wal_replayed_batches: Counter,
+    /// Bytes the disk buffer holds now.
+    pub wal_bytes: Gauge,
 }
 
 /// Everything one shard counts. Written by that shard only.
@@ -362,6 +375,74 @@ impl Collector for Exposition {
                 (
                     sink(i),
                     ConstGauge::new(m.sink_sum(i, |c| c.connected.get())),
+                )
+            }),
+        )?;
+        family(
+            &mut enc,
+            "sink_buffer_dropped_records",
+            "Records the sink's buffer dropped (when_full = drop_newest).",
+            MetricType::Counter,
+            sink_counter(|c| c.buffer_dropped.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_durable_records",
+            "Disk buffer: records in batches that reached the disk (synced).",
+            MetricType::Counter,
+            sink_counter(|c| c.durable_records.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_wal_written_bytes",
+            "Disk buffer: bytes written to segments (frames, headers included).",
+            MetricType::Counter,
+            sink_counter(|c| c.wal_bytes_written.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_wal_syncs",
+            "Disk buffer: group commits (fdatasync rounds).",
+            MetricType::Counter,
+            sink_counter(|c| c.wal_syncs.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_wal_write_errors",
+            "Disk buffer: failed writes (full disk, I/O errors).",
+            MetricType::Counter,
+            sink_counter(|c| c.wal_write_errors.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_wal_damaged_frames",
+            "Disk buffer: frames skipped because they failed their checksum.",
+            MetricType::Counter,
+            sink_counter(|c| c.wal_damaged_frames.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_wal_damaged_segments",
+            "Disk buffer: segments (or their tails) set aside because their framing was lost.",
+            MetricType::Counter,
+            sink_counter(|c| c.wal_damaged_segments.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_wal_replayed_batches",
+            "Disk buffer: batches found after the checkpoint at start.",
+            MetricType::Counter,
+            sink_counter(|c| c.wal_replayed_batches.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_wal_bytes",
+            "Disk buffer: bytes held in segments now.",
+            MetricType::Gauge,
+            (0..n_sink).map(|i| {
+                (
+                    sink(i),
+                    ConstGauge::new(m.sink_sum(i, |c| c.wal_bytes.get())),
                 )
             }),
         )?;

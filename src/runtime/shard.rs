@@ -191,13 +191,19 @@ impl Shard {
         if dest == self.id {
             let sinks = &self.plan.sources[source].sinks;
             for &s in sinks {
-                if !self.sinks[s].has_room(record.len()) {
+                if !self.sinks[s].drops_when_full && !self.sinks[s].has_room(record.len()) {
                     return Err(Blocked::Sink(s));
                 }
             }
             let mut pool = self.pool.borrow_mut();
             for &s in sinks {
-                self.sinks[s].append(&mut pool, ts_ns, key_hash, source as u16, record);
+                let q = &self.sinks[s];
+                if q.has_room(record.len()) {
+                    q.append(&mut pool, ts_ns, key_hash, source as u16, record);
+                } else {
+                    // when_full = "drop_newest" on a memory buffer.
+                    self.metrics.sinks[s].buffer_dropped.add(1);
+                }
             }
             return Ok(());
         }

@@ -6,11 +6,10 @@
 //! the batch is kept until it is written.
 
 use super::util::{Backoff, LogEvery};
-use super::SinkQueue;
 use crate::runtime::shard::Shard;
 use std::path::PathBuf;
-use std::rc::Rc;
 use std::time::Duration;
+use tokio_uring::buf::BoundedBuf;
 use tokio_uring::fs::{File, OpenOptions};
 
 async fn open(path: &PathBuf) -> std::io::Result<File> {
@@ -21,64 +20,78 @@ async fn open(path: &PathBuf) -> std::io::Result<File> {
         .await
 }
 
-pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>, path: PathBuf) {
-    let plan = &shard.plan.sinks[queue.sink];
-    let name = plan.name.as_str();
-    let counters = &shard.metrics.sinks[queue.sink];
-    let mut backoff = Backoff::new(plan.retry);
-    let mut log = LogEvery::new(Duration::from_secs(10));
-    let mut file: Option<File> = None;
+/// A sink's file on one shard.
+pub struct FileOutput {
+    sink: usize,
+    path: PathBuf,
+    file: Option<File>,
+    backoff: Backoff,
+    log: LogEvery,
+}
 
-    while let Some(mut batch) = queue.next().await {
+impl FileOutput {
+    pub fn new(shard: &Shard, sink: usize, path: PathBuf) -> FileOutput {
+        FileOutput {
+            sink,
+            path,
+            file: None,
+            backoff: Backoff::new(shard.plan.sinks[sink].retry),
+            log: LogEvery::new(Duration::from_secs(10)),
+        }
+    }
+
+    /// Appends `buf` whole, opening and retrying until it is written; gives
+    /// the buffer back.
+    pub async fn deliver<B: BoundedBuf>(&mut self, shard: &Shard, mut buf: B) -> B {
+        let name = shard.plan.sinks[self.sink].name.as_str();
+        let counters = &shard.metrics.sinks[self.sink];
         loop {
-            let Some(f) = file.as_ref() else {
-                match open(&path).await {
+            let Some(f) = self.file.as_ref() else {
+                match open(&self.path).await {
                     Ok(f) => {
-                        file = Some(f);
+                        self.file = Some(f);
                         counters.connected.set(1);
                     }
                     Err(e) => {
                         counters.send_errors.add(1);
-                        if let Some(held) = log.ready() {
-                            tracing::warn!(sink = name, path = %path.display(), error = %e,
+                        if let Some(held) = self.log.ready() {
+                            tracing::warn!(sink = name, path = %self.path.display(), error = %e,
                                 suppressed = held, "cannot open the sink's file; batches wait");
                         }
-                        tokio::time::sleep(backoff.next_delay()).await;
+                        tokio::time::sleep(self.backoff.next_delay()).await;
                         counters.retries.add(1);
                     }
                 }
                 continue;
             };
-            let payload = std::mem::take(&mut batch.payload);
             // O_APPEND: the kernel writes at the end whatever the offset.
-            let (res, payload) = f.write_all_at(payload, 0).await;
-            batch.payload = payload;
+            let (res, b) = f.write_all_at(buf, 0).await;
+            buf = b;
             match res {
                 Ok(()) => {
-                    backoff.reset();
-                    counters.records.add(batch.len() as u64);
-                    counters.bytes.add(batch.payload_bytes() as u64);
-                    counters.batches.add(1);
-                    break;
+                    self.backoff.reset();
+                    return buf;
                 }
                 Err(e) => {
                     counters.send_errors.add(1);
-                    if let Some(held) = log.ready() {
-                        tracing::warn!(sink = name, path = %path.display(), error = %e,
+                    if let Some(held) = self.log.ready() {
+                        tracing::warn!(sink = name, path = %self.path.display(), error = %e,
                             suppressed = held, "write failed; the batch will be written again");
                     }
                     // Reopen: the file may have been rotated or removed.
-                    file = None;
+                    self.file = None;
                     counters.connected.set(0);
-                    tokio::time::sleep(backoff.next_delay()).await;
+                    tokio::time::sleep(self.backoff.next_delay()).await;
                     counters.retries.add(1);
                 }
             }
         }
-        shard.recycle(batch);
     }
-    if let Some(f) = file.take() {
-        let _ = f.close().await;
+
+    pub async fn close(&mut self, shard: &Shard) {
+        if let Some(f) = self.file.take() {
+            let _ = f.close().await;
+        }
+        shard.metrics.sinks[self.sink].connected.set(0);
     }
-    counters.connected.set(0);
 }

@@ -8,11 +8,12 @@
 //! caller waits on [`SinkQueue::space`] (TCP) or counts a drop (UDP): memory
 //! stays bounded by `queue_batches` batches per sink and shard.
 //!
-//! Senders ([`tcp`], [`file`], [`blackhole`]) keep a batch until it is
-//! written, retrying with [`util::Backoff`]; a sent batch goes back to the
-//! shard's pool.
+//! An [`Output`] ([`tcp`], [`file`], blackhole) keeps a batch until it is
+//! written, retrying with [`util::Backoff`]. With a memory buffer a sent
+//! batch goes back to the shard's pool; with a disk buffer
+//! ([`crate::wal::driver`]) batches pass through the write-ahead log first
+//! and the output sends them from there.
 
-pub mod blackhole;
 pub mod file;
 pub mod tcp;
 pub mod util;
@@ -39,6 +40,9 @@ pub struct SinkQueue {
     opened: Notify,
     capacity: usize,
     counters: Arc<crate::metrics::ShardMetrics>,
+    /// A memory buffer with `when_full = "drop_newest"`: a record that finds
+    /// the queue full is dropped and counted instead of waiting.
+    pub drops_when_full: bool,
 }
 
 struct QueueState {
@@ -65,6 +69,8 @@ impl SinkQueue {
             opened: Notify::new(),
             capacity: plan.queue_batches,
             counters,
+            drops_when_full: plan.buffer.kind == crate::config::BufferKind::Memory
+                && plan.buffer.when_full == crate::config::WhenFull::DropNewest,
         }
     }
 
@@ -182,12 +188,63 @@ impl SinkQueue {
     }
 }
 
+/// Where one sink's batches go from one shard.
+pub enum Output {
+    Tcp(tcp::TcpOutput),
+    File(file::FileOutput),
+    Blackhole,
+}
+
+impl Output {
+    pub fn new(shard: &Shard, sink: usize) -> Output {
+        match shard.plan.sinks[sink].target.clone() {
+            SinkTarget::Tcp { address } => Output::Tcp(tcp::TcpOutput::new(shard, sink, address)),
+            SinkTarget::File { path } => Output::File(file::FileOutput::new(shard, sink, path)),
+            SinkTarget::Blackhole => Output::Blackhole,
+        }
+    }
+
+    /// Delivers newline-delimited records, retrying until they are taken;
+    /// gives the buffer back.
+    pub async fn deliver<B: tokio_uring::buf::BoundedBuf>(&mut self, shard: &Shard, buf: B) -> B {
+        match self {
+            Output::Tcp(o) => o.deliver(shard, buf).await,
+            Output::File(o) => o.deliver(shard, buf).await,
+            Output::Blackhole => buf,
+        }
+    }
+
+    pub async fn close(&mut self, shard: &Shard) {
+        match self {
+            Output::Tcp(o) => o.close(shard),
+            Output::File(o) => o.close(shard).await,
+            Output::Blackhole => {}
+        }
+    }
+}
+
+/// Sends a memory buffer's batches: each payload is delivered whole, then
+/// the batch goes back to the pool.
+async fn run_memory(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
+    let mut out = Output::new(&shard, queue.sink);
+    let counters = &shard.metrics.sinks[queue.sink];
+    while let Some(mut batch) = queue.next().await {
+        let payload = std::mem::take(&mut batch.payload);
+        batch.payload = out.deliver(&shard, payload).await;
+        counters.records.add(batch.len() as u64);
+        counters.bytes.add(batch.payload_bytes() as u64);
+        counters.batches.add(1);
+        shard.recycle(batch);
+    }
+    out.close(&shard).await;
+}
+
 /// Starts the sender of one sink on a shard.
 pub fn spawn_sender(shard: Rc<Shard>, queue: Rc<SinkQueue>) -> tokio::task::JoinHandle<()> {
-    let plan = &shard.plan.sinks[queue.sink];
-    match plan.target.clone() {
-        SinkTarget::Tcp { address } => tokio_uring::spawn(tcp::run(shard, queue, address)),
-        SinkTarget::File { path } => tokio_uring::spawn(file::run(shard, queue, path)),
-        SinkTarget::Blackhole => tokio_uring::spawn(blackhole::run(shard, queue)),
+    match shard.plan.sinks[queue.sink].buffer.kind {
+        crate::config::BufferKind::Memory => tokio_uring::spawn(run_memory(shard, queue)),
+        crate::config::BufferKind::Disk => {
+            tokio_uring::spawn(crate::wal::driver::run(shard, queue))
+        }
     }
 }

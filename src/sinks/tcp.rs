@@ -14,12 +14,12 @@
 //! acknowledgement (the write-ahead log and acknowledged sinks address that).
 
 use super::util::{Backoff, LogEvery};
-use super::SinkQueue;
 use crate::runtime::shard::Shard;
 use std::cell::Cell;
 use std::net::{Shutdown, SocketAddr};
 use std::rc::Rc;
 use std::time::Duration;
+use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
 /// One connection and whether its peer has closed it.
@@ -65,75 +65,94 @@ impl Conn {
     }
 }
 
-pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>, address: SocketAddr) {
-    let plan = &shard.plan.sinks[queue.sink];
-    let name = plan.name.as_str();
-    let counters = &shard.metrics.sinks[queue.sink];
-    let mut backoff = Backoff::new(plan.retry);
-    let mut log = LogEvery::new(Duration::from_secs(10));
-    let mut conn: Option<Conn> = None;
-    let mut down_since: Option<std::time::Instant> = None;
+/// A sink's connection on one shard.
+pub struct TcpOutput {
+    sink: usize,
+    shard: usize,
+    address: SocketAddr,
+    conn: Option<Conn>,
+    backoff: Backoff,
+    log: LogEvery,
+    down_since: Option<std::time::Instant>,
+}
 
-    while let Some(mut batch) = queue.next().await {
+impl TcpOutput {
+    pub fn new(shard: &Shard, sink: usize, address: SocketAddr) -> TcpOutput {
+        TcpOutput {
+            sink,
+            shard: shard.id,
+            address,
+            conn: None,
+            backoff: Backoff::new(shard.plan.sinks[sink].retry),
+            log: LogEvery::new(Duration::from_secs(10)),
+            down_since: None,
+        }
+    }
+
+    /// Writes `buf` whole, connecting and retrying until it is written;
+    /// gives the buffer back.
+    pub async fn deliver<B: BoundedBuf>(&mut self, shard: &Shard, mut buf: B) -> B {
+        let name = shard.plan.sinks[self.sink].name.as_str();
+        let counters = &shard.metrics.sinks[self.sink];
+        let address = self.address;
         loop {
-            if conn.as_ref().is_some_and(|c| c.peer_closed.get()) {
-                tracing::info!(sink = name, peer = %address, shard = shard.id, "peer closed the connection; reconnecting");
-                conn.take().expect("checked above").close(true);
+            if self.conn.as_ref().is_some_and(|c| c.peer_closed.get()) {
+                tracing::info!(sink = name, peer = %address, shard = self.shard, "peer closed the connection; reconnecting");
+                self.conn.take().expect("checked above").close(true);
                 counters.connected.set(0);
             }
-            let Some(c) = conn.as_ref() else {
+            let Some(c) = self.conn.as_ref() else {
                 match TcpStream::connect(address).await {
                     Ok(stream) => {
                         let _ = stream.set_nodelay(true);
-                        if let Some(t) = down_since.take() {
-                            tracing::info!(sink = name, peer = %address, shard = shard.id,
+                        if let Some(t) = self.down_since.take() {
+                            tracing::info!(sink = name, peer = %address, shard = self.shard,
                                 down_ms = t.elapsed().as_millis() as u64, "connected");
                         }
-                        conn = Some(Conn::new(stream));
+                        self.conn = Some(Conn::new(stream));
                         counters.connected.set(1);
                     }
                     Err(e) => {
                         counters.send_errors.add(1);
-                        down_since.get_or_insert_with(std::time::Instant::now);
-                        if let Some(held) = log.ready() {
-                            tracing::warn!(sink = name, peer = %address, shard = shard.id, error = %e,
+                        self.down_since.get_or_insert_with(std::time::Instant::now);
+                        if let Some(held) = self.log.ready() {
+                            tracing::warn!(sink = name, peer = %address, shard = self.shard, error = %e,
                                 suppressed = held, "cannot connect; batches wait in the sink's buffer");
                         }
-                        tokio::time::sleep(backoff.next_delay()).await;
+                        tokio::time::sleep(self.backoff.next_delay()).await;
                         counters.retries.add(1);
                     }
                 }
                 continue;
             };
-            let payload = std::mem::take(&mut batch.payload);
-            let (res, payload) = c.stream.write_all(payload).await;
-            batch.payload = payload;
+            let (res, b) = c.stream.write_all(buf).await;
+            buf = b;
             match res {
                 Ok(()) => {
-                    backoff.reset();
-                    counters.records.add(batch.len() as u64);
-                    counters.bytes.add(batch.payload_bytes() as u64);
-                    counters.batches.add(1);
-                    break;
+                    self.backoff.reset();
+                    return buf;
                 }
                 Err(e) => {
                     counters.send_errors.add(1);
                     counters.connected.set(0);
-                    down_since.get_or_insert_with(std::time::Instant::now);
-                    if let Some(held) = log.ready() {
-                        tracing::warn!(sink = name, peer = %address, shard = shard.id, error = %e,
+                    self.down_since.get_or_insert_with(std::time::Instant::now);
+                    if let Some(held) = self.log.ready() {
+                        tracing::warn!(sink = name, peer = %address, shard = self.shard, error = %e,
                             suppressed = held, "write failed; the batch will be sent again");
                     }
-                    conn.take().expect("in use above").close(false);
-                    tokio::time::sleep(backoff.next_delay()).await;
+                    self.conn.take().expect("in use above").close(false);
+                    tokio::time::sleep(self.backoff.next_delay()).await;
                     counters.retries.add(1);
                 }
             }
         }
-        shard.recycle(batch);
     }
-    if let Some(c) = conn.take() {
-        c.close(true);
+
+    /// Closes the connection so that the peer reads all that was written.
+    pub fn close(&mut self, shard: &Shard) {
+        if let Some(c) = self.conn.take() {
+            c.close(true);
+        }
+        shard.metrics.sinks[self.sink].connected.set(0);
     }
-    counters.connected.set(0);
 }

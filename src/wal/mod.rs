@@ -5,9 +5,10 @@
 //!   that reads it back (torn tails, flipped bits, lost framing).
 //! - [`machine`]: the sans-I/O state machine: appends, group commit, out-of-
 //!   order acknowledgements, checkpoint, deletion, the size cap, recovery.
-//!
-//! The io_uring driver that connects them to sinks is not written yet: today
-//! sinks buffer in memory only (see the README's "Delivery today").
+//! - [`driver`]: the thin io_uring driver (writer, syncer, sender tasks).
+//! - [`recovery`]: opening the log at start and mending what a crash left.
 
+pub mod driver;
 pub mod format;
 pub mod machine;
+pub mod recovery;

@@ -1,0 +1,543 @@
+//! The thin io_uring driver that runs a [`Log`] for one sink on one shard.
+//!
+//! Three tasks share the log (all on the shard's thread, so a `RefCell`):
+//!
+//! - the **writer** takes sealed batches from the sink's queue, archives each
+//!   (rkyv) behind a frame header into one reused aligned buffer, asks the log
+//!   where it goes and writes it there; a full log or a failing disk either
+//!   holds the batch (`when_full = "block"`: the queue backs up and TCP sources
+//!   stop reading) or drops and counts it (`"drop_newest"`);
+//! - the **syncer** group-commits: `fdatasync` of the segments written since
+//!   the last sync, every `sync_interval_ms` or at once past `sync_bytes`;
+//!   batches it covers become durable and go to the sender; it also persists
+//!   the checkpoint (two slots, then `fdatasync`) and only then deletes
+//!   segments that are wholly acknowledged;
+//! - the **sender** reads each durable frame back into an aligned buffer,
+//!   validates the archive in place and hands the payload — already
+//!   newline-delimited — to the sink's output as a slice of that buffer: no
+//!   record is copied. A delivered batch is acknowledged to the log.
+//!
+//! Replay after a restart is the same path: recovery puts every frame after
+//! the checkpoint in front of the sender before new data.
+
+use super::format::{self, frame_bytes, CheckpointSlot, FRAME_HEADER_BYTES};
+use super::machine::{Append, BatchId, Full, Log, LogConfig};
+use super::recovery;
+use crate::config::WhenFull;
+use crate::runtime::shard::Shard;
+use crate::sinks::util::{Backoff, LogEvery};
+use crate::sinks::{Output, SinkQueue};
+use rkyv::util::AlignedVec;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_uring::buf::{BoundedBuf, IoBuf, IoBufMut};
+use tokio_uring::fs::{File, OpenOptions};
+
+/// An aligned buffer that io_uring may own while an operation runs: frames
+/// are archived into it and read back into it, so archives are accessed in
+/// place at the alignment rkyv needs.
+pub struct FrameBuf(pub AlignedVec);
+
+// SAFETY: AlignedVec's heap pointer does not move while the value is owned
+// by the operation (it is neither grown nor dropped until handed back).
+unsafe impl IoBuf for FrameBuf {
+    fn stable_ptr(&self) -> *const u8 {
+        self.0.as_ptr()
+    }
+    fn bytes_init(&self) -> usize {
+        self.0.len()
+    }
+    fn bytes_total(&self) -> usize {
+        self.0.capacity()
+    }
+}
+
+// SAFETY: as above; set_init only grows the length over bytes the kernel wrote.
+unsafe impl IoBufMut for FrameBuf {
+    fn stable_mut_ptr(&mut self) -> *mut u8 {
+        self.0.as_mut_ptr()
+    }
+    unsafe fn set_init(&mut self, pos: usize) {
+        if self.0.len() < pos {
+            unsafe { self.0.set_len(pos) };
+        }
+    }
+}
+
+/// A durable batch waiting for the sender.
+#[derive(Debug, Clone, Copy)]
+struct Durable {
+    id: BatchId,
+    archive_len: u32,
+}
+
+/// What the three tasks share.
+struct Wal {
+    sink: usize,
+    dir: PathBuf,
+    log: RefCell<Log>,
+    files: RefCell<HashMap<u64, Rc<File>>>,
+    checkpoint_file: File,
+    /// Written, waiting for a sync (archive lengths, in log order).
+    written: RefCell<VecDeque<(Durable, u32)>>,
+    /// Durable, waiting for the sender.
+    to_send: RefCell<VecDeque<Durable>>,
+    pending_checkpoint: Cell<Option<CheckpointSlot>>,
+    pending_delete: RefCell<Vec<u64>>,
+    /// Something for the syncer: a write, a due sync, an ack, the end.
+    wake_syncer: Notify,
+    sync_now: Notify,
+    /// The sender has durable batches.
+    durable: Notify,
+    /// Segments were deleted: the writer may append again.
+    space: Notify,
+    writer_done: Cell<bool>,
+    sender_done: Cell<bool>,
+    syncer_idle: Cell<bool>,
+}
+
+impl Wal {
+    fn segment_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format::segment_file_name(id))
+    }
+}
+
+async fn wait_until(notify: &Notify, ready: impl Fn() -> bool) {
+    loop {
+        let n = notify.notified();
+        tokio::pin!(n);
+        n.as_mut().enable();
+        if ready() {
+            return;
+        }
+        n.await;
+    }
+}
+
+/// Runs the disk buffer of one sink on one shard until its queue closes and
+/// what it holds is synced (and, if the sink takes it in time, delivered).
+pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
+    let sink = queue.sink;
+    let plan = &shard.plan.sinks[sink];
+    let dir = plan.buffer.dir.join(shard.id.to_string());
+    let cfg = LogConfig {
+        segment_bytes: plan.buffer.segment_bytes,
+        max_bytes: (plan.buffer.max_bytes / shard.shards) as u64,
+        sync_bytes: plan.buffer.sync_bytes,
+    };
+    let rec = loop {
+        match recovery::recover(&dir, cfg, &plan.name, shard.id) {
+            Ok(r) => break r,
+            Err(e) => {
+                tracing::error!(sink = %plan.name, dir = %dir.display(), error = %e,
+                    "cannot open the disk buffer; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let counters = &shard.metrics.sinks[sink];
+    counters.wal_damaged_frames.add(rec.bad_frames);
+    counters.wal_damaged_segments.add(rec.damaged_segments);
+    counters.wal_replayed_batches.add(rec.replay.len() as u64);
+    let mut files = HashMap::new();
+    for id in &rec.segments {
+        let path = dir.join(format::segment_file_name(*id));
+        match OpenOptions::new().read(true).write(true).open(&path).await {
+            Ok(f) => {
+                files.insert(*id, Rc::new(f));
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot open a segment to replay")
+            }
+        }
+    }
+    let checkpoint_file = loop {
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .open(dir.join("checkpoint"))
+            .await
+        {
+            Ok(f) => break f,
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot open the checkpoint file; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    if !rec.replay.is_empty() {
+        tracing::info!(sink = %plan.name, shard = shard.id, batches = rec.replay.len(),
+            "replaying the disk buffer before new records");
+    }
+    let wal = Rc::new(Wal {
+        sink,
+        dir,
+        log: RefCell::new(rec.log),
+        files: RefCell::new(files),
+        checkpoint_file,
+        written: RefCell::new(VecDeque::new()),
+        to_send: RefCell::new(
+            rec.replay
+                .iter()
+                .map(|&(id, len)| Durable {
+                    id,
+                    archive_len: len,
+                })
+                .collect(),
+        ),
+        pending_checkpoint: Cell::new(None),
+        pending_delete: RefCell::new(Vec::new()),
+        wake_syncer: Notify::new(),
+        sync_now: Notify::new(),
+        durable: Notify::new(),
+        space: Notify::new(),
+        writer_done: Cell::new(false),
+        sender_done: Cell::new(false),
+        syncer_idle: Cell::new(true),
+    });
+    counters.wal_bytes.set(wal.log.borrow().bytes() as i64);
+    let syncer = tokio_uring::spawn(syncer(shard.clone(), wal.clone()));
+    let sender = tokio_uring::spawn(sender(shard.clone(), wal.clone()));
+    writer(&shard, &wal, &queue).await;
+    wal.writer_done.set(true);
+    wal.wake_syncer.notify_one();
+    wal.durable.notify_one();
+    let _ = sender.await;
+    wal.sender_done.set(true);
+    wal.wake_syncer.notify_one();
+    let _ = syncer.await;
+}
+
+async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
+    let plan = &shard.plan.sinks[wal.sink];
+    let counters = &shard.metrics.sinks[wal.sink];
+    let mut buf = FrameBuf(AlignedVec::with_capacity(plan.batch.max_bytes * 2));
+    let mut backoff = Backoff::new(plan.retry);
+    let mut log_full = LogEvery::new(Duration::from_secs(10));
+    let mut log_err = LogEvery::new(Duration::from_secs(10));
+    while let Some(batch) = queue.next().await {
+        // Frame: header, archive, zero padding; all in one aligned buffer.
+        let mut v = std::mem::take(&mut buf.0);
+        v.clear();
+        v.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
+        let mut v = match rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&batch, v) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(sink = %plan.name, error = %e, "cannot archive a batch; dropped");
+                counters.buffer_dropped.add(batch.len() as u64);
+                shard.recycle(batch);
+                continue;
+            }
+        };
+        let archive_len = v.len() - FRAME_HEADER_BYTES;
+        let header = format::frame_header(&v[FRAME_HEADER_BYTES..]);
+        v[..FRAME_HEADER_BYTES].copy_from_slice(&header);
+        v.resize(frame_bytes(archive_len), 0);
+        buf.0 = v;
+        let records = batch.len() as u32;
+        shard.recycle(batch);
+
+        loop {
+            let appended = wal.log.borrow_mut().append(archive_len);
+            let a = match appended {
+                Ok(a) => a,
+                Err(Full) => match plan.buffer.when_full {
+                    WhenFull::Block => {
+                        if let Some(held) = log_full.ready() {
+                            tracing::warn!(sink = %plan.name, shard = shard.id, max_bytes = plan.buffer.max_bytes,
+                                suppressed = held, "disk buffer full: sources are held back until the sink catches up");
+                        }
+                        let needed = buf.0.len() + format::SEGMENT_HEADER_BYTES;
+                        let max = (plan.buffer.max_bytes / shard.shards) as u64;
+                        wait_until(&wal.space, || {
+                            wal.log.borrow().bytes() + needed as u64 <= max
+                        })
+                        .await;
+                        continue;
+                    }
+                    WhenFull::DropNewest => {
+                        if let Some(held) = log_full.ready() {
+                            tracing::warn!(sink = %plan.name, shard = shard.id, max_bytes = plan.buffer.max_bytes,
+                                suppressed = held, "disk buffer full: dropping the newest records (counted)");
+                        }
+                        counters.buffer_dropped.add(records as u64);
+                        break;
+                    }
+                },
+            };
+            match write_frame(wal, &a, buf).await {
+                (Ok(()), b) => {
+                    buf = b;
+                    backoff.reset();
+                    wal.log.borrow_mut().wrote(a);
+                    wal.written.borrow_mut().push_back((
+                        Durable {
+                            id: a.id,
+                            archive_len: archive_len as u32,
+                        },
+                        records,
+                    ));
+                    counters.wal_bytes_written.add(a.frame_bytes);
+                    counters.wal_bytes.set(wal.log.borrow().bytes() as i64);
+                    if wal.log.borrow().sync_due() {
+                        wal.sync_now.notify_one();
+                    }
+                    wal.wake_syncer.notify_one();
+                    break;
+                }
+                (Err(e), b) => {
+                    buf = b;
+                    wal.log.borrow_mut().abandon(a);
+                    counters.wal_write_errors.add(1);
+                    match plan.buffer.when_full {
+                        WhenFull::Block => {
+                            if let Some(held) = log_err.ready() {
+                                tracing::warn!(sink = %plan.name, shard = shard.id, dir = %wal.dir.display(), error = %e,
+                                    suppressed = held, "cannot write the disk buffer; holding records and retrying");
+                            }
+                            tokio::time::sleep(backoff.next_delay()).await;
+                        }
+                        WhenFull::DropNewest => {
+                            if let Some(held) = log_err.ready() {
+                                tracing::warn!(sink = %plan.name, shard = shard.id, dir = %wal.dir.display(), error = %e,
+                                    suppressed = held, "cannot write the disk buffer; dropping the newest records (counted)");
+                            }
+                            counters.buffer_dropped.add(records as u64);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes one frame where the log placed it, creating its segment if needed.
+async fn write_frame(wal: &Wal, a: &Append, buf: FrameBuf) -> (std::io::Result<()>, FrameBuf) {
+    let file = wal.files.borrow().get(&a.id.segment).cloned();
+    let file = match file {
+        Some(f) => f,
+        None => match create_segment(wal, a.id.segment).await {
+            Ok(f) => f,
+            Err(e) => return (Err(e), buf),
+        },
+    };
+    let len = buf.0.len();
+    let (res, slice) = file.write_all_at(buf.slice(0..len), a.id.offset).await;
+    (res, slice.into_inner())
+}
+
+async fn create_segment(wal: &Wal, id: u64) -> std::io::Result<Rc<File>> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(wal.segment_path(id))
+        .await?;
+    let (res, _) = f.write_all_at(format::segment_header(id).to_vec(), 0).await;
+    res?;
+    let f = Rc::new(f);
+    wal.files.borrow_mut().insert(id, f.clone());
+    Ok(f)
+}
+
+async fn syncer(shard: Rc<Shard>, wal: Rc<Wal>) {
+    let plan = &shard.plan.sinks[wal.sink];
+    let counters = &shard.metrics.sinks[wal.sink];
+    let interval = Duration::from_millis(plan.buffer.sync_interval_ms);
+    let mut log_err = LogEvery::new(Duration::from_secs(10));
+    loop {
+        let has_work = || {
+            wal.log.borrow().has_unsynced()
+                || wal.pending_checkpoint.get().is_some()
+                || (wal.writer_done.get() && wal.sender_done.get())
+        };
+        wal.syncer_idle.set(true);
+        wait_until(&wal.wake_syncer, has_work).await;
+        wal.syncer_idle.set(false);
+        let finishing = wal.writer_done.get();
+        if !finishing && !wal.log.borrow().sync_due() {
+            // The group-commit window: more writes join this sync.
+            let due = wal.sync_now.notified();
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = due => {}
+            }
+        }
+        if wal.log.borrow().has_unsynced() {
+            let plan_sync = wal.log.borrow_mut().begin_sync();
+            let mut ok = true;
+            for seg in &plan_sync.segments {
+                let f = wal.files.borrow().get(seg).cloned();
+                if let Some(f) = f {
+                    if let Err(e) = f.sync_data().await {
+                        ok = false;
+                        if let Some(held) = log_err.ready() {
+                            tracing::error!(sink = %plan.name, shard = shard.id, error = %e, suppressed = held,
+                                "fdatasync of the disk buffer failed: the last writes may not be durable");
+                        }
+                    }
+                }
+            }
+            counters.wal_syncs.add(1);
+            let _ = ok;
+            let durable = wal.log.borrow_mut().synced(plan_sync);
+            let mut written = wal.written.borrow_mut();
+            let mut to_send = wal.to_send.borrow_mut();
+            let mut records = 0u64;
+            for id in durable {
+                let (d, n) = written.pop_front().expect("written in log order");
+                debug_assert_eq!(d.id, id);
+                records += n as u64;
+                to_send.push_back(d);
+            }
+            counters.durable_records.add(records);
+            drop((written, to_send));
+            wal.durable.notify_one();
+        }
+        if let Some(c) = wal.pending_checkpoint.take() {
+            persist_checkpoint(&shard, &wal, c).await;
+        }
+        if finishing
+            && wal.sender_done.get()
+            && !wal.log.borrow().has_unsynced()
+            && wal.pending_checkpoint.get().is_none()
+        {
+            break;
+        }
+    }
+}
+
+/// Writes the checkpoint slot and syncs it; then deletes the segments it
+/// made unnecessary.
+async fn persist_checkpoint(shard: &Shard, wal: &Wal, c: CheckpointSlot) {
+    let slot = format::encode_checkpoint(c).to_vec();
+    let (res, _) = wal
+        .checkpoint_file
+        .write_all_at(slot, format::checkpoint_slot_offset(c.seq))
+        .await;
+    let synced = match res {
+        Ok(()) => wal.checkpoint_file.sync_data().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = synced {
+        tracing::warn!(dir = %wal.dir.display(), error = %e, "cannot write the checkpoint; acknowledged batches may be sent again after a restart");
+        return;
+    }
+    let delete: Vec<u64> = std::mem::take(&mut *wal.pending_delete.borrow_mut());
+    for id in delete {
+        let file = wal.files.borrow_mut().remove(&id);
+        drop(file);
+        if let Err(e) = tokio_uring::fs::remove_file(wal.segment_path(id)).await {
+            tracing::warn!(path = %wal.segment_path(id).display(), error = %e, "cannot delete an acknowledged segment");
+        }
+    }
+    shard.metrics.sinks[wal.sink]
+        .wal_bytes
+        .set(wal.log.borrow().bytes() as i64);
+    wal.space.notify_waiters();
+}
+
+async fn sender(shard: Rc<Shard>, wal: Rc<Wal>) {
+    let plan = &shard.plan.sinks[wal.sink];
+    let counters = &shard.metrics.sinks[wal.sink];
+    let mut out = Output::new(&shard, wal.sink);
+    let mut buf = FrameBuf(AlignedVec::with_capacity(plan.batch.max_bytes * 2));
+    let mut backoff = Backoff::new(plan.retry);
+    let give_up = Duration::from_millis(shard.plan.shutdown_timeout_ms / 2);
+    loop {
+        let next = wal.to_send.borrow_mut().pop_front();
+        let Some(d) = next else {
+            if wal.writer_done.get() && !wal.log.borrow().has_unsynced() && wal.syncer_idle.get() {
+                break;
+            }
+            wait_until(&wal.durable, || {
+                !wal.to_send.borrow().is_empty()
+                    || (wal.writer_done.get() && !wal.log.borrow().has_unsynced())
+            })
+            .await;
+            if wal.to_send.borrow().is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            continue;
+        };
+        let file = wal.files.borrow().get(&d.id.segment).cloned();
+        let Some(file) = file else {
+            tracing::error!(sink = %plan.name, segment = d.id.segment, "a durable batch's segment is gone; skipped");
+            counters.wal_damaged_frames.add(1);
+            ack(&wal, d.id);
+            continue;
+        };
+        let frame_len = frame_bytes(d.archive_len as usize);
+        if buf.0.capacity() < frame_len {
+            buf.0.reserve(frame_len - buf.0.len());
+        }
+        buf.0.clear();
+        let (res, slice) = file
+            .read_exact_at(buf.slice(0..frame_len), d.id.offset)
+            .await;
+        buf = slice.into_inner();
+        if let Err(e) = res {
+            tracing::warn!(sink = %plan.name, segment = d.id.segment, error = %e, "cannot read the disk buffer; retrying");
+            wal.to_send.borrow_mut().push_front(d);
+            tokio::time::sleep(backoff.next_delay()).await;
+            continue;
+        }
+        let archive = &buf.0[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + d.archive_len as usize];
+        let header_ok = buf.0[..FRAME_HEADER_BYTES] == format::frame_header(archive);
+        let range = match (header_ok, crate::record::access(archive)) {
+            (true, Ok(a)) => {
+                let p = a.payload.as_slice();
+                let start = p.as_ptr() as usize - buf.0.as_ptr() as usize;
+                Some((start, start + p.len(), a.entries.len()))
+            }
+            _ => None,
+        };
+        let Some((start, end, records)) = range else {
+            tracing::error!(sink = %plan.name, segment = d.id.segment, offset = d.id.offset,
+                "a batch in the disk buffer is damaged; skipped (counted)");
+            counters.wal_damaged_frames.add(1);
+            ack(&wal, d.id);
+            continue;
+        };
+        // The payload is sent as it lies in the read buffer.
+        let delivery = out.deliver(&shard, buf.slice(start..end));
+        let stopping = shard.stopping.get() && wal.writer_done.get();
+        let slice = if stopping {
+            match tokio::time::timeout(give_up, delivery).await {
+                Ok(s) => s,
+                Err(_) => {
+                    tracing::warn!(sink = %plan.name, shard = shard.id,
+                        "the sink did not take the disk buffer before shutdown; it is kept and replayed at the next start");
+                    buf = FrameBuf(AlignedVec::new());
+                    break;
+                }
+            }
+        } else {
+            delivery.await
+        };
+        buf = slice.into_inner();
+        counters.records.add(records as u64);
+        counters.bytes.add((end - start) as u64);
+        counters.batches.add(1);
+        ack(&wal, d.id);
+    }
+    drop(buf);
+    out.close(&shard).await;
+}
+
+/// Acknowledges a batch to the log and hands the syncer what it made due.
+fn ack(wal: &Wal, id: BatchId) {
+    let outcome = wal.log.borrow_mut().ack(id);
+    if let Some(c) = outcome.checkpoint {
+        wal.pending_checkpoint.set(Some(c));
+    }
+    wal.pending_delete.borrow_mut().extend(outcome.delete);
+    wal.wake_syncer.notify_one();
+}
