@@ -137,6 +137,10 @@ struct ReceiveArgs {
     /// How long the restart refuses connections.
     #[arg(long, default_value_t = 3.0)]
     pause_s: f64,
+    /// Play a slow upstream: read at most this many bytes per second per
+    /// connection.
+    #[arg(long)]
+    read_bytes_per_sec: Option<u64>,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -665,8 +669,15 @@ fn parse_lines(buf: &[u8], out: &mut Vec<(u64, u64, u64)>, malformed: &mut u64) 
     used
 }
 
-fn tcp_connection(mut conn: TcpStream, tracker: Arc<Mutex<Tracker>>) {
-    let mut buf = vec![0u8; 1 << 20];
+fn tcp_connection(mut conn: TcpStream, tracker: Arc<Mutex<Tracker>>, read_rate: Option<u64>) {
+    let mut buf = vec![
+        0u8;
+        if read_rate.is_some() {
+            64 * 1024
+        } else {
+            1 << 20
+        }
+    ];
     let mut filled = 0;
     let mut parsed = Vec::with_capacity(8192);
     loop {
@@ -676,6 +687,9 @@ fn tcp_connection(mut conn: TcpStream, tracker: Arc<Mutex<Tracker>>) {
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(_) => break,
         };
+        if let Some(rate) = read_rate {
+            std::thread::sleep(Duration::from_secs_f64(n as f64 / rate.max(1) as f64));
+        }
         filled += n;
         let mut malformed = 0;
         parsed.clear();
@@ -709,16 +723,32 @@ fn bind_tcp(addr: SocketAddr) -> Result<TcpListener> {
     Ok(l)
 }
 
+/// How a TCP receiver behaves as an upstream.
+#[derive(Clone, Copy)]
+struct Upstream {
+    listen: SocketAddr,
+    /// Restart gracefully once this many records arrived...
+    pause_after: Option<u64>,
+    /// ...refusing connections this long.
+    pause: Duration,
+    /// Read at most this many bytes per second per connection.
+    read_rate: Option<u64>,
+}
+
 /// Accepts connections until `stop`; plays the graceful restart.
 fn tcp_acceptor(
     first: TcpListener,
-    listen: SocketAddr,
+    up: Upstream,
     tracker: Arc<Mutex<Tracker>>,
     stop: Arc<AtomicBool>,
-    pause_after: Option<u64>,
-    pause: Duration,
     received: Arc<AtomicU64>,
 ) -> Result<()> {
+    let Upstream {
+        listen,
+        pause_after,
+        pause,
+        read_rate,
+    } = up;
     let mut listener = Some(first);
     let mut open: Vec<TcpStream> = Vec::new();
     let mut paused_until: Option<Instant> = None;
@@ -756,7 +786,7 @@ fn tcp_acceptor(
                     open.push(c);
                 }
                 let t = tracker.clone();
-                std::thread::spawn(move || tcp_connection(conn, t));
+                std::thread::spawn(move || tcp_connection(conn, t, read_rate));
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(5))
@@ -861,13 +891,20 @@ fn receive(a: ReceiveArgs) -> Result<bool> {
     let worker = {
         let (tracker, stop, received) = (tracker.clone(), stop.clone(), received.clone());
         let pause = Duration::from_secs_f64(a.pause_s);
-        let (listen, proto, pause_after) = (a.listen, a.proto, a.pause_after);
+        let (listen, proto, pause_after, read_rate) =
+            (a.listen, a.proto, a.pause_after, a.read_bytes_per_sec);
         // Bind before anything else, so a sender started right after us connects.
         match proto {
             Proto::Tcp => {
                 let l = bind_tcp(listen)?;
                 std::thread::spawn(move || {
-                    tcp_acceptor(l, listen, tracker, stop, pause_after, pause, received)
+                    let up = Upstream {
+                        listen,
+                        pause_after,
+                        pause,
+                        read_rate,
+                    };
+                    tcp_acceptor(l, up, tracker, stop, received)
                 })
             }
             Proto::Udp => {

@@ -292,7 +292,17 @@ async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
                 }
                 (Err(e), b) => {
                     buf = b;
-                    wal.log.borrow_mut().abandon(a);
+                    let freed = {
+                        let mut log = wal.log.borrow_mut();
+                        log.abandon(a);
+                        // Start a new segment next time, so that a head that
+                        // fills the disk can be deleted once delivered.
+                        log.seal_head()
+                    };
+                    if !freed.is_empty() {
+                        wal.pending_delete.borrow_mut().extend(freed);
+                        wal.wake_syncer.notify_one();
+                    }
                     counters.wal_write_errors.add(1);
                     match plan.buffer.when_full {
                         WhenFull::Block => {
@@ -356,6 +366,7 @@ async fn syncer(shard: Rc<Shard>, wal: Rc<Wal>) {
         let has_work = || {
             wal.log.borrow().has_unsynced()
                 || wal.pending_checkpoint.get().is_some()
+                || !wal.pending_delete.borrow().is_empty()
                 || (wal.writer_done.get() && wal.sender_done.get())
         };
         wal.syncer_idle.set(true);
@@ -401,8 +412,11 @@ async fn syncer(shard: Rc<Shard>, wal: Rc<Wal>) {
             drop((written, to_send));
             wal.durable.notify_one();
         }
-        if let Some(c) = wal.pending_checkpoint.take() {
-            persist_checkpoint(&shard, &wal, c).await;
+        match wal.pending_checkpoint.take() {
+            Some(c) => persist_checkpoint(&shard, &wal, c).await,
+            // Segments whose acknowledgements an earlier checkpoint covers.
+            None if !wal.pending_delete.borrow().is_empty() => delete_segments(&shard, &wal).await,
+            None => {}
         }
         if finishing
             && wal.sender_done.get()
@@ -430,6 +444,11 @@ async fn persist_checkpoint(shard: &Shard, wal: &Wal, c: CheckpointSlot) {
         tracing::warn!(dir = %wal.dir.display(), error = %e, "cannot write the checkpoint; acknowledged batches may be sent again after a restart");
         return;
     }
+    delete_segments(shard, wal).await;
+}
+
+/// Deletes segments that a persisted checkpoint no longer needs.
+async fn delete_segments(shard: &Shard, wal: &Wal) {
     let delete: Vec<u64> = std::mem::take(&mut *wal.pending_delete.borrow_mut());
     for id in delete {
         let file = wal.files.borrow_mut().remove(&id);

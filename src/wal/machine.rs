@@ -252,6 +252,22 @@ impl Log {
         self.total_bytes -= a.frame_bytes;
     }
 
+    /// Closes the head segment (after a failed write, so that a full disk
+    /// can be freed): the next append starts a new segment, and the head is
+    /// deleted as soon as it is wholly acknowledged; returned at once if it
+    /// already is.
+    pub fn seal_head(&mut self) -> Vec<u64> {
+        self.head_open = false;
+        match self.segments.back() {
+            Some(head) if self.segments.len() == 1 && head.unacked == 0 => {
+                let s = self.segments.pop_back().expect("checked");
+                self.total_bytes -= s.bytes;
+                vec![s.id]
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// Whether enough is written that a sync should run now.
     pub fn sync_due(&self) -> bool {
         self.unsynced_bytes >= self.cfg.sync_bytes
@@ -440,6 +456,30 @@ mod tests {
         sync_all(&mut log);
         assert_eq!(log.ack(a.id).delete, vec![0]);
         assert!(put(&mut log, 100).is_ok());
+    }
+
+    #[test]
+    fn a_sealed_head_is_deleted_once_acknowledged_and_the_next_append_rolls() {
+        let mut log = Log::new(cfg());
+        let a = put(&mut log, 100).unwrap();
+        assert!(
+            log.seal_head().is_empty(),
+            "batch a is not acknowledged yet"
+        );
+        sync_all(&mut log);
+        assert_eq!(log.ack(a.id).delete, vec![0]);
+        assert_eq!(log.bytes(), 0);
+        assert_eq!(put(&mut log, 100).unwrap().create_segment, Some(1));
+        // Sealing a wholly acknowledged head deletes it at once.
+        let b = log.bytes();
+        sync_all(&mut log);
+        log.ack(BatchId {
+            segment: 1,
+            offset: 32,
+        });
+        assert_eq!(log.bytes(), b);
+        assert_eq!(log.seal_head(), vec![1]);
+        assert_eq!(log.bytes(), 0);
     }
 
     #[test]

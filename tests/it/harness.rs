@@ -26,37 +26,68 @@ pub struct Updraft {
     child: Option<Child>,
     pub metrics: SocketAddr,
     /// Holds the config, the log and `data_dir` until the test ends.
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     log: PathBuf,
+    config: PathBuf,
 }
 
 impl Updraft {
     /// Starts `updraft run` on `config` (a `[metrics]` table is added) and
     /// waits until it answers on `/health`.
     pub fn start(config: &str) -> Updraft {
+        Updraft::start_with(config, true)
+    }
+
+    /// Like [`start`](Self::start), but the config sets `data_dir` itself.
+    pub fn start_raw(config: &str) -> Updraft {
+        Updraft::start_with(config, false)
+    }
+
+    fn start_with(config: &str, set_data_dir: bool) -> Updraft {
         let dir = tempfile::tempdir().unwrap();
         let metrics = free_addr();
         let path = dir.path().join("updraft.toml");
-        let text = format!(
-            "data_dir = \"{}\"\n{config}\n[metrics]\naddress = \"{metrics}\"\n",
-            dir.path().join("data").display()
-        );
+        let data_dir = if set_data_dir {
+            format!("data_dir = \"{}\"\n", dir.path().join("data").display())
+        } else {
+            String::new()
+        };
+        let text = format!("{data_dir}{config}\n[metrics]\naddress = \"{metrics}\"\n");
         std::fs::write(&path, text).unwrap();
         let log = dir.path().join("updraft.log");
+        let mut u = Updraft {
+            child: None,
+            metrics,
+            dir,
+            log,
+            config: path,
+        };
+        u.spawn();
+        u
+    }
+
+    /// `data_dir` of this collector.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(UPDRAFT)
             .args(["run", "--config"])
-            .arg(&path)
+            .arg(&self.config)
             .env("UPDRAFT_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(log)
             .spawn()
             .unwrap();
-        let mut u = Updraft {
-            child: Some(child),
-            metrics,
-            _dir: dir,
-            log,
-        };
+        self.child = Some(child);
+        let metrics = self.metrics;
+        let u = self;
         let deadline = Instant::now() + Duration::from_secs(10);
         while http_get(metrics, "/health").is_none() {
             if let Some(status) = u.child.as_mut().unwrap().try_wait().unwrap() {
@@ -69,7 +100,19 @@ impl Updraft {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        u
+    }
+
+    /// `kill -9`: no flush, no shutdown.
+    pub fn kill9(&mut self) {
+        let mut c = self.child.take().expect("running");
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    /// Starts again on the same config and `data_dir`.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop it first");
+        self.spawn();
     }
 
     pub fn log_text(&self) -> String {

@@ -9,3 +9,4 @@ mod delivery;
 mod input;
 mod loadgen;
 mod runtime;
+mod wal;
