@@ -121,7 +121,7 @@ class Collector:
             self.proc.wait()
 
 
-def updraft(tmp, shards, source_proto, sink):
+def updraft(tmp, shards, source_proto, sink, buffer=""):
     src, mport = free_port(), free_port()
     sink_toml = {
         "blackhole": 'type = "blackhole"',
@@ -131,6 +131,7 @@ def updraft(tmp, shards, source_proto, sink):
     cfg = os.path.join(tmp, "updraft.toml")
     with open(cfg, "w") as f:
         f.write(f"""shards = {shards}
+data_dir = "{os.path.join(tmp, 'data')}"
 [metrics]
 address = "127.0.0.1:{mport}"
 [sources.in]
@@ -139,6 +140,7 @@ address = "127.0.0.1:{src}"
 [sinks.out]
 {sink_toml}
 inputs = ["in"]
+{buffer}
 """)
     c = Collector([UPDRAFT, "run", "--config", cfg], src if source_proto == "tcp" else mport, mport, "tcp")
     return c, src
@@ -210,6 +212,28 @@ def updraft_tcp_forward(tmp, size, conns, shards, n):
     cpu, rss = c.usage()
     c.stop()
     return row("tcp->tcp", "updraft", size, conns, shards, r["records_per_sec"], r["latency_us"], cpu, rss, n, r["lost"], r["duplicates"])
+
+
+def updraft_tcp_disk(tmp, size, conns, shards, n):
+    """tcp -> tcp through the write-ahead log (buffer.type = "disk")."""
+    sink = free_port()
+    rx = receiver(sink, n, 120)
+    c, src = updraft(tmp, shards, "tcp", ("tcp", sink), '[sinks.out.buffer]\ntype = "disk"')
+    t0 = time.time()
+    send(src, "tcp", conns, n, size)
+    r = finish(rx)
+    took = time.time() - t0
+    written = c.metric('updraft_sink_wal_written_bytes_total{sink="out",type="tcp"}')
+    syncs = c.metric('updraft_sink_wal_syncs_total{sink="out",type="tcp"}')
+    cpu, rss = c.usage()
+    c.stop()
+    shutil.rmtree(os.path.join(tmp, "data"), ignore_errors=True)
+    out = row("tcp->tcp (disk)", "updraft", size, conns, shards, r["records_per_sec"], r["latency_us"], cpu, rss, n,
+              r["lost"], r["duplicates"],
+              note=f"WAL {written / n:.0f} B/record ({written / (n * size):.2f}x payload), {syncs / took:.0f} fsync rounds/s")
+    out["wal_bytes_per_record"] = written / n
+    out["fsync_rounds_per_sec"] = syncs / took
+    return out
 
 
 def updraft_tcp_counted(tmp, sink_kind, size, conns, shards, n):
@@ -346,8 +370,16 @@ def add_ratios(rows):
         return (r["scenario"], r["size"], r["connections"])
     ceilings = {key(r): r["records_per_sec"] for r in rows if r["collector"] == "ceiling"}
     peers = {key(r): r["records_per_sec"] for r in rows if r["collector"] == "rsyslog"}
+    memory = {(r["size"], r["connections"], r["shards"]): r["records_per_sec"]
+              for r in rows if r["scenario"] == "tcp->tcp" and r["collector"] == "updraft"}
     for r in rows:
-        c, p = ceilings.get(key(r)), peers.get(key(r))
+        if r["scenario"] == "tcp->tcp (disk)":
+            m = memory.get((r["size"], r["connections"], r["shards"]))
+            r["ratio_to_memory"] = r["records_per_sec"] / m if m else None
+            if m:
+                r["note"] += f"; {r['ratio_to_memory']:.2f}x memory mode"
+        k = ("tcp->tcp", r["size"], r["connections"]) if r["scenario"] == "tcp->tcp (disk)" else key(r)
+        c, p = ceilings.get(k), peers.get(k)
         r["ratio_to_ceiling"] = r["records_per_sec"] / c if c else None
         r["ratio_to_peer"] = r["records_per_sec"] / p if p and r["collector"] == "updraft" else None
 
@@ -460,6 +492,8 @@ def main():
                 log(tcp_ceiling_relay(size, conns, n))
                 for shards in shard_list:
                     log(updraft_tcp_forward(tmp, size, conns, shards, n))
+                    if size == 256 and conns == 4:
+                        log(updraft_tcp_disk(tmp, size, conns, shards, n))
                 if have_rsyslog:
                     log(rsyslog_tcp_forward(tmp, size, conns, n))
         n = count_for(256, a.quick)

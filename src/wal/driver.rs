@@ -68,11 +68,16 @@ unsafe impl IoBufMut for FrameBuf {
     }
 }
 
-/// A durable batch waiting for the sender.
-#[derive(Debug, Clone, Copy)]
+/// Frames the writer may keep in memory for the sender per sink and shard,
+/// so that a sink that keeps up is sent from memory, not read back.
+pub const FRAMES_IN_MEMORY: usize = 4;
+
+/// A durable batch waiting for the sender, with its frame when the writer
+/// kept it in memory (otherwise the sender reads it from the segment).
 struct Durable {
     id: BatchId,
     archive_len: u32,
+    frame: Option<FrameBuf>,
 }
 
 /// What the three tasks share.
@@ -98,6 +103,10 @@ struct Wal {
     writer_done: Cell<bool>,
     sender_done: Cell<bool>,
     syncer_idle: Cell<bool>,
+    /// Frame buffers the sender gave back, for the writer to fill again.
+    free_frames: RefCell<Vec<FrameBuf>>,
+    /// Frames attached to batches not yet sent (at most FRAMES_IN_MEMORY).
+    held_frames: Cell<usize>,
 }
 
 impl Wal {
@@ -187,6 +196,7 @@ pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
                 .map(|&(id, len)| Durable {
                     id,
                     archive_len: len,
+                    frame: None,
                 })
                 .collect(),
         ),
@@ -199,6 +209,8 @@ pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
         writer_done: Cell::new(false),
         sender_done: Cell::new(false),
         syncer_idle: Cell::new(true),
+        free_frames: RefCell::new(Vec::with_capacity(FRAMES_IN_MEMORY)),
+        held_frames: Cell::new(0),
     });
     counters.wal_bytes.set(wal.log.borrow().bytes() as i64);
     let syncer = tokio_uring::spawn(syncer(shard.clone(), wal.clone()));
@@ -272,13 +284,26 @@ async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
             };
             match write_frame(wal, &a, buf).await {
                 (Ok(()), b) => {
-                    buf = b;
                     backoff.reset();
                     wal.log.borrow_mut().wrote(a);
+                    // Hand the frame itself to the sender while few are held;
+                    // the writer goes on with a free buffer.
+                    let frame = if wal.held_frames.get() < FRAMES_IN_MEMORY {
+                        wal.held_frames.set(wal.held_frames.get() + 1);
+                        let next = wal.free_frames.borrow_mut().pop().unwrap_or_else(|| {
+                            FrameBuf(AlignedVec::with_capacity(plan.batch.max_bytes * 2))
+                        });
+                        buf = next;
+                        Some(b)
+                    } else {
+                        buf = b;
+                        None
+                    };
                     wal.written.borrow_mut().push_back((
                         Durable {
                             id: a.id,
                             archive_len: archive_len as u32,
+                            frame,
                         },
                         records,
                     ));
@@ -486,30 +511,50 @@ async fn sender(shard: Rc<Shard>, wal: Rc<Wal>) {
             }
             continue;
         };
-        let file = wal.files.borrow().get(&d.id.segment).cloned();
-        let Some(file) = file else {
-            tracing::error!(sink = %plan.name, segment = d.id.segment, "a durable batch's segment is gone; skipped");
-            counters.wal_damaged_frames.add(1);
-            ack(&wal, d.id);
-            continue;
-        };
-        let frame_len = frame_bytes(d.archive_len as usize);
-        if buf.0.capacity() < frame_len {
-            buf.0.reserve(frame_len - buf.0.len());
+        let Durable {
+            id,
+            archive_len,
+            frame,
+        } = d;
+        // From memory when the writer kept the frame; else read back.
+        let from_memory = frame.is_some();
+        if let Some(f) = frame {
+            wal.held_frames.set(wal.held_frames.get() - 1);
+            let old = std::mem::replace(&mut buf, f);
+            let mut free = wal.free_frames.borrow_mut();
+            if free.len() < FRAMES_IN_MEMORY {
+                free.push(old);
+            }
+        } else {
+            let file = wal.files.borrow().get(&id.segment).cloned();
+            let Some(file) = file else {
+                tracing::error!(sink = %plan.name, segment = id.segment, "a durable batch's segment is gone; skipped");
+                counters.wal_damaged_frames.add(1);
+                ack(&wal, id);
+                continue;
+            };
+            let frame_len = frame_bytes(archive_len as usize);
+            if buf.0.capacity() < frame_len {
+                buf.0.reserve(frame_len - buf.0.len());
+            }
+            buf.0.clear();
+            let (res, slice) = file.read_exact_at(buf.slice(0..frame_len), id.offset).await;
+            buf = slice.into_inner();
+            if let Err(e) = res {
+                tracing::warn!(sink = %plan.name, segment = id.segment, error = %e, "cannot read the disk buffer; retrying");
+                wal.to_send.borrow_mut().push_front(Durable {
+                    id,
+                    archive_len,
+                    frame: None,
+                });
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
         }
-        buf.0.clear();
-        let (res, slice) = file
-            .read_exact_at(buf.slice(0..frame_len), d.id.offset)
-            .await;
-        buf = slice.into_inner();
-        if let Err(e) = res {
-            tracing::warn!(sink = %plan.name, segment = d.id.segment, error = %e, "cannot read the disk buffer; retrying");
-            wal.to_send.borrow_mut().push_front(d);
-            tokio::time::sleep(backoff.next_delay()).await;
-            continue;
-        }
-        let archive = &buf.0[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + d.archive_len as usize];
-        let header_ok = buf.0[..FRAME_HEADER_BYTES] == format::frame_header(archive);
+        let archive = &buf.0[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + archive_len as usize];
+        // A frame read back is checked against its CRC; one kept in memory
+        // is the one just written.
+        let header_ok = from_memory || buf.0[..FRAME_HEADER_BYTES] == format::frame_header(archive);
         let range = match (header_ok, crate::record::access(archive)) {
             (true, Ok(a)) => {
                 let p = a.payload.as_slice();
@@ -519,10 +564,10 @@ async fn sender(shard: Rc<Shard>, wal: Rc<Wal>) {
             _ => None,
         };
         let Some((start, end, records)) = range else {
-            tracing::error!(sink = %plan.name, segment = d.id.segment, offset = d.id.offset,
+            tracing::error!(sink = %plan.name, segment = id.segment, offset = id.offset,
                 "a batch in the disk buffer is damaged; skipped (counted)");
             counters.wal_damaged_frames.add(1);
-            ack(&wal, d.id);
+            ack(&wal, id);
             continue;
         };
         // The payload is sent as it lies in the read buffer.
@@ -545,7 +590,7 @@ async fn sender(shard: Rc<Shard>, wal: Rc<Wal>) {
         counters.records.add(records as u64);
         counters.bytes.add((end - start) as u64);
         counters.batches.add(1);
-        ack(&wal, d.id);
+        ack(&wal, id);
     }
     drop(buf);
     out.close(&shard).await;
