@@ -15,6 +15,8 @@
 //! 5. [`sinks`] accumulate batches per sink (count, bytes, linger), hold them in
 //!    a bounded queue and write them out (TCP, file, blackhole). A full queue
 //!    stops TCP sources reading and makes UDP sources count drops.
+//!    With `buffer.type = "disk"`, sealed batches pass through the [`wal`]
+//!    (write-ahead log, group-committed) first and are sent once durable.
 //! 6. [`metrics`] sums per-shard counters into Prometheus text, off the hot path.
 //!
 //! [`config`] turns the user's TOML into a validated [`config::Plan`] and
