@@ -37,10 +37,35 @@ use tokio::sync::Notify;
 use tokio_uring::buf::{BoundedBuf, IoBuf, IoBufMut};
 use tokio_uring::fs::{File, OpenOptions};
 
+/// Frame buffers are aligned to the block size, as `O_DIRECT` needs.
+pub const BLOCK_ALIGN: usize = format::FRAME_ALIGN;
+
 /// An aligned buffer that io_uring may own while an operation runs: frames
 /// are archived into it and read back into it, so archives are accessed in
-/// place at the alignment rkyv needs.
-pub struct FrameBuf(pub AlignedVec);
+/// place at the alignment rkyv needs, and written with `O_DIRECT`.
+pub struct FrameBuf(pub AlignedVec<BLOCK_ALIGN>);
+
+impl FrameBuf {
+    fn with_capacity(bytes: usize) -> FrameBuf {
+        FrameBuf(AlignedVec::with_capacity(bytes))
+    }
+}
+
+/// Asks the kernel to write and read a segment without the page cache
+/// (`O_DIRECT`): the log's bytes are not copied into it, and are not
+/// written back again later. Where the file system refuses, the page cache
+/// is used; both are correct, since durability comes from `fdatasync`.
+fn direct_io(file: &File) {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this File owns.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_DIRECT) != 0 {
+            tracing::debug!("O_DIRECT refused; the disk buffer goes through the page cache");
+        }
+    }
+}
 
 // SAFETY: AlignedVec's heap pointer does not move while the value is owned
 // by the operation (it is neither grown nor dropped until handed back).
@@ -157,6 +182,7 @@ pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
         let path = dir.join(format::segment_file_name(*id));
         match OpenOptions::new().read(true).write(true).open(&path).await {
             Ok(f) => {
+                direct_io(&f);
                 files.insert(*id, Rc::new(f));
             }
             Err(e) => {
@@ -228,7 +254,7 @@ pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
 async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
     let plan = &shard.plan.sinks[wal.sink];
     let counters = &shard.metrics.sinks[wal.sink];
-    let mut buf = FrameBuf(AlignedVec::with_capacity(plan.batch.max_bytes * 2));
+    let mut buf = FrameBuf::with_capacity(plan.batch.max_bytes * 2);
     let mut backoff = Backoff::new(plan.retry);
     let mut log_full = LogEvery::new(Duration::from_secs(10));
     let mut log_err = LogEvery::new(Duration::from_secs(10));
@@ -290,9 +316,10 @@ async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
                     // the writer goes on with a free buffer.
                     let frame = if wal.held_frames.get() < FRAMES_IN_MEMORY {
                         wal.held_frames.set(wal.held_frames.get() + 1);
-                        let next = wal.free_frames.borrow_mut().pop().unwrap_or_else(|| {
-                            FrameBuf(AlignedVec::with_capacity(plan.batch.max_bytes * 2))
-                        });
+                        let next =
+                            wal.free_frames.borrow_mut().pop().unwrap_or_else(|| {
+                                FrameBuf::with_capacity(plan.batch.max_bytes * 2)
+                            });
                         buf = next;
                         Some(b)
                     } else {
@@ -375,7 +402,10 @@ async fn create_segment(wal: &Wal, id: u64) -> std::io::Result<Rc<File>> {
         .truncate(true)
         .open(wal.segment_path(id))
         .await?;
-    let (res, _) = f.write_all_at(format::segment_header(id).to_vec(), 0).await;
+    direct_io(&f);
+    let mut header = FrameBuf::with_capacity(format::SEGMENT_HEADER_BYTES);
+    header.0.extend_from_slice(&format::segment_header(id));
+    let (res, _) = f.write_all_at(header, 0).await;
     res?;
     let f = Rc::new(f);
     wal.files.borrow_mut().insert(id, f.clone());
@@ -492,7 +522,7 @@ async fn sender(shard: Rc<Shard>, wal: Rc<Wal>) {
     let plan = &shard.plan.sinks[wal.sink];
     let counters = &shard.metrics.sinks[wal.sink];
     let mut out = Output::new(&shard, wal.sink);
-    let mut buf = FrameBuf(AlignedVec::with_capacity(plan.batch.max_bytes * 2));
+    let mut buf = FrameBuf::with_capacity(plan.batch.max_bytes * 2);
     let mut backoff = Backoff::new(plan.retry);
     let give_up = Duration::from_millis(shard.plan.shutdown_timeout_ms / 2);
     loop {

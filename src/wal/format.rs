@@ -14,8 +14,13 @@
 //!     16    8 segment    the id in the file name
 //!     24    4 crc32c     of bytes 0..24
 //!     28    4 reserved   0
-//!     32      frames, each starting at a multiple of FRAME_ALIGN (16)
+//!     32      zeros up to 4096
+//!   4096      frames, each starting at a multiple of FRAME_ALIGN (4096)
 //! ```
+//!
+//! Frames and the header are whole 4096-byte blocks so that they can be
+//! written with `O_DIRECT` (no page-cache copy, no writeback later); a batch
+//! smaller than a block is padded to one.
 //!
 //! ## Frame
 //!
@@ -24,8 +29,8 @@
 //!      0    4 len        bytes of the archive, 1..=FRAME_BYTES_MAX
 //!      4    4 crc32c     of the archive
 //!      8    8 reserved   0 (puts the archive on a 16-byte boundary)
-//!     16  len archive    the rkyv archive of one `record::Batch`
-//!         pad zeros up to the next multiple of 16
+//!     16  len archive    the rkyv archive of one `record::Batch` (16-aligned)
+//!         pad zeros up to the next multiple of 4096
 //! ```
 //!
 //! A batch's stable id is (segment, frame offset). Frames are only appended;
@@ -65,21 +70,24 @@
 /// Segment magic.
 pub const MAGIC: [u8; 8] = *b"UPDRWAL\0";
 pub const VERSION: u32 = 1;
-pub const SEGMENT_HEADER_BYTES: usize = 32;
+/// The segment header's block; its first 32 bytes are the header proper.
+pub const SEGMENT_HEADER_BYTES: usize = 4096;
 pub const FRAME_HEADER_BYTES: usize = 16;
-/// Frames and archives start on this boundary (rkyv's alignment for a batch).
-pub const FRAME_ALIGN: usize = 16;
+/// Frames start on this boundary and are padded to it: the block size that
+/// `O_DIRECT` needs on common file systems and devices.
+pub const FRAME_ALIGN: usize = 4096;
+/// An archive starts FRAME_HEADER_BYTES into its frame: rkyv needs 16.
+const _: () = assert!(FRAME_HEADER_BYTES.is_multiple_of(16));
 /// The largest archive a frame may carry.
 pub const FRAME_BYTES_MAX: usize = 512 * 1024 * 1024;
 pub const CHECKPOINT_SLOT_BYTES: usize = 32;
 pub const CHECKPOINT_BYTES: usize = 2 * CHECKPOINT_SLOT_BYTES;
 
 const _: () = assert!(SEGMENT_HEADER_BYTES.is_multiple_of(FRAME_ALIGN));
-const _: () = assert!(FRAME_HEADER_BYTES.is_multiple_of(FRAME_ALIGN));
 
 /// Bytes a frame takes for an archive of `len` bytes, padding included.
 pub const fn frame_bytes(len: usize) -> usize {
-    FRAME_HEADER_BYTES + len.div_ceil(FRAME_ALIGN) * FRAME_ALIGN
+    (FRAME_HEADER_BYTES + len).div_ceil(FRAME_ALIGN) * FRAME_ALIGN
 }
 
 /// The file name of segment `id`.
@@ -95,6 +103,7 @@ pub fn parse_segment_file_name(name: &str) -> Option<u64> {
         .flatten()
 }
 
+/// The segment header block.
 pub fn segment_header(id: u64) -> [u8; SEGMENT_HEADER_BYTES] {
     let mut h = [0u8; SEGMENT_HEADER_BYTES];
     h[0..8].copy_from_slice(&MAGIC);
@@ -264,9 +273,10 @@ mod tests {
     fn segment_with(id: u64, archives: &[&[u8]]) -> Vec<u8> {
         let mut b = segment_header(id).to_vec();
         for a in archives {
+            let at = b.len();
             b.extend_from_slice(&frame_header(a));
             b.extend_from_slice(a);
-            b.resize(b.len().div_ceil(FRAME_ALIGN) * FRAME_ALIGN, 0);
+            b.resize(at + frame_bytes(a.len()), 0);
         }
         b
     }
@@ -282,7 +292,11 @@ mod tests {
         );
         assert_eq!(s.end as usize, seg.len());
         assert_eq!((s.bad_frames, s.lost_at, s.torn_bytes), (0, None, 0));
-        assert!(s.frames.iter().all(|f| f.archive_at % FRAME_ALIGN == 0));
+        assert!(s.frames.iter().all(|f| f.archive_at.is_multiple_of(16)));
+        assert!(s
+            .frames
+            .iter()
+            .all(|f| (f.offset as usize).is_multiple_of(FRAME_ALIGN)));
     }
 
     #[test]

@@ -343,10 +343,12 @@ impl Log {
 mod tests {
     use super::*;
 
+    const H: u64 = SEGMENT_HEADER_BYTES as u64;
+
     fn cfg() -> LogConfig {
         LogConfig {
-            segment_bytes: 32 + 3 * frame_bytes(100) as u64,
-            max_bytes: 10_000,
+            segment_bytes: H + 3 * frame_bytes(100) as u64,
+            max_bytes: 100_000,
             sync_bytes: 2 * frame_bytes(100) as u64,
         }
     }
@@ -372,11 +374,11 @@ mod tests {
             a.id,
             BatchId {
                 segment: 0,
-                offset: 32
+                offset: H
             }
         );
         let b = put(&mut log, 100).unwrap();
-        assert_eq!(b.id.offset, 32 + frame_bytes(100) as u64);
+        assert_eq!(b.id.offset, H + frame_bytes(100) as u64);
         assert_eq!(b.create_segment, None);
         put(&mut log, 100).unwrap();
         let d = put(&mut log, 100).unwrap();
@@ -389,7 +391,7 @@ mod tests {
             d.id,
             BatchId {
                 segment: 1,
-                offset: 32
+                offset: H
             }
         );
     }
@@ -439,15 +441,15 @@ mod tests {
             deleted.extend(log.ack(*id).delete);
         }
         assert_eq!(deleted, vec![0]);
-        assert_eq!(log.bytes(), before - (32 + 3 * frame_bytes(100) as u64));
+        assert_eq!(log.bytes(), before - (H + 3 * frame_bytes(100) as u64));
         assert!(log.ack(ids[3]).delete.is_empty(), "segment 1 is the head");
     }
 
     #[test]
     fn the_cap_refuses_appends_until_acks_free_space() {
         let mut log = Log::new(LogConfig {
-            segment_bytes: 32 + frame_bytes(100) as u64,
-            max_bytes: 2 * (32 + frame_bytes(100) as u64),
+            segment_bytes: H + frame_bytes(100) as u64,
+            max_bytes: 2 * (H + frame_bytes(100) as u64),
             sync_bytes: 1,
         });
         let a = put(&mut log, 100).unwrap();
@@ -475,7 +477,7 @@ mod tests {
         sync_all(&mut log);
         log.ack(BatchId {
             segment: 1,
-            offset: 32,
+            offset: H,
         });
         assert_eq!(log.bytes(), b);
         assert_eq!(log.seal_head(), vec![1]);

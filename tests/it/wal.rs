@@ -228,9 +228,12 @@ fn a_full_disk_is_survived_and_writing_resumes_when_space_returns() {
     assert_eq!(u(&r, "lost"), 0, "{r}");
 }
 
-/// Offsets of the frames of a segment file, per the format in src/wal/format.rs.
+/// Offsets of the frames of a segment file, per the format in src/wal/format.rs:
+/// a 4096-byte header block, then frames of a 16-byte header and an archive,
+/// each padded to a multiple of 4096.
 fn frames(seg: &[u8]) -> Vec<(usize, usize)> {
-    let mut at = 32;
+    const BLOCK: usize = 4096;
+    let mut at = BLOCK;
     let mut out = Vec::new();
     while at + 16 <= seg.len() {
         let len = u32::from_le_bytes(seg[at..at + 4].try_into().unwrap()) as usize;
@@ -238,7 +241,7 @@ fn frames(seg: &[u8]) -> Vec<(usize, usize)> {
             break;
         }
         out.push((at, len));
-        at += 16 + len.div_ceil(16) * 16;
+        at += (16 + len).div_ceil(BLOCK) * BLOCK;
     }
     out
 }
