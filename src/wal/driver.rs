@@ -105,6 +105,13 @@ struct Durable {
     frame: Option<FrameBuf>,
 }
 
+/// Bytes of the largest frame a full batch makes: its payload, one entry per
+/// record, and room for rkyv's root and the frame's padding.
+fn frame_capacity(plan: &crate::config::SinkPlan) -> usize {
+    let entries = plan.batch.max_records.min(1 << 16) * std::mem::size_of::<crate::record::Entry>();
+    frame_bytes(plan.batch.max_bytes + entries + 1024)
+}
+
 /// What the three tasks share.
 struct Wal {
     sink: usize,
@@ -254,7 +261,8 @@ pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
 async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
     let plan = &shard.plan.sinks[wal.sink];
     let counters = &shard.metrics.sinks[wal.sink];
-    let mut buf = FrameBuf::with_capacity(plan.batch.max_bytes * 2);
+    let frame_capacity = frame_capacity(plan);
+    let mut buf = FrameBuf::with_capacity(frame_capacity);
     let mut backoff = Backoff::new(plan.retry);
     let mut log_full = LogEvery::new(Duration::from_secs(10));
     let mut log_err = LogEvery::new(Duration::from_secs(10));
@@ -316,10 +324,11 @@ async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
                     // the writer goes on with a free buffer.
                     let frame = if wal.held_frames.get() < FRAMES_IN_MEMORY {
                         wal.held_frames.set(wal.held_frames.get() + 1);
-                        let next =
-                            wal.free_frames.borrow_mut().pop().unwrap_or_else(|| {
-                                FrameBuf::with_capacity(plan.batch.max_bytes * 2)
-                            });
+                        let next = wal
+                            .free_frames
+                            .borrow_mut()
+                            .pop()
+                            .unwrap_or_else(|| FrameBuf::with_capacity(frame_capacity));
                         buf = next;
                         Some(b)
                     } else {
@@ -522,7 +531,7 @@ async fn sender(shard: Rc<Shard>, wal: Rc<Wal>) {
     let plan = &shard.plan.sinks[wal.sink];
     let counters = &shard.metrics.sinks[wal.sink];
     let mut out = Output::new(&shard, wal.sink);
-    let mut buf = FrameBuf::with_capacity(plan.batch.max_bytes * 2);
+    let mut buf = FrameBuf::with_capacity(frame_capacity(plan));
     let mut backoff = Backoff::new(plan.retry);
     let give_up = Duration::from_millis(shard.plan.shutdown_timeout_ms / 2);
     loop {
