@@ -472,6 +472,63 @@ fn send_udp(
     Ok(())
 }
 
+/// Datagrams received a batch per `recvmmsg` call into one reused buffer.
+struct Datagrams {
+    bufs: Vec<u8>,
+    lens: Vec<usize>,
+}
+
+impl Datagrams {
+    const N: usize = 256;
+    const SLOT: usize = 65536;
+
+    fn new() -> Datagrams {
+        Datagrams {
+            bufs: vec![0u8; Self::N * Self::SLOT],
+            lens: Vec::with_capacity(Self::N),
+        }
+    }
+
+    /// Waits for at least one datagram (or the socket's read timeout) and
+    /// takes what is queued; returns how many arrived.
+    fn receive(&mut self, sock: &UdpSocket) -> usize {
+        use std::os::fd::AsRawFd;
+        let mut iov: [libc::iovec; Self::N] = std::array::from_fn(|i| libc::iovec {
+            iov_base: self.bufs[i * Self::SLOT..].as_mut_ptr() as *mut libc::c_void,
+            iov_len: Self::SLOT,
+        });
+        // SAFETY: an all-zero mmsghdr is valid.
+        let mut msgs: [libc::mmsghdr; Self::N] = unsafe { std::mem::zeroed() };
+        for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
+            m.msg_hdr.msg_iov = v;
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: msgs point at iovecs into `bufs`, all alive for the call.
+        let rc = unsafe {
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                Self::N as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        self.lens.clear();
+        let n = rc.max(0) as usize;
+        self.lens
+            .extend(msgs[..n].iter().map(|m| m.msg_len as usize));
+        n
+    }
+
+    /// The datagrams of the last receive.
+    fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        self.lens
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| &self.bufs[i * Self::SLOT..i * Self::SLOT + len])
+    }
+}
+
 // ---------------------------------------------------------------------------
 // relay
 
@@ -503,46 +560,17 @@ fn relay(a: RelayArgs) -> Result<()> {
             Ok(())
         }
         Proto::Udp => {
-            use std::os::fd::AsRawFd;
             let sock = bind_udp(a.listen)?;
             sock.set_read_timeout(None)?;
             let mut up = TcpStream::connect(a.target)?;
-            const N: usize = 256;
-            const DGRAM: usize = 65536;
-            let mut bufs = vec![0u8; N * DGRAM];
+            let mut batch = Datagrams::new();
             let mut out = Vec::with_capacity(RELAY_BUFFER_BYTES);
-            let mut iov: Vec<libc::iovec> = (0..N)
-                .map(|i| libc::iovec {
-                    iov_base: bufs[i * DGRAM..].as_mut_ptr() as *mut libc::c_void,
-                    iov_len: DGRAM,
-                })
-                .collect();
             loop {
-                let mut msgs: Vec<libc::mmsghdr> = (0..N)
-                    .map(|i| {
-                        // SAFETY: an all-zero mmsghdr is valid.
-                        let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                        m.msg_hdr.msg_iov = &mut iov[i];
-                        m.msg_hdr.msg_iovlen = 1;
-                        m
-                    })
-                    .collect();
-                // SAFETY: msgs point at iovecs into `bufs`, alive for the call.
-                let rc = unsafe {
-                    libc::recvmmsg(
-                        sock.as_raw_fd(),
-                        msgs.as_mut_ptr(),
-                        N as u32,
-                        libc::MSG_WAITFORONE,
-                        std::ptr::null_mut(),
-                    )
-                };
-                if rc <= 0 {
+                if batch.receive(&sock) == 0 {
                     continue;
                 }
                 out.clear();
-                for (i, m) in msgs.iter().take(rc as usize).enumerate() {
-                    let d = &bufs[i * DGRAM..i * DGRAM + m.msg_len as usize];
+                for d in batch.iter() {
                     out.extend_from_slice(d);
                     if d.last() != Some(&b'\n') {
                         out.push(b'\n');
@@ -829,47 +857,17 @@ fn udp_receiver(
     tracker: Arc<Mutex<Tracker>>,
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    const N: usize = 256;
-    const DGRAM: usize = 65536;
-    let mut bufs = vec![0u8; N * DGRAM];
-    let mut parsed = Vec::with_capacity(N);
+    let mut batch = Datagrams::new();
+    let mut parsed = Vec::with_capacity(Datagrams::N);
     while !stop.load(Relaxed) {
-        let mut iov: Vec<libc::iovec> = (0..N)
-            .map(|i| libc::iovec {
-                iov_base: bufs[i * DGRAM..].as_mut_ptr() as *mut libc::c_void,
-                iov_len: DGRAM,
-            })
-            .collect();
-        let mut msgs: Vec<libc::mmsghdr> = (0..N)
-            .map(|i| {
-                // SAFETY: an all-zero mmsghdr is valid.
-                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                m.msg_hdr.msg_iov = &mut iov[i];
-                m.msg_hdr.msg_iovlen = 1;
-                m
-            })
-            .collect();
-        // SAFETY: msgs point at iovecs into `bufs`, both alive for the call.
-        let rc = unsafe {
-            libc::recvmmsg(
-                sock.as_raw_fd(),
-                msgs.as_mut_ptr(),
-                N as u32,
-                libc::MSG_WAITFORONE,
-                std::ptr::null_mut(),
-            )
-        };
-        if rc <= 0 {
+        if batch.receive(&sock) == 0 {
             continue;
         }
         parsed.clear();
         let mut malformed = 0;
         let mut bytes = 0u64;
-        for (i, m) in msgs.iter().take(rc as usize).enumerate() {
-            let len = m.msg_len as usize;
-            bytes += len as u64;
-            let d = &bufs[i * DGRAM..i * DGRAM + len];
+        for d in batch.iter() {
+            bytes += d.len() as u64;
             let d = d.strip_suffix(b"\n").unwrap_or(d);
             match parse_record(d) {
                 Some(r) => parsed.push(r),
