@@ -135,6 +135,9 @@ pub struct SinkCounters {
     pub retries: Counter,
     pub queued_batches: Gauge,
     pub connected: Gauge,
+    /// The backoff ceiling of the current retry (the wait is drawn uniformly
+    /// below it), 0 when the sink is healthy.
+    pub retry_backoff_ms: Gauge,
     /// Records dropped by the sink's buffer (full, or a failing disk, with
     /// `when_full = "drop_newest"`).
     pub buffer_dropped: Counter,
@@ -353,6 +356,16 @@ impl Collector for Exposition {
             "Attempts to send a batch again after an error.",
             MetricType::Counter,
             sink_counter(|c| c.retries.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_retry_backoff_ms",
+            "Backoff ceiling of the current retry (full jitter below it), the longest over shards; 0 when healthy.",
+            MetricType::Gauge,
+            (0..n_sink).map(|i| {
+                let longest = m.shards.iter().map(|s| s.sinks[i].retry_backoff_ms.get()).max().unwrap_or(0);
+                (sink(i), ConstGauge::new(longest))
+            }),
         )?;
         family(
             &mut enc,

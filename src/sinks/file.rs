@@ -58,7 +58,11 @@ impl FileOutput {
                             tracing::warn!(sink = name, path = %self.path.display(), error = %e,
                                 suppressed = held, "cannot open the sink's file; batches wait");
                         }
-                        tokio::time::sleep(self.backoff.next_delay()).await;
+                        counters
+                            .retry_backoff_ms
+                            .set(self.backoff.ceiling_ms() as i64);
+                        let delay = self.backoff.next_delay();
+                        tokio::time::sleep(delay).await;
                         counters.retries.add(1);
                     }
                 }
@@ -70,6 +74,7 @@ impl FileOutput {
             match res {
                 Ok(()) => {
                     self.backoff.reset();
+                    counters.retry_backoff_ms.set(0);
                     return buf;
                 }
                 Err(e) => {
@@ -81,7 +86,9 @@ impl FileOutput {
                     // Reopen: the file may have been rotated or removed.
                     self.file = None;
                     counters.connected.set(0);
-                    tokio::time::sleep(self.backoff.next_delay()).await;
+                    let delay = self.backoff.next_delay();
+                    counters.retry_backoff_ms.set(delay.as_millis() as i64);
+                    tokio::time::sleep(delay).await;
                     counters.retries.add(1);
                 }
             }

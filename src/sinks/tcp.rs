@@ -119,7 +119,11 @@ impl TcpOutput {
                             tracing::warn!(sink = name, peer = %address, shard = self.shard, error = %e,
                                 suppressed = held, "cannot connect; batches wait in the sink's buffer");
                         }
-                        tokio::time::sleep(self.backoff.next_delay()).await;
+                        counters
+                            .retry_backoff_ms
+                            .set(self.backoff.ceiling_ms() as i64);
+                        let delay = self.backoff.next_delay();
+                        tokio::time::sleep(delay).await;
                         counters.retries.add(1);
                     }
                 }
@@ -130,6 +134,7 @@ impl TcpOutput {
             match res {
                 Ok(()) => {
                     self.backoff.reset();
+                    counters.retry_backoff_ms.set(0);
                     return buf;
                 }
                 Err(e) => {
@@ -141,7 +146,9 @@ impl TcpOutput {
                             suppressed = held, "write failed; the batch will be sent again");
                     }
                     self.conn.take().expect("in use above").close(false);
-                    tokio::time::sleep(self.backoff.next_delay()).await;
+                    let delay = self.backoff.next_delay();
+                    counters.retry_backoff_ms.set(delay.as_millis() as i64);
+                    tokio::time::sleep(delay).await;
                     counters.retries.add(1);
                 }
             }

@@ -166,6 +166,11 @@ fn a_sink_that_is_down_stops_tcp_sources_in_bounded_memory_and_loses_nothing() {
         received < 100_000.0,
         "received {received} while the sink was down"
     );
+    let backoff = u_.metric(r#"updraft_sink_retry_backoff_ms{sink="up",type="tcp"}"#);
+    assert!(
+        (20.0..=200.0).contains(&backoff),
+        "retrying with a backoff ceiling of {backoff} ms"
+    );
     let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", u_.pid()))
         .unwrap()
         .lines()
@@ -181,6 +186,8 @@ fn a_sink_that_is_down_stops_tcp_sources_in_bounded_memory_and_loses_nothing() {
     assert!(ok, "{r}");
     assert_eq!(u(&r, "lost"), 0, "{r}");
     assert_eq!(u(&r, "duplicates"), 0, "{r}");
+    let backoff = u_.metric(r#"updraft_sink_retry_backoff_ms{sink="up",type="tcp"}"#);
+    assert_eq!(backoff, 0.0, "healthy again");
 }
 
 #[test]
