@@ -62,19 +62,20 @@ fn kill_9_while_forwarding_to_a_slow_sink_loses_nothing() {
     let (src, sink) = (free_addr(), free_addr());
     let batch = "max_records = 1000";
     let mut u_ = Updraft::start(&disk_config(src, sink, 2, "sync_interval_ms = 20", batch));
-    // 40 MB at 10 MB/s per connection: seconds of forwarding to interrupt.
+    // 38 MB at 5 MB/s per connection (one per shard): seconds of forwarding
+    // to interrupt.
     let rx = Receiver::start(
         sink,
         300_000,
         90,
-        &["--read-bytes-per-sec", "10000000", "--linger-ms", "1000"],
+        &["--read-bytes-per-sec", "5000000", "--linger-ms", "1000"],
     );
     send(
         src,
         &["--connections", "4", "--count", "300000", "--size", "128"],
     );
     u_.wait_metric(DURABLE, 300_000.0, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(700));
+    std::thread::sleep(Duration::from_millis(300));
     let sent_before = u_.metric(r#"updraft_sink_sent_records_total{sink="up",type="tcp"}"#);
     assert!(
         sent_before < 300_000.0,
