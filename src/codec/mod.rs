@@ -311,6 +311,68 @@ mod tests {
         assert_eq!((o, closed), (1, true));
     }
 
+    /// Random bytes in random pieces: every framing makes progress or asks
+    /// for more, never panics, and never hands out a record over the limit.
+    #[test]
+    fn arbitrary_input_never_panics_or_overflows_the_limit() {
+        let mut rng = fastrand::Rng::with_seed(6587);
+        for framing in [
+            Framing::Newline,
+            Framing::OctetCounting,
+            Framing::LengthPrefixed,
+        ] {
+            for _ in 0..300 {
+                let len = rng.usize(0..2048);
+                // Mostly digits, spaces and newlines, so frames do occur.
+                let input: Vec<u8> = (0..len)
+                    .map(|_| match rng.u8(0..6) {
+                        0 => b' ',
+                        1 => b'\n',
+                        2 => rng.u8(..),
+                        _ => b'0' + rng.u8(0..10),
+                    })
+                    .collect();
+                let mut d = Decoder::new(framing, 64);
+                let mut buf = Vec::new();
+                for chunk in input.chunks(rng.usize(1..64)) {
+                    buf.extend_from_slice(chunk);
+                    loop {
+                        match d.decode(&buf) {
+                            Decoded::Record { record, consumed } => {
+                                assert!(record.len() <= 64);
+                                assert!(consumed > 0 && consumed <= buf.len());
+                                buf.drain(..consumed);
+                            }
+                            Decoded::NeedMore { consumed } => {
+                                buf.drain(..consumed);
+                                break;
+                            }
+                            Decoded::Oversize { consumed, fatal } => {
+                                buf.drain(..consumed);
+                                if fatal {
+                                    buf.clear();
+                                    d = Decoder::new(framing, 64);
+                                    break;
+                                }
+                            }
+                            Decoded::Invalid { .. } => {
+                                buf.clear();
+                                d = Decoder::new(framing, 64);
+                                break;
+                            }
+                        }
+                    }
+                    // What waits for more is bounded by one frame.
+                    assert!(
+                        buf.len() <= d.frame_bytes_max() + 64,
+                        "{framing:?} holds {}",
+                        buf.len()
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn datagram_strips_one_newline() {
         assert_eq!(datagram_record(b"a\n"), b"a");
