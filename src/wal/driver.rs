@@ -135,6 +135,8 @@ struct Wal {
     writer_done: Cell<bool>,
     sender_done: Cell<bool>,
     syncer_idle: Cell<bool>,
+    /// The writer is between an append and the end of its write.
+    writing: Cell<bool>,
     /// Frame buffers the sender gave back, for the writer to fill again.
     free_frames: RefCell<Vec<FrameBuf>>,
     /// Frames attached to batches not yet sent (at most FRAMES_IN_MEMORY).
@@ -242,6 +244,7 @@ pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
         writer_done: Cell::new(false),
         sender_done: Cell::new(false),
         syncer_idle: Cell::new(true),
+        writing: Cell::new(false),
         free_frames: RefCell::new(Vec::with_capacity(FRAMES_IN_MEMORY)),
         held_frames: Cell::new(0),
     });
@@ -316,7 +319,10 @@ async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
                     }
                 },
             };
-            match write_frame(wal, &a, buf).await {
+            wal.writing.set(true);
+            let written = write_frame(wal, &a, buf).await;
+            wal.writing.set(false);
+            match written {
                 (Ok(()), b) => {
                     backoff.reset();
                     wal.log.borrow_mut().wrote(a);
@@ -482,6 +488,18 @@ async fn syncer(shard: Rc<Shard>, wal: Rc<Wal>) {
             None if !wal.pending_delete.borrow().is_empty() => delete_segments(&shard, &wal).await,
             None => {}
         }
+        // An idle log gives back its last segment once all of it is
+        // delivered: other logs on the same disk may need the space.
+        let idle = !wal.writing.get()
+            && !wal.log.borrow().has_unsynced()
+            && wal.to_send.borrow().is_empty();
+        if idle {
+            let freed = wal.log.borrow_mut().release_idle_head();
+            if !freed.is_empty() {
+                wal.pending_delete.borrow_mut().extend(freed);
+                delete_segments(&shard, &wal).await;
+            }
+        }
         if finishing
             && wal.sender_done.get()
             && !wal.log.borrow().has_unsynced()
@@ -506,12 +524,15 @@ async fn persist_checkpoint(shard: &Shard, wal: &Wal, c: CheckpointSlot) {
     };
     if let Err(e) = synced {
         tracing::warn!(dir = %wal.dir.display(), error = %e, "cannot write the checkpoint; acknowledged batches may be sent again after a restart");
-        return;
     }
+    // Wholly acknowledged segments go even when the checkpoint could not be
+    // written: what they hold was delivered, so removing them loses nothing
+    // (an older checkpoint only means more duplicates after a crash), and on
+    // a full disk they are what frees space.
     delete_segments(shard, wal).await;
 }
 
-/// Deletes segments that a persisted checkpoint no longer needs.
+/// Deletes segments whose batches were all acknowledged.
 async fn delete_segments(shard: &Shard, wal: &Wal) {
     let delete: Vec<u64> = std::mem::take(&mut *wal.pending_delete.borrow_mut());
     for id in delete {

@@ -268,6 +268,26 @@ impl Log {
         }
     }
 
+    /// Deletes the head segment if it is the only one and wholly
+    /// acknowledged (the writer being idle): on a disk shared with other
+    /// logs, an idle log should not hold space it no longer needs. The next
+    /// append starts a new segment.
+    pub fn release_idle_head(&mut self) -> Vec<u64> {
+        match self.segments.back() {
+            Some(head)
+                if self.segments.len() == 1
+                    && head.unacked == 0
+                    && head.bytes > SEGMENT_HEADER_BYTES as u64 =>
+            {
+                self.head_open = false;
+                let s = self.segments.pop_back().expect("checked");
+                self.total_bytes -= s.bytes;
+                vec![s.id]
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// Whether enough is written that a sync should run now.
     pub fn sync_due(&self) -> bool {
         self.unsynced_bytes >= self.cfg.sync_bytes
@@ -482,6 +502,18 @@ mod tests {
         assert_eq!(log.bytes(), b);
         assert_eq!(log.seal_head(), vec![1]);
         assert_eq!(log.bytes(), 0);
+    }
+
+    #[test]
+    fn an_idle_acknowledged_head_is_released() {
+        let mut log = Log::new(cfg());
+        let a = put(&mut log, 100).unwrap();
+        assert!(log.release_idle_head().is_empty(), "not acknowledged yet");
+        sync_all(&mut log);
+        log.ack(a.id);
+        assert_eq!(log.release_idle_head(), vec![0]);
+        assert_eq!(log.bytes(), 0);
+        assert_eq!(put(&mut log, 100).unwrap().create_segment, Some(1));
     }
 
     #[test]

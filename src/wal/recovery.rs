@@ -10,7 +10,8 @@
 //! - where the framing is lost, the rest of the segment is copied to
 //!   `<segment>.wal.damaged-tail` and the segment truncated before it;
 //! - a segment with a bad header is renamed `<segment>.wal.damaged`;
-//! - segments with nothing after the checkpoint are deleted.
+//! - segments with nothing after the checkpoint are deleted;
+//! - the checkpoint file is given both its slots up front.
 
 use super::format::{self, decode_checkpoint, parse_segment_file_name, scan};
 use super::machine::{BatchId, Log, LogConfig, Recovered};
@@ -28,9 +29,27 @@ pub struct Recovery {
     pub damaged_segments: u64,
 }
 
+/// Gives the checkpoint file its two slots in real (not sparse) blocks now,
+/// so that writing a checkpoint later never needs new space: on a full disk
+/// the checkpoint must still move, or no segment could ever be freed.
+fn preallocate_checkpoint(path: &Path, len: usize) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    if len >= format::CHECKPOINT_BYTES {
+        return Ok(());
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)?;
+    f.write_all_at(&[0u8; format::CHECKPOINT_BYTES][len..], len as u64)?;
+    f.sync_all()
+}
+
 pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io::Result<Recovery> {
     std::fs::create_dir_all(dir)?;
     let checkpoint_bytes = std::fs::read(dir.join("checkpoint")).unwrap_or_default();
+    preallocate_checkpoint(&dir.join("checkpoint"), checkpoint_bytes.len())?;
     let checkpoint = decode_checkpoint(&checkpoint_bytes);
     let never_acked = checkpoint_bytes.iter().all(|&b| b == 0);
     let mut ids: Vec<u64> = std::fs::read_dir(dir)?
