@@ -97,12 +97,6 @@ impl Batch {
         });
     }
 
-    /// Appends a record of another batch, keeping its entry's fields.
-    #[inline]
-    pub fn push_entry(&mut self, entry: &Entry, record: &[u8]) {
-        self.push(entry.ts_ns, entry.key_hash, entry.source, record);
-    }
-
     /// The bytes of record `i`, without the trailing newline.
     #[inline]
     pub fn record(&self, i: usize) -> &[u8] {

@@ -453,12 +453,10 @@ async fn syncer(shard: Rc<Shard>, wal: Rc<Wal>) {
         }
         if wal.log.borrow().has_unsynced() {
             let plan_sync = wal.log.borrow_mut().begin_sync();
-            let mut ok = true;
             for seg in &plan_sync.segments {
                 let f = wal.files.borrow().get(seg).cloned();
                 if let Some(f) = f {
                     if let Err(e) = f.sync_data().await {
-                        ok = false;
                         if let Some(held) = log_err.ready() {
                             tracing::error!(sink = %plan.name, shard = shard.id, error = %e, suppressed = held,
                                 "fdatasync of the disk buffer failed: the last writes may not be durable");
@@ -467,7 +465,6 @@ async fn syncer(shard: Rc<Shard>, wal: Rc<Wal>) {
                 }
             }
             counters.wal_syncs.add(1);
-            let _ = ok;
             let durable = wal.log.borrow_mut().synced(plan_sync);
             let mut written = wal.written.borrow_mut();
             let mut to_send = wal.to_send.borrow_mut();

@@ -12,18 +12,7 @@ const SENT: &str = r#"updraft_sink_sent_records_total{sink="up",type="tcp"}"#;
 #[cfg_attr(not(feature = "count-alloc"), ignore = "needs --features count-alloc")]
 fn steady_state_allocates_under_one_hundredth_per_record() {
     let (src, sink) = (free_addr(), free_addr());
-    let u_ = Updraft::start(&format!(
-        r#"
-shards = 2
-[sources.app]
-type = "tcp"
-address = "{src}"
-[sinks.up]
-type = "tcp"
-inputs = ["app"]
-address = "{sink}"
-"#
-    ));
+    let u_ = Updraft::start(&tcp_to_tcp(src, sink, 2, ""));
     let rx = Receiver::start(sink, 200_000, 60, &[]);
     // Warm-up: pools fill, connections and tasks start.
     send(

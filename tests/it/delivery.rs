@@ -4,30 +4,6 @@
 use crate::harness::*;
 use std::time::Duration;
 
-fn tcp_to_tcp(
-    src: std::net::SocketAddr,
-    sink: std::net::SocketAddr,
-    shards: usize,
-    extra: &str,
-) -> String {
-    format!(
-        r#"
-shards = {shards}
-[sources.app]
-type = "tcp"
-address = "{src}"
-{extra}
-[sinks.up]
-type = "tcp"
-inputs = ["app"]
-address = "{sink}"
-[sinks.up.retry]
-initial_backoff_ms = 20
-max_backoff_ms = 200
-"#
-    )
-}
-
 #[test]
 fn a_million_records_over_four_tcp_connections_arrive_exactly_once() {
     let (src, sink) = (free_addr(), free_addr());

@@ -287,3 +287,29 @@ pub fn u(v: &Value, key: &str) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
+
+/// A tcp source `app` forwarding to a tcp sink `up`, retrying quickly;
+/// `extra` adds keys to the source.
+pub fn tcp_to_tcp(
+    src: std::net::SocketAddr,
+    sink: std::net::SocketAddr,
+    shards: usize,
+    extra: &str,
+) -> String {
+    format!(
+        r#"
+shards = {shards}
+[sources.app]
+type = "tcp"
+address = "{src}"
+{extra}
+[sinks.up]
+type = "tcp"
+inputs = ["app"]
+address = "{sink}"
+[sinks.up.retry]
+initial_backoff_ms = 20
+max_backoff_ms = 200
+"#
+    )
+}
