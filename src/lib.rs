@@ -24,6 +24,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod limiter;
 pub mod metrics;
 pub mod record;
 pub mod route;

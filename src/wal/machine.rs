@@ -139,6 +139,10 @@ impl Log {
         });
         log.checkpoint = after;
         log.checkpoint_seq = checkpoint.map_or(0, |c| c.seq);
+        // New segments number after the checkpoint even when every segment
+        // was deleted: an id at or before it would be skipped by the next
+        // replay (and would repeat an idempotency key already delivered).
+        log.next_segment = after.map_or(0, |a| a.segment + 1);
         let mut replay = Vec::new();
         let mut delete = Vec::new();
         for s in &found {
@@ -568,6 +572,12 @@ mod tests {
         let o = log.ack(replay[1]);
         assert_eq!(o.checkpoint.unwrap().seq, 11);
         assert_eq!(o.delete, vec![4]);
+
+        // Every segment deleted, the checkpoint kept: new ids come after it,
+        // so the next replay does not skip them.
+        let (mut empty, replay, _) = Log::recover(cfg(), Vec::new(), Some(cp));
+        assert!(replay.is_empty());
+        assert_eq!(put(&mut empty, 100).unwrap().create_segment, Some(5));
 
         // No checkpoint (missing or damaged): everything replays.
         let (_, replay, delete) = Log::recover(cfg(), found, None);
