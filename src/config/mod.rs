@@ -7,6 +7,9 @@
 //! user fixing a config file needs nothing else. Nothing here does I/O except
 //! [`Plan::from_path`] reading the file.
 
+pub mod http;
+
+pub use http::{Compression, Concurrency, Encoding, HttpTarget};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -133,6 +136,32 @@ pub struct SourceConfig {
     pub max_connections: Option<usize>,
     pub receive_buffer_bytes: Option<usize>,
     pub utf8: Option<Utf8Policy>,
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub records_per_sec: u64,
+    pub when_exceeded: Option<WhenExceeded>,
+}
+
+/// What a source does with records over its `rate_limit`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenExceeded {
+    /// Drop and count (`reason="rate_limit"`).
+    #[default]
+    Drop,
+    /// Stop reading until the rate allows more (TCP; a UDP source drops).
+    Block,
+}
+
+/// A source's rate limit, per shard (the configured rate split evenly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitPlan {
+    pub per_shard_per_sec: u64,
+    pub when_exceeded: WhenExceeded,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +169,7 @@ pub struct SourceConfig {
 pub enum SinkKind {
     Tcp,
     File,
+    Http,
     Blackhole,
 }
 
@@ -151,6 +181,13 @@ pub struct SinkConfig {
     pub inputs: Vec<String>,
     pub address: Option<String>,
     pub path: Option<PathBuf>,
+    pub uri: Option<String>,
+    pub encoding: Option<Encoding>,
+    pub compression: Option<Compression>,
+    pub headers: Option<BTreeMap<String, String>>,
+    pub idempotency_header: Option<String>,
+    pub request: Option<http::RequestConfig>,
+    pub tls: Option<http::TlsConfig>,
     pub batch: Option<BatchConfig>,
     pub buffer: Option<BufferConfig>,
     pub retry: Option<RetryConfig>,
@@ -229,6 +266,7 @@ pub struct SourcePlan {
     pub max_connections: usize,
     pub receive_buffer_bytes: Option<usize>,
     pub utf8: Utf8Policy,
+    pub rate_limit: Option<RateLimitPlan>,
     /// Ids of the sinks that list this source in `inputs`.
     pub sinks: Vec<usize>,
 }
@@ -237,6 +275,7 @@ pub struct SourcePlan {
 pub enum SinkTarget {
     Tcp { address: SocketAddr },
     File { path: PathBuf },
+    Http(Box<HttpTarget>),
     Blackhole,
 }
 
@@ -289,6 +328,7 @@ impl SinkTarget {
         match self {
             SinkTarget::Tcp { .. } => "tcp",
             SinkTarget::File { .. } => "file",
+            SinkTarget::Http(_) => "http",
             SinkTarget::Blackhole => "blackhole",
         }
     }
@@ -429,6 +469,19 @@ impl Plan {
                 .filter(|(_, (_, k))| k.inputs.iter().any(|i| i == name))
                 .map(|(i, _)| i)
                 .collect();
+            let rate_limit = match &s.rate_limit {
+                None => None,
+                Some(r) if r.records_per_sec == 0 => {
+                    return Err(invalid(
+                        key("rate_limit.records_per_sec"),
+                        "must be at least 1",
+                    ))
+                }
+                Some(r) => Some(RateLimitPlan {
+                    per_shard_per_sec: r.records_per_sec.div_ceil(shards as u64),
+                    when_exceeded: r.when_exceeded.unwrap_or_default(),
+                }),
+            };
             sources.push(SourcePlan {
                 name: name.clone(),
                 kind: s.kind,
@@ -439,6 +492,7 @@ impl Plan {
                 max_connections,
                 receive_buffer_bytes: s.receive_buffer_bytes,
                 utf8: s.utf8.unwrap_or_default(),
+                rate_limit,
                 sinks,
             });
         }
@@ -474,6 +528,29 @@ impl Plan {
                     }
                     SinkTarget::File { path: p }
                 }
+                SinkKind::Http => {
+                    if k.address.is_some() || k.path.is_some() {
+                        return Err(invalid(
+                            key(if k.address.is_some() {
+                                "address"
+                            } else {
+                                "path"
+                            }),
+                            "an http sink takes a uri, not an address or path",
+                        ));
+                    }
+                    SinkTarget::Http(Box::new(http::plan(
+                        name,
+                        k.uri.as_deref(),
+                        k.encoding,
+                        k.compression,
+                        k.headers.as_ref(),
+                        k.idempotency_header.as_deref(),
+                        k.request.as_ref(),
+                        k.tls.as_ref(),
+                        &data_dir,
+                    )?))
+                }
                 SinkKind::Blackhole => {
                     if k.address.is_some() || k.path.is_some() {
                         return Err(invalid(
@@ -484,6 +561,20 @@ impl Plan {
                     SinkTarget::Blackhole
                 }
             };
+            if k.kind != SinkKind::Http {
+                let http_only = [
+                    ("uri", k.uri.is_some()),
+                    ("encoding", k.encoding.is_some()),
+                    ("compression", k.compression.is_some()),
+                    ("headers", k.headers.is_some()),
+                    ("idempotency_header", k.idempotency_header.is_some()),
+                    ("request", k.request.is_some()),
+                    ("tls", k.tls.is_some()),
+                ];
+                if let Some((x, _)) = http_only.iter().find(|(_, set)| *set) {
+                    return Err(invalid(key(x), "only an http sink takes this key"));
+                }
+            }
             if k.inputs.is_empty() {
                 return Err(invalid(key("inputs"), "list at least one source"));
             }

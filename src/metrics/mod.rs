@@ -72,10 +72,12 @@ pub enum DropReason {
     ReceiveBuffer,
     /// No sink takes the source's records.
     NoSink,
+    /// Over the source's `rate_limit` (with `when_exceeded = "drop"`, or UDP).
+    RateLimit,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::Oversize,
         DropReason::Framing,
         DropReason::InvalidUtf8,
@@ -83,6 +85,7 @@ impl DropReason {
         DropReason::SinkFull,
         DropReason::ReceiveBuffer,
         DropReason::NoSink,
+        DropReason::RateLimit,
     ];
 
     pub fn label(self) -> &'static str {
@@ -94,6 +97,7 @@ impl DropReason {
             DropReason::SinkFull => "sink_full",
             DropReason::ReceiveBuffer => "receive_buffer",
             DropReason::NoSink => "no_sink",
+            DropReason::RateLimit => "rate_limit",
         }
     }
 }
@@ -151,6 +155,22 @@ pub struct SinkCounters {
     pub wal_replayed_batches: Counter,
     /// Bytes the disk buffer holds now.
     pub wal_bytes: Gauge,
+    /// HTTP: request bodies sent (after encoding and compression).
+    pub body_bytes: Counter,
+    /// HTTP: answers by class.
+    pub responses_2xx: Counter,
+    pub responses_throttled: Counter,
+    pub responses_4xx: Counter,
+    pub responses_5xx: Counter,
+    pub timeouts: Counter,
+    /// HTTP: requests in flight now, and the concurrency limit.
+    pub in_flight: Gauge,
+    pub concurrency_limit: Gauge,
+    /// HTTP: batches (and their records) written to the dead-letter file.
+    pub dead_letter_batches: Counter,
+    pub dead_letter_records: Counter,
+    /// Records the encoding could not express (e.g. not line protocol).
+    pub encode_dropped: Counter,
 }
 
 /// Everything one shard counts. Written by that shard only.
@@ -458,6 +478,80 @@ impl Collector for Exposition {
                     ConstGauge::new(m.sink_sum(i, |c| c.wal_bytes.get())),
                 )
             }),
+        )?;
+        family(
+            &mut enc,
+            "sink_body_bytes",
+            "HTTP: request body bytes sent, after encoding and compression.",
+            MetricType::Counter,
+            sink_counter(|c| c.body_bytes.get() as i64),
+        )?;
+        {
+            let classes: [(&str, fn(&SinkCounters) -> i64); 5] = [
+                ("2xx", |c| c.responses_2xx.get() as i64),
+                ("throttled", |c| c.responses_throttled.get() as i64),
+                ("4xx", |c| c.responses_4xx.get() as i64),
+                ("5xx", |c| c.responses_5xx.get() as i64),
+                ("timeout", |c| c.timeouts.get() as i64),
+            ];
+            family(
+                &mut enc,
+                "sink_http_responses",
+                "HTTP: answers by class (throttled = 429 and 503; timeout = no answer in request.timeout_ms).",
+                MetricType::Counter,
+                (0..n_sink).flat_map(|i| {
+                    classes.iter().map(move |(class, f)| {
+                        let mut labels = sink(i);
+                        labels.push(("class", class.to_string()));
+                        (labels, ConstCounter::new(m.sink_sum(i, *f) as u64))
+                    })
+                }),
+            )?;
+        }
+        family(
+            &mut enc,
+            "sink_in_flight_requests",
+            "HTTP: requests in flight now (all shards).",
+            MetricType::Gauge,
+            (0..n_sink).map(|i| {
+                (
+                    sink(i),
+                    ConstGauge::new(m.sink_sum(i, |c| c.in_flight.get())),
+                )
+            }),
+        )?;
+        family(
+            &mut enc,
+            "sink_concurrency_limit",
+            "HTTP: the concurrency limit, summed over shards (adaptive or fixed).",
+            MetricType::Gauge,
+            (0..n_sink).map(|i| {
+                (
+                    sink(i),
+                    ConstGauge::new(m.sink_sum(i, |c| c.concurrency_limit.get())),
+                )
+            }),
+        )?;
+        family(
+            &mut enc,
+            "sink_dead_letter_batches",
+            "HTTP: batches the endpoint refused for good (4xx), written to the dead-letter file.",
+            MetricType::Counter,
+            sink_counter(|c| c.dead_letter_batches.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_dead_letter_records",
+            "HTTP: records in dead-lettered batches.",
+            MetricType::Counter,
+            sink_counter(|c| c.dead_letter_records.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_encode_dropped_records",
+            "Records the sink's encoding cannot express (e.g. not InfluxDB line protocol), dropped.",
+            MetricType::Counter,
+            sink_counter(|c| c.encode_dropped.get() as i64),
         )?;
         family(
             &mut enc,

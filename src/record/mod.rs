@@ -20,7 +20,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 #[rkyv(derive(Debug))]
 #[repr(C)]
 pub struct Entry {
-    /// Receive time, nanoseconds on the collector's monotonic clock (quanta).
+    /// Receive time, nanoseconds since the Unix epoch (see `Shard::now_ns`).
     pub ts_ns: u64,
     /// Offset of the record's first byte in the payload.
     pub offset: u32,
@@ -127,6 +127,56 @@ impl ArchivedBatch {
         let e = &self.entries[i];
         let start = e.offset.to_native() as usize;
         &self.payload[start..start + e.len.to_native() as usize]
+    }
+}
+
+/// A batch to read: in memory, or archived in place in a read buffer.
+#[derive(Clone, Copy)]
+pub enum BatchView<'a> {
+    Native(&'a Batch),
+    Archived(&'a ArchivedBatch),
+}
+
+impl<'a> BatchView<'a> {
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        match self {
+            BatchView::Native(b) => b.entries.len(),
+            BatchView::Archived(a) => a.entries.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The records back to back, each followed by `\n`.
+    pub fn payload(&self) -> &'a [u8] {
+        match self {
+            BatchView::Native(b) => &b.payload,
+            BatchView::Archived(a) => a.payload.as_slice(),
+        }
+    }
+
+    /// Calls `f(ts_ns, source, record)` for each record in order.
+    #[inline]
+    pub fn for_each(&self, mut f: impl FnMut(u64, u16, &'a [u8])) {
+        match *self {
+            BatchView::Native(b) => {
+                for e in &b.entries {
+                    let r = &b.payload[e.offset as usize..(e.offset + e.len) as usize];
+                    f(e.ts_ns, e.source, r);
+                }
+            }
+            BatchView::Archived(a) => {
+                let p = a.payload.as_slice();
+                for e in a.entries.iter() {
+                    let start = e.offset.to_native() as usize;
+                    let r = &p[start..start + e.len.to_native() as usize];
+                    f(e.ts_ns.to_native(), e.source.to_native(), r);
+                }
+            }
+        }
     }
 }
 

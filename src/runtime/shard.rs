@@ -56,6 +56,10 @@ pub struct Shard {
     /// Open connections per source, over all shards (`max_connections`).
     pub connections: Arc<Vec<AtomicUsize>>,
     pub clock: quanta::Clock,
+    /// Each source's ingress rate on this shard (`rate_limit`), if set.
+    rates: Vec<RefCell<Option<crate::limiter::IngressRate>>>,
+    /// A raw reading of `clock` and the Unix time it stood for.
+    clock_base: Cell<Option<(u64, u64)>>,
     pub sinks: Vec<Rc<SinkQueue>>,
     pool: RefCell<BatchPool>,
     out: Vec<Option<OutLane>>,
@@ -147,6 +151,17 @@ impl Shard {
             sources_changed: Notify::new(),
             stop_sources: Notify::new(),
             clock: quanta::Clock::new(),
+            clock_base: Cell::new(None),
+            rates: plan
+                .sources
+                .iter()
+                .map(|s| {
+                    RefCell::new(
+                        s.rate_limit
+                            .map(|r| crate::limiter::IngressRate::new(r.per_shard_per_sec, 0)),
+                    )
+                })
+                .collect(),
             plan,
             metrics,
             life,
@@ -154,10 +169,52 @@ impl Shard {
         }
     }
 
-    /// Nanoseconds on the shard's monotonic clock.
+    /// Wall-clock time, nanoseconds since the Unix epoch: read once from
+    /// the system clock, then advanced by the shard's cheap monotonic clock
+    /// (quanta), so records' times stay meaningful after a restart (the
+    /// write-ahead log replays them) and never go backwards on a shard.
     #[inline]
     pub fn now_ns(&self) -> u64 {
-        self.clock.delta_as_nanos(0, self.clock.raw())
+        let raw = self.clock.raw();
+        let (raw0, unix0) = match self.clock_base.get() {
+            Some(b) => b,
+            None => {
+                let unix = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                self.clock_base.set(Some((raw, unix)));
+                (raw, unix)
+            }
+        };
+        unix0 + self.clock.delta_as_nanos(raw0, raw)
+    }
+
+    /// Whether `source`'s rate limit admits one more record now (always,
+    /// without a limit).
+    #[inline]
+    pub fn rate_admit(&self, source: usize) -> bool {
+        match &mut *self.rates[source].borrow_mut() {
+            None => true,
+            Some(r) => r.try_take(self.clock.delta_as_nanos(0, self.clock.raw())),
+        }
+    }
+
+    /// Waits until `source`'s rate limit admits a record, then takes it
+    /// (`when_exceeded = "block"`: the connection is not read meanwhile).
+    pub async fn rate_wait(&self, source: usize) {
+        loop {
+            let wait = match &mut *self.rates[source].borrow_mut() {
+                None => return,
+                Some(r) => {
+                    let now = self.clock.delta_as_nanos(0, self.clock.raw());
+                    if r.try_take(now) {
+                        return;
+                    }
+                    r.wait_ns(now)
+                }
+            };
+            tokio::time::sleep(std::time::Duration::from_nanos(wait.max(1_000_000))).await;
+        }
     }
 
     /// Gives a sent batch back to the pool.

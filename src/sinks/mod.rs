@@ -15,12 +15,13 @@
 //! and the output sends them from there.
 
 pub mod file;
+pub mod http;
 pub mod tcp;
 pub mod util;
 
 use crate::config::{SinkPlan, SinkTarget};
 use crate::metrics::SinkCounters;
-use crate::record::{Batch, BatchBuilder, BatchPool};
+use crate::record::{Batch, BatchBuilder, BatchPool, BatchView};
 use crate::runtime::shard::Shard;
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -189,17 +190,27 @@ impl SinkQueue {
 }
 
 /// Where one sink's batches go from one shard.
+///
+/// Stream outputs (tcp, file, blackhole) take a batch's newline-delimited
+/// payload with [`deliver`](Output::deliver) and are done with it when that
+/// returns. The http output takes the batch itself ([`http::HttpOutput::submit`])
+/// because it encodes it, keeps several requests in flight, and acknowledges
+/// each batch (through `ack`) when its request succeeds.
 pub enum Output {
     Tcp(tcp::TcpOutput),
     File(file::FileOutput),
+    Http(http::HttpOutput),
     Blackhole,
 }
 
 impl Output {
-    pub fn new(shard: &Shard, sink: usize) -> Output {
+    /// `ack` is called with a batch's id once an http request delivered it
+    /// (disk buffers); stream outputs are acknowledged by their caller.
+    pub fn new(shard: &Rc<Shard>, sink: usize, ack: Option<http::Ack>) -> Output {
         match shard.plan.sinks[sink].target.clone() {
             SinkTarget::Tcp { address } => Output::Tcp(tcp::TcpOutput::new(shard, sink, address)),
             SinkTarget::File { path } => Output::File(file::FileOutput::new(shard, sink, path)),
+            SinkTarget::Http(t) => Output::Http(http::HttpOutput::new(shard, sink, *t, ack)),
             SinkTarget::Blackhole => Output::Blackhole,
         }
     }
@@ -210,6 +221,7 @@ impl Output {
         match self {
             Output::Tcp(o) => o.deliver(shard, buf).await,
             Output::File(o) => o.deliver(shard, buf).await,
+            Output::Http(_) => unreachable!("an http output takes batches through submit"),
             Output::Blackhole => buf,
         }
     }
@@ -218,6 +230,12 @@ impl Output {
         match self {
             Output::Tcp(o) => o.close(shard),
             Output::File(o) => o.close(shard).await,
+            Output::Http(o) => {
+                o.close(std::time::Duration::from_millis(
+                    shard.plan.shutdown_timeout_ms / 2,
+                ))
+                .await
+            }
             Output::Blackhole => {}
         }
     }
@@ -226,9 +244,15 @@ impl Output {
 /// Sends a memory buffer's batches: each payload is delivered whole, then
 /// the batch goes back to the pool.
 async fn run_memory(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
-    let mut out = Output::new(&shard, queue.sink);
+    let mut out = Output::new(&shard, queue.sink, None);
     let counters = &shard.metrics.sinks[queue.sink];
     while let Some(mut batch) = queue.next().await {
+        if let Output::Http(h) = &mut out {
+            // Encoded into the request's own buffer: the batch is free now.
+            h.submit(BatchView::Native(&batch), None).await;
+            shard.recycle(batch);
+            continue;
+        }
         let payload = std::mem::take(&mut batch.payload);
         batch.payload = out.deliver(&shard, payload).await;
         counters.records.add(batch.len() as u64);

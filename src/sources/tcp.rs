@@ -10,7 +10,7 @@
 //! named; a lost framing closes that connection only.
 
 use crate::codec::{Decoded, Decoder};
-use crate::config::{PartitionBy, Utf8Policy};
+use crate::config::{PartitionBy, Utf8Policy, WhenExceeded};
 use crate::metrics::DropReason;
 use crate::route::{owner, peer_key};
 use crate::runtime::shard::Shard;
@@ -72,6 +72,7 @@ struct Dropped {
     empty: u64,
     logged_oversize: bool,
     logged_utf8: bool,
+    logged_rate: bool,
 }
 
 impl Dropped {
@@ -147,6 +148,20 @@ async fn connection(shard: &Rc<Shard>, source: usize, stream: TcpStream, peer: S
                     if no_sink {
                         counters.drop(DropReason::NoSink, 1);
                         continue;
+                    }
+                    if let Some(rl) = plan.rate_limit {
+                        if !shard.rate_admit(source) {
+                            if rl.when_exceeded == WhenExceeded::Drop {
+                                counters.drop(DropReason::RateLimit, 1);
+                                if !dropped.logged_rate {
+                                    dropped.logged_rate = true;
+                                    tracing::warn!(source = %plan.name, %peer,
+                                        "over the source's rate_limit: records are dropped (counted as rate_limit)");
+                                }
+                                continue;
+                            }
+                            shard.rate_wait(source).await;
+                        }
                     }
                     records += 1;
                     shard.offer(source, dest, ts, key, record).await;

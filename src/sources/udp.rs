@@ -180,6 +180,16 @@ impl Take<'_> {
                 (k, owner(k, shard.shards))
             }
         };
+        if !shard.rate_admit(self.source) {
+            // A datagram cannot wait: over the rate it is dropped, whatever
+            // `when_exceeded` says.
+            counters.drop(DropReason::RateLimit, 1);
+            if let Some(held) = self.log_full.ready() {
+                tracing::warn!(source = %plan.name, suppressed = held,
+                    "over the source's rate_limit: datagrams are dropped (counted as rate_limit)");
+            }
+            return;
+        }
         let ts = shard.now_ns();
         match shard.try_offer(self.source, dest, ts, key, record) {
             Ok(()) => counters.records.add(1),

@@ -548,7 +548,8 @@ async fn delete_segments(shard: &Shard, wal: &Wal) {
 async fn sender(shard: Rc<Shard>, wal: Rc<Wal>) {
     let plan = &shard.plan.sinks[wal.sink];
     let counters = &shard.metrics.sinks[wal.sink];
-    let mut out = Output::new(&shard, wal.sink);
+    let acks = wal.clone();
+    let mut out = Output::new(&shard, wal.sink, Some(Rc::new(move |id| ack(&acks, id))));
     let mut buf = FrameBuf::with_capacity(frame_capacity(plan));
     let mut backoff = Backoff::new(plan.retry);
     let give_up = Duration::from_millis(shard.plan.shutdown_timeout_ms / 2);
@@ -612,21 +613,36 @@ async fn sender(shard: Rc<Shard>, wal: Rc<Wal>) {
         // A frame read back is checked against its CRC; one kept in memory
         // is the one just written.
         let header_ok = from_memory || buf.0[..FRAME_HEADER_BYTES] == format::frame_header(archive);
-        let range = match (header_ok, crate::record::access(archive)) {
-            (true, Ok(a)) => {
-                let p = a.payload.as_slice();
-                let start = p.as_ptr() as usize - buf.0.as_ptr() as usize;
-                Some((start, start + p.len(), a.entries.len()))
-            }
-            _ => None,
+        let checked = if header_ok {
+            crate::record::access(archive).ok()
+        } else {
+            None
         };
-        let Some((start, end, records)) = range else {
+        let Some(a) = checked else {
             tracing::error!(sink = %plan.name, segment = id.segment, offset = id.offset,
                 "a batch in the disk buffer is damaged; skipped (counted)");
             counters.wal_damaged_frames.add(1);
             ack(&wal, id);
             continue;
         };
+        if let Output::Http(h) = &mut out {
+            // The request encodes the archive in place; the http output
+            // acknowledges the batch when its request succeeds.
+            let submit = h.submit(crate::record::BatchView::Archived(a), Some(id));
+            if shard.stopping.get() && wal.writer_done.get() {
+                if tokio::time::timeout(give_up, submit).await.is_err() {
+                    tracing::warn!(sink = %plan.name, shard = shard.id,
+                        "the sink did not take the disk buffer before shutdown; it is kept and replayed at the next start");
+                    break;
+                }
+            } else {
+                submit.await;
+            }
+            continue;
+        }
+        let p = a.payload.as_slice();
+        let start = p.as_ptr() as usize - buf.0.as_ptr() as usize;
+        let (start, end, records) = (start, start + p.len(), a.entries.len());
         // The payload is sent as it lies in the read buffer.
         let delivery = out.deliver(&shard, buf.slice(start..end));
         let stopping = shard.stopping.get() && wal.writer_done.get();

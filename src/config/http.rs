@@ -1,0 +1,510 @@
+//! The `http` sink's keys: what the user writes and the plan it becomes.
+//!
+//! Resolved here, once, at start: the URI (host resolved to an address),
+//! header values with `${VAR}` taken from the environment, the TLS client
+//! configuration (roots from `tls.ca_file` or the system store), and the
+//! concurrency rule. Header values may hold secrets: the plan keeps them in
+//! [`Redacted`], whose `Debug` never shows them, and no error message here
+//! quotes a value taken from the environment.
+
+use super::{invalid, ConfigError};
+use crate::limiter::AdaptiveParams;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// Longest `Retry-After` honoured; a longer one is cut to this.
+pub const RETRY_AFTER_MAX_MS: u64 = 300_000;
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    #[default]
+    Raw,
+    Ndjson,
+    Influx,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    #[default]
+    None,
+    Gzip,
+    Zstd,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RequestConfig {
+    pub timeout_ms: Option<u64>,
+    pub concurrency: Option<ConcurrencyConfig>,
+    pub adaptive: Option<AdaptiveConfig>,
+}
+
+/// `"adaptive"` or a fixed number of requests in flight.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ConcurrencyConfig {
+    Fixed(u32),
+    Named(String),
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveConfig {
+    pub max: Option<u32>,
+    pub initial: Option<u32>,
+    pub window_ms: Option<u64>,
+    pub tolerance: Option<f64>,
+    pub decrease: Option<f64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca_file: Option<PathBuf>,
+    pub verify: Option<bool>,
+}
+
+/// A header value that may hold a secret: never shown by `Debug`.
+#[derive(Clone)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Concurrency {
+    Fixed(u32),
+    Adaptive(AdaptiveParams),
+}
+
+/// Everything an http sink needs at run time.
+#[derive(Debug, Clone)]
+pub struct HttpTarget {
+    /// The URI as configured (for logs).
+    pub uri: String,
+    pub address: SocketAddr,
+    /// `Host` header value.
+    pub host: String,
+    /// Request target: path and query.
+    pub path: String,
+    /// TLS client configuration and the name to verify, for `https`.
+    pub tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls_pki_types::ServerName<'static>,
+    )>,
+    pub encoding: Encoding,
+    pub compression: Compression,
+    pub headers: Vec<(String, Redacted)>,
+    pub idempotency_header: Option<String>,
+    pub timeout_ms: u64,
+    pub concurrency: Concurrency,
+    /// Dead-letter directory: `data_dir/dlq/<sink>`.
+    pub dlq_dir: PathBuf,
+}
+
+/// Headers the client writes itself.
+const RESERVED_HEADERS: [&str; 6] = [
+    "host",
+    "content-length",
+    "content-encoding",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+];
+
+#[allow(clippy::too_many_arguments)]
+pub fn plan(
+    name: &str,
+    uri: Option<&str>,
+    encoding: Option<Encoding>,
+    compression: Option<Compression>,
+    headers: Option<&BTreeMap<String, String>>,
+    idempotency_header: Option<&str>,
+    request: Option<&RequestConfig>,
+    tls: Option<&TlsConfig>,
+    data_dir: &Path,
+) -> Result<HttpTarget, ConfigError> {
+    let key = |x: &str| format!("sinks.{name}.{x}");
+    let uri = uri.ok_or_else(|| {
+        invalid(
+            key("uri"),
+            "an http sink needs a uri (http://HOST:PORT/PATH or https://…)",
+        )
+    })?;
+    let (https, rest) = if let Some(r) = uri.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = uri.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(invalid(
+            key("uri"),
+            format!("{uri:?} must start with http:// or https://"),
+        ));
+    };
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
+        Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
+        None => (rest, "/".to_string()),
+    };
+    if authority.contains('@') {
+        return Err(invalid(
+            key("uri"),
+            "credentials in the uri are not supported; put them in headers from the environment",
+        ));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') => {
+            let port = p
+                .parse::<u16>()
+                .map_err(|_| invalid(key("uri"), format!("invalid port {p:?}")))?;
+            (h, port)
+        }
+        _ => (authority, if https { 443 } else { 80 }),
+    };
+    if host.is_empty() {
+        return Err(invalid(key("uri"), "the uri has no host"));
+    }
+    let bare_host = host.trim_start_matches('[').trim_end_matches(']');
+    let address = (bare_host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| invalid(key("uri"), format!("cannot resolve host {bare_host:?}")))?;
+
+    let mut rendered = Vec::new();
+    for (h, v) in headers.into_iter().flatten() {
+        let hkey = key(&format!("headers.{h}"));
+        if h.is_empty()
+            || !h
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        {
+            return Err(invalid(hkey, "not a valid header name"));
+        }
+        if RESERVED_HEADERS.contains(&h.to_ascii_lowercase().as_str()) {
+            return Err(invalid(hkey, "this header is set by the sink"));
+        }
+        let value = expand_env(v).map_err(|m| invalid(hkey.clone(), m))?;
+        if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+            return Err(invalid(
+                hkey,
+                "the value (after ${VAR} expansion) holds a line break or NUL",
+            ));
+        }
+        rendered.push((h.clone(), Redacted(value)));
+    }
+    let idempotency_header = match idempotency_header {
+        None | Some("") => None,
+        Some(h)
+            if h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+        {
+            Some(h.to_string())
+        }
+        Some(_) => {
+            return Err(invalid(
+                key("idempotency_header"),
+                "not a valid header name",
+            ))
+        }
+    };
+
+    let timeout_ms = request
+        .and_then(|r| r.timeout_ms)
+        .unwrap_or(TIMEOUT_MS_DEFAULT);
+    if timeout_ms == 0 {
+        return Err(invalid(key("request.timeout_ms"), "must be at least 1"));
+    }
+    let a = request.and_then(|r| r.adaptive.as_ref());
+    let d = AdaptiveParams::default();
+    let params = AdaptiveParams {
+        max: a.and_then(|a| a.max).unwrap_or(d.max),
+        initial: a.and_then(|a| a.initial).unwrap_or(d.initial),
+        window_ms: a.and_then(|a| a.window_ms).unwrap_or(d.window_ms),
+        tolerance: a.and_then(|a| a.tolerance).unwrap_or(d.tolerance),
+        decrease: a.and_then(|a| a.decrease).unwrap_or(d.decrease),
+    };
+    if params.max == 0 || params.max > 1024 {
+        return Err(invalid(
+            key("request.adaptive.max"),
+            "must be between 1 and 1024",
+        ));
+    }
+    if params.window_ms == 0 {
+        return Err(invalid(
+            key("request.adaptive.window_ms"),
+            "must be at least 1",
+        ));
+    }
+    if params.tolerance.is_nan() || params.tolerance < 1.0 {
+        return Err(invalid(
+            key("request.adaptive.tolerance"),
+            "must be at least 1.0 (a ratio to the baseline latency)",
+        ));
+    }
+    if params.decrease.is_nan() || params.decrease <= 0.0 || params.decrease >= 1.0 {
+        return Err(invalid(
+            key("request.adaptive.decrease"),
+            "must be between 0 and 1 (exclusive)",
+        ));
+    }
+    let concurrency = match request.and_then(|r| r.concurrency.as_ref()) {
+        None => Concurrency::Adaptive(params),
+        Some(ConcurrencyConfig::Named(s)) if s == "adaptive" => Concurrency::Adaptive(params),
+        Some(ConcurrencyConfig::Fixed(n)) if (1..=1024).contains(n) => {
+            if a.is_some() {
+                return Err(invalid(
+                    key("request.adaptive"),
+                    "only applies with concurrency = \"adaptive\"",
+                ));
+            }
+            Concurrency::Fixed(*n)
+        }
+        Some(_) => {
+            return Err(invalid(
+                key("request.concurrency"),
+                "must be \"adaptive\" or a number from 1 to 1024",
+            ))
+        }
+    };
+
+    let tls_plan = if https {
+        let verify = tls.and_then(|t| t.verify).unwrap_or(true);
+        let ca_file = tls.and_then(|t| t.ca_file.as_deref());
+        let config = client_config(&key("tls.ca_file"), ca_file, verify)?;
+        let server_name =
+            rustls_pki_types::ServerName::try_from(bare_host.to_string()).map_err(|_| {
+                invalid(
+                    key("uri"),
+                    format!("{bare_host:?} is not a valid TLS server name"),
+                )
+            })?;
+        if !verify {
+            tracing::warn!(sink = name, "tls.verify = false: the server's certificate is NOT checked; anyone on the path can read and change what this sink sends");
+        }
+        Some((config, server_name))
+    } else {
+        if tls.is_some() {
+            return Err(invalid(key("tls"), "tls settings need an https:// uri"));
+        }
+        None
+    };
+
+    Ok(HttpTarget {
+        uri: format!(
+            "{}://{authority}{path}",
+            if https { "https" } else { "http" }
+        ),
+        address,
+        host: authority.to_string(),
+        path,
+        tls: tls_plan,
+        encoding: encoding.unwrap_or_default(),
+        compression: compression.unwrap_or_default(),
+        headers: rendered,
+        idempotency_header,
+        timeout_ms,
+        concurrency,
+        dlq_dir: data_dir.join("dlq").join(name),
+    })
+}
+
+/// Replaces `${VAR}` with the variable's value (`$$` is a literal `$`).
+/// The error names the variable, never a value.
+fn expand_env(v: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(v.len());
+    let mut rest = v;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(r) = after.strip_prefix('$') {
+            out.push('$');
+            rest = r;
+        } else if let Some(r) = after.strip_prefix('{') {
+            let end = r
+                .find('}')
+                .ok_or("unterminated ${ (write $$ for a literal $)")?;
+            let var = &r[..end];
+            if var.is_empty() || !var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(format!("${{{var}}} is not a valid variable name"));
+            }
+            let val =
+                std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?;
+            out.push_str(&val);
+            rest = &r[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn client_config(
+    key: &str,
+    ca_file: Option<&Path>,
+    verify: bool,
+) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+    use rustls_pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(key, format!("TLS setup: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+                .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+            for c in certs {
+                let c = c.map_err(|e| {
+                    invalid(
+                        key,
+                        format!("{}: not a PEM certificate: {e}", path.display()),
+                    )
+                })?;
+                roots.add(c).map_err(|e| {
+                    invalid(
+                        key,
+                        format!("{}: unusable CA certificate: {e}", path.display()),
+                    )
+                })?;
+            }
+            if roots.is_empty() {
+                return Err(invalid(
+                    key,
+                    format!("{} holds no certificate", path.display()),
+                ));
+            }
+        }
+        None if verify => {
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() {
+                return Err(invalid(key, "no system root certificates found: install the ca-certificates package or set tls.ca_file"));
+            }
+        }
+        None => {}
+    }
+    let mut config = builder.with_root_certificates(roots).with_no_client_auth();
+    if !verify {
+        config
+            .dangerous()
+            .set_certificate_verifier(Arc::new(NoVerification(provider)));
+    }
+    Ok(Arc::new(config))
+}
+
+/// `tls.verify = false`: accepts any certificate (signatures on the
+/// handshake are still checked, so the session keys are the server's).
+#[derive(Debug)]
+struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_expansion_names_the_variable_not_the_value() {
+        std::env::set_var("UPDRAFT_TEST_TOKEN", "s3cret");
+        assert_eq!(
+            expand_env("Bearer ${UPDRAFT_TEST_TOKEN}").unwrap(),
+            "Bearer s3cret"
+        );
+        assert_eq!(expand_env("cost $$5 $x").unwrap(), "cost $5 $x");
+        let e = expand_env("${UPDRAFT_TEST_NOT_SET_ANYWHERE}").unwrap_err();
+        assert!(e.contains("UPDRAFT_TEST_NOT_SET_ANYWHERE"), "{e}");
+        let r = Redacted("s3cret".into());
+        assert!(!format!("{r:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn uri_parts() {
+        let t = plan(
+            "c",
+            Some("http://127.0.0.1:8428/write?db=x"),
+            None,
+            None,
+            None,
+            Some("Idempotency-Key"),
+            None,
+            None,
+            Path::new("/d"),
+        )
+        .unwrap();
+        assert_eq!(t.address, "127.0.0.1:8428".parse().unwrap());
+        assert_eq!(t.path, "/write?db=x");
+        assert_eq!(t.host, "127.0.0.1:8428");
+        assert_eq!(t.dlq_dir, Path::new("/d/dlq/c"));
+        assert!(matches!(t.concurrency, Concurrency::Adaptive(_)));
+        let e = plan(
+            "c",
+            Some("ftp://x"),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            Path::new("/d"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("sinks.c.uri"), "{e}");
+    }
+}
