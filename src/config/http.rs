@@ -488,7 +488,7 @@ mod tests {
             Path::new("/d"),
         )
         .unwrap();
-        assert_eq!(t.address, "127.0.0.1:8428".parse().unwrap());
+        assert_eq!(t.address, "127.0.0.1:8428".parse::<SocketAddr>().unwrap());
         assert_eq!(t.path, "/write?db=x");
         assert_eq!(t.host, "127.0.0.1:8428");
         assert_eq!(t.dlq_dir, Path::new("/d/dlq/c"));

@@ -16,7 +16,9 @@
 //!   × the baseline): the limit is multiplied by `decrease`;
 //! - otherwise, if the window was **saturated** (some request found every
 //!   permit taken, so more concurrency could have been used): the limit grows
-//!   by one. Near the level of the last push-back it grows by a quarter per
+//!   by one — or, until the first push-back or inflation, doubles (a slow
+//!   start, so a fresh sink reaches a large endpoint's capacity in a few
+//!   windows). Near the level of the last push-back it grows by a quarter per
 //!   window instead, so the limit dwells just under an endpoint's capacity
 //!   rather than bouncing off it.
 //!
@@ -75,6 +77,8 @@ pub struct AdaptiveLimit {
     baseline_ns: Option<f64>,
     /// The limit just before the last push-back.
     last_pushback_limit: Option<f64>,
+    /// Doubling until the endpoint first pushes back or slows down.
+    slow_start: bool,
     window_start_ns: u64,
     samples: u32,
     sum_ns: u64,
@@ -89,6 +93,7 @@ impl AdaptiveLimit {
             limit: f64::from(p.initial.clamp(1, max)),
             baseline_ns: None,
             last_pushback_limit: None,
+            slow_start: true,
             window_start_ns: now_ns,
             samples: 0,
             sum_ns: 0,
@@ -146,6 +151,7 @@ impl AdaptiveLimit {
     }
 
     fn shrink(&mut self) {
+        self.slow_start = false;
         self.limit = (self.limit * self.p.decrease).max(1.0);
     }
 
@@ -173,7 +179,13 @@ impl AdaptiveLimit {
             let near_ceiling = self
                 .last_pushback_limit
                 .is_some_and(|l| self.limit + 1.0 >= l);
-            self.limit += if near_ceiling { 0.25 } else { 1.0 };
+            self.limit += if self.slow_start {
+                self.limit
+            } else if near_ceiling {
+                0.25
+            } else {
+                1.0
+            };
             self.limit = self.limit.min(f64::from(self.p.max));
         }
         self.restart_window(now_ns);
@@ -261,7 +273,7 @@ mod tests {
                         i += 1;
                     }
                 }
-                if now % MS == 0 {
+                if now.is_multiple_of(MS) {
                     trace.push(lim.permits());
                 }
             }
@@ -282,8 +294,9 @@ mod tests {
         };
         let mut lim = AdaptiveLimit::new(AdaptiveParams::default(), 0);
         let mut sim = Sim::new();
-        // 1 → 8 takes 7 saturated windows of 100 ms: within 1.5 s.
-        let warmup = sim.run(&mut lim, &ep, 1_500 * MS);
+        // Slow start: 2 → 4 → 8 in two saturated windows of 100 ms (a
+        // window ends at its first answer after 100 ms: 120 ms here).
+        let warmup = sim.run(&mut lim, &ep, 400 * MS);
         assert!(
             warmup.iter().any(|&p| p >= 8),
             "never reached capacity: {warmup:?}"

@@ -130,6 +130,9 @@ impl SourceCounters {
     }
 }
 
+/// Reads one counter of a sink's counters.
+type SinkField = fn(&SinkCounters) -> i64;
+
 #[derive(Debug, Default)]
 pub struct SinkCounters {
     pub records: Counter,
@@ -487,7 +490,7 @@ impl Collector for Exposition {
             sink_counter(|c| c.body_bytes.get() as i64),
         )?;
         {
-            let classes: [(&str, fn(&SinkCounters) -> i64); 5] = [
+            let classes: [(&str, SinkField); 5] = [
                 ("2xx", |c| c.responses_2xx.get() as i64),
                 ("throttled", |c| c.responses_throttled.get() as i64),
                 ("4xx", |c| c.responses_4xx.get() as i64),

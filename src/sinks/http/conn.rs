@@ -59,13 +59,12 @@ impl Connection {
         if c.tls.is_some() {
             while c.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
                 c.flush_tls().await?;
-                if c.tls
+                let wants_read = c
+                    .tls
                     .as_ref()
-                    .is_some_and(|t| t.is_handshaking() && t.wants_read())
-                {
-                    if c.fill_tls().await? == 0 {
-                        return Err(ConnError::Closed);
-                    }
+                    .is_some_and(|t| t.is_handshaking() && t.wants_read());
+                if wants_read && c.fill_tls().await? == 0 {
+                    return Err(ConnError::Closed);
                 }
             }
             c.flush_tls().await?;

@@ -18,6 +18,11 @@
 //! reordered) and records end-to-end latency in an HDR histogram. It can
 //! also play an upstream that restarts gracefully (`--pause-after`), closing
 //! its side, draining what was sent, refusing connections for a while.
+//! With `--proto http` it is an ingest endpoint (see [`http`]): the same
+//! verification, plus the latency, capacity, failures and outages of a real
+//! one.
+
+mod http;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -48,6 +53,8 @@ struct Cli {
 enum Proto {
     Tcp,
     Udp,
+    /// `receive` only: an HTTP(S) ingest endpoint.
+    Http,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
@@ -141,6 +148,8 @@ struct ReceiveArgs {
     /// connection.
     #[arg(long)]
     read_bytes_per_sec: Option<u64>,
+    #[command(flatten)]
+    http: http::HttpArgs,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -328,6 +337,7 @@ fn send(a: SendArgs) -> Result<()> {
             match proto {
                 Proto::Tcp => send_tcp(target, stream, count, size, framing, rate, &progress),
                 Proto::Udp => send_udp(target, stream, count, size, rate, &progress),
+                Proto::Http => bail!("send speaks tcp or udp; http is for receive"),
             }
         }));
     }
@@ -537,6 +547,7 @@ const RELAY_BUFFER_BYTES: usize = 1 << 20;
 
 fn relay(a: RelayArgs) -> Result<()> {
     match a.proto {
+        Proto::Http => bail!("relay speaks tcp or udp"),
         Proto::Tcp => {
             let listener = bind_tcp(a.listen)?;
             listener.set_nonblocking(false)?;
@@ -682,6 +693,8 @@ struct ReceiveSummary {
     records_per_sec: f64,
     mib_per_sec: f64,
     latency_us: Latency,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http: Option<http::HttpStats>,
 }
 
 /// Parses whole lines of `buf`; returns the bytes used.
@@ -886,6 +899,7 @@ fn receive(a: ReceiveArgs) -> Result<bool> {
     let tracker = Arc::new(Mutex::new(Tracker::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicU64::new(0));
+    let mut endpoint = None;
     let worker = {
         let (tracker, stop, received) = (tracker.clone(), stop.clone(), received.clone());
         let pause = Duration::from_secs_f64(a.pause_s);
@@ -908,6 +922,12 @@ fn receive(a: ReceiveArgs) -> Result<bool> {
             Proto::Udp => {
                 let sock = bind_udp(listen)?;
                 std::thread::spawn(move || udp_receiver(sock, tracker, stop))
+            }
+            Proto::Http => {
+                let l = bind_tcp(listen)?;
+                let ep = Arc::new(http::Endpoint::new(a.http.clone(), tracker)?);
+                endpoint = Some(ep.clone());
+                std::thread::spawn(move || ep.serve(l, stop))
             }
         }
     };
@@ -981,6 +1001,7 @@ fn receive(a: ReceiveArgs) -> Result<bool> {
             p999: h.value_at_quantile(0.999) as f64,
             max: h.max() as f64,
         },
+        http: endpoint.map(|e| e.stats()),
     };
     let table = format!(
         "received   {:>12}\nunique     {:>12}\nlost       {:>12}\nduplicates {:>12}\nreordered  {:>12}\nmalformed  {:>12}\nstreams    {:>12}\nseconds    {:>12.3}\nrecords/s  {:>12.0}\nMiB/s      {:>12.1}\nlatency µs p50 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}",
@@ -989,6 +1010,13 @@ fn receive(a: ReceiveArgs) -> Result<bool> {
         summary.mib_per_sec, summary.latency_us.p50, summary.latency_us.p99,
         summary.latency_us.p999, summary.latency_us.max
     );
+    let table = match &summary.http {
+        Some(h) => format!(
+            "{table}\nhttp       requests {} ok {} throttled {} failed {} bad {} dedup {} outage-drops {} max-concurrent {}",
+            h.requests, h.ok, h.throttled, h.failed, h.bad_requests, h.deduplicated, h.dropped_in_outage, h.max_concurrent
+        ),
+        None => table,
+    };
     if a.json {
         eprintln!("{table}");
         println!("{}", serde_json::to_string(&summary)?);
