@@ -73,7 +73,7 @@ def receiver(port, expect, timeout_s, proto="tcp"):
         [LOADGEN, "receive", "--listen", f"127.0.0.1:{port}", "--proto", proto,
          "--expect", str(expect), "--timeout-s", str(timeout_s), "--linger-ms", "50", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    wait_port(port, proto)
+    wait_port(port, "udp" if proto == "udp" else "tcp")
     return p
 
 
@@ -127,6 +127,8 @@ def updraft(tmp, shards, source_proto, sink, buffer=""):
         "blackhole": 'type = "blackhole"',
         "tcp": f'type = "tcp"\naddress = "127.0.0.1:{sink[1] if isinstance(sink, tuple) else 0}"',
         "file": f'type = "file"\npath = "{os.path.join(tmp, "out.log")}"',
+        "http": (f'type = "http"\nuri = "http://127.0.0.1:{sink[1]}/ingest"\ncompression = "{sink[2]}"'
+                 if isinstance(sink, tuple) and sink[0] == "http" else ""),
     }[sink[0] if isinstance(sink, tuple) else sink]
     cfg = os.path.join(tmp, "updraft.toml")
     with open(cfg, "w") as f:
@@ -257,6 +259,24 @@ def updraft_tcp_counted(tmp, sink_kind, size, conns, shards, n):
     return row(f"tcp->{sink_kind}", "updraft", size, conns, shards, delivered / took, None, cpu, rss, n, n - delivered)
 
 
+def updraft_tcp_http(tmp, size, conns, shards, n, compression):
+    """tcp -> http (raw lines, one batch per POST) -> loadgen's HTTP endpoint."""
+    sink = free_port()
+    rx = receiver(sink, n, 120, "http")
+    c, src = updraft(tmp, shards, "tcp", ("http", sink, compression))
+    send(src, "tcp", conns, n, size)
+    r = finish(rx)
+    cpu, rss = c.usage()
+    c.stop()
+    h = r["http"]
+    ratio = h["plain_bytes"] / h["body_bytes"] if h["body_bytes"] else 0
+    out = row(f"tcp->http ({compression})", "updraft", size, conns, shards, r["records_per_sec"], r["latency_us"],
+              cpu, rss, n, r["lost"], r["duplicates"],
+              note=f"{h['requests']} requests, compression {ratio:.1f}:1")
+    out["compression_ratio"] = ratio
+    return out
+
+
 def rsyslog_tcp_forward(tmp, size, conns, n):
     sink = free_port()
     rx = receiver(sink, n, 60)
@@ -378,7 +398,8 @@ def add_ratios(rows):
             r["ratio_to_memory"] = r["records_per_sec"] / m if m else None
             if m:
                 r["note"] += f"; {r['ratio_to_memory']:.2f}x memory mode"
-        k = ("tcp->tcp", r["size"], r["connections"]) if r["scenario"] == "tcp->tcp (disk)" else key(r)
+        forwarded = r["scenario"] == "tcp->tcp (disk)" or r["scenario"].startswith("tcp->http")
+        k = ("tcp->tcp", r["size"], r["connections"]) if forwarded else key(r)
         c, p = ceilings.get(k), peers.get(k)
         r["ratio_to_ceiling"] = r["records_per_sec"] / c if c else None
         r["ratio_to_peer"] = r["records_per_sec"] / p if p and r["collector"] == "updraft" else None
@@ -494,6 +515,8 @@ def main():
                     log(updraft_tcp_forward(tmp, size, conns, shards, n))
                     if size == 256 and conns == 4:
                         log(updraft_tcp_disk(tmp, size, conns, shards, n))
+                        for compression in ("none", "gzip", "zstd"):
+                            log(updraft_tcp_http(tmp, size, conns, shards, n, compression))
                 if have_rsyslog:
                     log(rsyslog_tcp_forward(tmp, size, conns, n))
         n = count_for(256, a.quick)

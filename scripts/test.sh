@@ -5,13 +5,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# logger (util-linux's bsdutils) sends RFC 6587 octet-counted frames in a test.
-if ! command -v logger >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && apt-get install -y -qq bsdutils
-    else
-        sudo apt-get update -qq && sudo apt-get install -y -qq bsdutils
-    fi
+# What the end-to-end tests talk to, from Debian's packages:
+# - logger (util-linux's bsdutils) sends RFC 6587 octet-counted frames;
+# - victoria-metrics is the time-series database the http sink writes to.
+need=()
+command -v logger >/dev/null 2>&1 || need+=(bsdutils)
+[ -x /usr/bin/victoria-metrics ] || need+=(victoria-metrics)
+if [ "${#need[@]}" -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    # The package's service must not start on its own (the tests start it).
+    $sudo apt-get update -qq
+    RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
 cargo fmt --all -- --check
