@@ -474,6 +474,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="about a minute: 256 B, 4 connections")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-results"))
     ap.add_argument("--replot", action="store_true", help="redraw the plots from --out/results.json")
+    ap.add_argument("--only", choices=["all", "http", "disk"], default="all",
+                    help="http or disk: only 256 B x 4 connections, the ceilings, memory mode and that scenario")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     if a.replot:
@@ -488,7 +490,10 @@ def main():
     if not have_rsyslog:
         notes.append("rsyslogd is not installed: peer skipped")
 
-    if a.quick:
+    if a.only != "all":
+        sizes, conns_list, shard_list = [256], [4], [1, 2]
+        udp_rates, udp_seconds = [], 0
+    elif a.quick:
         sizes, conns_list, shard_list = [256], [4], [2]
         udp_rates, udp_seconds = [100_000, 200_000, 400_000], 1.0
     else:
@@ -513,12 +518,15 @@ def main():
                 log(tcp_ceiling_relay(size, conns, n))
                 for shards in shard_list:
                     log(updraft_tcp_forward(tmp, size, conns, shards, n))
-                    if size == 256 and conns == 4:
+                    if size == 256 and conns == 4 and a.only in ("all", "disk"):
                         log(updraft_tcp_disk(tmp, size, conns, shards, n))
+                    if size == 256 and conns == 4 and a.only in ("all", "http"):
                         for compression in ("none", "gzip", "zstd"):
                             log(updraft_tcp_http(tmp, size, conns, shards, n, compression))
-                if have_rsyslog:
+                if have_rsyslog and a.only == "all":
                     log(rsyslog_tcp_forward(tmp, size, conns, n))
+        if a.only != "all":
+            raise StopIteration
         n = count_for(256, a.quick)
         for shards in shard_list:
             log(updraft_tcp_counted(tmp, "blackhole", 256, 4, shards, n))
@@ -531,6 +539,8 @@ def main():
             log(updraft_udp(tmp, "tcp", 256, 4, shards, udp_rates, udp_seconds))
         if have_rsyslog:
             log(rsyslog_udp(tmp, 256, 4, udp_rates, udp_seconds))
+    except StopIteration:
+        pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -538,7 +548,7 @@ def main():
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} CPUs, {os.uname().release}",
-        "command": "scripts/bench.sh" + (" --quick" if a.quick else ""),
+        "command": "scripts/bench.sh" + (" --quick" if a.quick else "") + (f" --only {a.only}" if a.only != "all" else ""),
         "notes": notes,
     }
     with open(os.path.join(a.out, "results.json"), "w") as f:

@@ -72,7 +72,8 @@ impl IngressRate {
         }
         // The previous window's share falls by previous/WINDOW per ns.
         let excess = self.estimate(now_ns) + 1 - self.per_sec;
-        (excess * WINDOW_NS / self.previous).clamp(1_000_000, WINDOW_NS - into)
+        let until_next_window = (WINDOW_NS - into).max(1);
+        (excess.saturating_mul(WINDOW_NS) / self.previous).clamp(1, until_next_window)
     }
 }
 
@@ -132,5 +133,18 @@ mod tests {
             r.try_take(1 + w + 5 * 1000 * MS),
             "after idle seconds it admits again"
         );
+    }
+
+    #[test]
+    fn wait_is_positive_and_within_the_window_at_every_instant() {
+        let mut r = IngressRate::new(100, 0);
+        for t in (0..3_000 * MS).step_by(37_000) {
+            r.try_take(t);
+            let w = r.wait_ns(t);
+            assert!(w <= 1000 * MS, "wait {w} at {t}");
+            if !r.try_take(t) {
+                assert!(w > 0, "refused at {t} but told to wait 0");
+            }
+        }
     }
 }

@@ -445,3 +445,154 @@ fn victoria_metrics_stores_every_influx_point_sent_through_updraft() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+#[test]
+fn header_secrets_come_from_the_environment_and_never_show() {
+    let secret = "tok-3f9c2b7e1d";
+    // The child inherits the variable (tests run one at a time).
+    std::env::set_var("UPDRAFT_IT_TOKEN", secret);
+    let (src, sink) = (free_addr(), free_addr());
+    let auth = format!("Authorization: Bearer {secret}");
+    let rx = http_receiver(sink, 10_000, 30, &["--require-header", &auth]);
+    let u_ = Updraft::start(&tcp_to_http(
+        src,
+        1,
+        &format!("http://{sink}/"),
+        r#"headers = { Authorization = "Bearer ${UPDRAFT_IT_TOKEN}" }"#,
+        "",
+    ));
+    send(
+        src,
+        &["--connections", "1", "--count", "10000", "--size", "100"],
+    );
+    let (r, ok) = rx.finish();
+    assert!(
+        ok,
+        "the header reached the endpoint: {r}\n{}",
+        u_.log_text()
+    );
+    assert_eq!(u(&r["http"], "unauthorized"), 0, "{r}");
+    let metrics = http_get(u_.metrics, "/metrics").unwrap();
+    assert!(!u_.log_text().contains(secret) && !metrics.contains(secret));
+
+    // A missing variable is named; no value is printed.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        tcp_to_http(
+            src,
+            1,
+            &format!("http://{sink}/"),
+            r#"headers = { X-Key = "${UPDRAFT_IT_UNSET_VAR}" }"#,
+            "",
+        ),
+    )
+    .unwrap();
+    let out = Command::new(UPDRAFT)
+        .args(["validate", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("sinks.cloud.headers.X-Key") && err.contains("UPDRAFT_IT_UNSET_VAR"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_disk_buffer_replays_unconfirmed_requests_after_kill_9_and_the_key_dedups_them() {
+    let (src, sink) = (free_addr(), free_addr());
+    // A slow endpoint (100 ms per request, 4 at a time): requests are in
+    // flight when the collector is killed.
+    let rx = http_receiver(
+        sink,
+        300_000,
+        120,
+        &[
+            "--latency-ms",
+            "100",
+            "--capacity",
+            "4",
+            "--over-capacity",
+            "queue",
+            "--dedup-header",
+            "Idempotency-Key",
+            "--linger-ms",
+            "1000",
+        ],
+    );
+    let mut u_ = Updraft::start(&tcp_to_http(
+        src,
+        2,
+        &format!("http://{sink}/"),
+        "idempotency_header = \"Idempotency-Key\"\ncompression = \"zstd\"",
+        "[sinks.cloud.batch]\nmax_records = 2000\n[sinks.cloud.buffer]\ntype = \"disk\"",
+    ));
+    send(
+        src,
+        &["--connections", "2", "--count", "300000", "--size", "128"],
+    );
+    let durable = r#"updraft_sink_durable_records_total{sink="cloud",type="http"}"#;
+    u_.wait_metric(durable, 300_000.0, Duration::from_secs(30));
+    let sent_before = u_.metric(SENT);
+    assert!(
+        sent_before < 300_000.0,
+        "the endpoint is slow enough to kill mid-way"
+    );
+    u_.kill9();
+    u_.restart();
+    let (r, ok) = rx.finish();
+    assert!(ok, "{r}\n{}", u_.log_text());
+    assert_eq!((u(&r, "unique"), u(&r, "lost")), (300_000, 0), "{r}");
+    // Whatever was sent again was recognised by its key, not counted twice.
+    assert_eq!(u(&r, "duplicates"), 0, "{r}");
+}
+
+#[test]
+fn a_source_rate_limit_drops_or_holds_back_what_is_over_it() {
+    // drop: what passes plus what is counted equals what was sent.
+    let (src, sink) = (free_addr(), free_addr());
+    let cfg = tcp_to_http(src, 1, &format!("http://{sink}/"), "", "").replace(
+        "address = \"",
+        "rate_limit = { records_per_sec = 5000, when_exceeded = \"drop\" }\naddress = \"",
+    );
+    let rx = http_receiver(sink, 50_000, 4, &[]);
+    let u_ = Updraft::start(&cfg);
+    send(
+        src,
+        &["--connections", "1", "--count", "50000", "--size", "100"],
+    );
+    let (r, _) = rx.finish();
+    let dropped = u_
+        .metric(r#"updraft_source_dropped_records_total{source="app",reason="rate_limit"}"#)
+        as u64;
+    assert_eq!(u(&r, "unique") + dropped, 50_000, "{r}");
+    assert!(u(&r, "unique") <= 5_000 * 5, "{r}");
+    assert!(dropped > 0);
+    drop(u_);
+
+    // block: nothing is lost; the sender is slowed to the rate.
+    let (src, sink) = (free_addr(), free_addr());
+    let cfg = tcp_to_http(src, 1, &format!("http://{sink}/"), "", "").replace(
+        "address = \"",
+        "rate_limit = { records_per_sec = 10000, when_exceeded = \"block\" }\naddress = \"",
+    );
+    let rx = http_receiver(sink, 30_000, 30, &[]);
+    let u_ = Updraft::start(&cfg);
+    let t = Instant::now();
+    send(
+        src,
+        &["--connections", "1", "--count", "30000", "--size", "100"],
+    );
+    let (r, ok) = rx.finish();
+    assert!(ok, "{r}\n{}", u_.log_text());
+    assert_eq!(u(&r, "unique"), 30_000, "{r}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(1_500),
+        "30,000 records at 10,000/s took {:?}",
+        t.elapsed()
+    );
+}

@@ -16,7 +16,8 @@
 //! - `--bad-request-at K`: the K-th request is answered 400 (not counted),
 //!   to exercise dead letters;
 //! - `--dedup-header NAME`: a request whose NAME value was already answered
-//!   2xx is answered 200 and its records are not counted again.
+//!   2xx is answered 200 and its records are not counted again;
+//! - `--require-header "NAME: VALUE"`: a request without it gets 401.
 //!
 //! With `--tls-cert` and `--tls-key` (PEM) it serves HTTPS (rustls).
 
@@ -65,6 +66,9 @@ pub struct HttpArgs {
     /// already answered 2xx.
     #[arg(long)]
     pub dedup_header: Option<String>,
+    /// HTTP: answer 401 to a request that lacks this header ("Name: value").
+    #[arg(long)]
+    pub require_header: Option<String>,
     /// HTTPS: certificate chain (PEM).
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,
@@ -81,6 +85,7 @@ pub struct HttpStats {
     pub throttled: u64,
     pub failed: u64,
     pub bad_requests: u64,
+    pub unauthorized: u64,
     pub deduplicated: u64,
     pub dropped_in_outage: u64,
     pub max_concurrent: u64,
@@ -90,6 +95,7 @@ pub struct HttpStats {
 
 #[derive(Default)]
 struct Counters {
+    unauthorized: AtomicU64,
     requests: AtomicU64,
     ok: AtomicU64,
     throttled: AtomicU64,
@@ -140,6 +146,7 @@ impl Endpoint {
             throttled: c.throttled.load(Relaxed),
             failed: c.failed.load(Relaxed),
             bad_requests: c.bad_requests.load(Relaxed),
+            unauthorized: c.unauthorized.load(Relaxed),
             deduplicated: c.deduplicated.load(Relaxed),
             dropped_in_outage: c.dropped_in_outage.load(Relaxed),
             max_concurrent: c.max_concurrent.load(Relaxed),
@@ -211,7 +218,7 @@ impl Endpoint {
         let mut plain = Vec::new();
         loop {
             // The head.
-            let (head_len, content_length, encoding, key) = loop {
+            let (head_len, content_length, encoding, key, authorized) = loop {
                 let mut headers = [httparse::EMPTY_HEADER; 64];
                 let mut req = httparse::Request::new(&mut headers);
                 match req.parse(&buf[..filled]) {
@@ -219,7 +226,20 @@ impl Endpoint {
                         let mut len = 0usize;
                         let mut enc = String::new();
                         let mut key = None;
+                        let required = self
+                            .args
+                            .require_header
+                            .as_deref()
+                            .and_then(|r| r.split_once(':'));
+                        let mut authorized = required.is_none();
                         for h in req.headers.iter() {
+                            if let Some((name, value)) = required {
+                                if h.name.eq_ignore_ascii_case(name.trim())
+                                    && h.value == value.trim().as_bytes()
+                                {
+                                    authorized = true;
+                                }
+                            }
                             if h.name.eq_ignore_ascii_case("content-length") {
                                 len = std::str::from_utf8(h.value)
                                     .ok()
@@ -236,7 +256,7 @@ impl Endpoint {
                                 key = Some(h.value.to_vec());
                             }
                         }
-                        break (n, len, enc, key);
+                        break (n, len, enc, key, authorized);
                     }
                     Ok(httparse::Status::Partial) => {
                         if filled == buf.len() {
@@ -278,7 +298,12 @@ impl Endpoint {
             self.counters
                 .body_bytes
                 .fetch_add(content_length as u64, Relaxed);
-            let answer = self.handle(n, &buf[head_len..total], &encoding, key, &mut plain);
+            let answer = if authorized {
+                self.handle(n, &buf[head_len..total], &encoding, key, &mut plain)
+            } else {
+                self.counters.unauthorized.fetch_add(1, Relaxed);
+                "HTTP/1.1 401 Unauthorized\r\nContent-Length: 12\r\n\r\nunauthorized".to_string()
+            };
             s.write_all(answer.as_bytes())?;
             s.flush()?;
             buf.copy_within(total..filled, 0);
