@@ -69,7 +69,7 @@ enum Command {
     /// Send records to a collector.
     Send(SendArgs),
     /// Receive records, verify them and measure latency.
-    Receive(ReceiveArgs),
+    Receive(Box<ReceiveArgs>),
     /// The simplest forwarder, the ceiling a collector is measured against:
     /// each TCP connection's bytes copied to its own upstream connection with
     /// large buffers (or, with --proto udp, datagrams appended as lines to
@@ -161,7 +161,7 @@ fn main() -> Result<()> {
         Command::Send(a) => send(a),
         Command::Relay(a) => relay(a),
         Command::Receive(a) => {
-            let ok = receive(a)?;
+            let ok = receive(*a)?;
             if !ok {
                 std::process::exit(1);
             }
