@@ -59,3 +59,22 @@ fn bad_keys_are_named_by_validate_and_run() {
         }
     }
 }
+
+#[test]
+fn every_example_validates() {
+    for e in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples")).unwrap() {
+        let path = e.unwrap().path();
+        let out = Command::new(UPDRAFT)
+            .args(["validate", "--config"])
+            .arg(&path)
+            .env("CLOUD_TOKEN", "example-token")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

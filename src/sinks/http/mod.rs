@@ -398,34 +398,58 @@ async fn request(inner: Rc<Inner>, mut body: Vec<u8>, start: usize, meta: Meta) 
     inner.finished.notify_waiters();
 }
 
-/// One try: a connection (pooled or new), the request, the answer.
+/// One try: a connection (pooled or new), the request, the answer. A pooled
+/// connection the endpoint closed while it sat idle (keep-alive timeouts)
+/// fails before any answer; that try is repeated at once on a new
+/// connection rather than counted as a failure.
 async fn attempt(
     inner: &Inner,
     body: &mut Vec<u8>,
     start: usize,
     response: &mut Vec<u8>,
 ) -> Attempt {
-    let pooled = inner.idle.borrow_mut().pop();
-    let mut conn = match pooled {
-        Some(c) => c,
-        None => match Connection::open(&inner.target).await {
-            Ok(c) => c,
-            Err(e) => return Attempt::Failed(e),
-        },
-    };
-    inner.counters().connected.set(1);
+    loop {
+        let pooled = inner.idle.borrow_mut().pop();
+        let reused = pooled.is_some();
+        let conn = match pooled {
+            Some(c) => c,
+            None => match Connection::open(&inner.target).await {
+                Ok(c) => c,
+                Err(e) => return Attempt::Failed(e),
+            },
+        };
+        inner.counters().connected.set(1);
+        match exchange(inner, conn, body, start, response).await {
+            Attempt::Failed(_) if reused && response.is_empty() => continue,
+            a => return a,
+        }
+    }
+}
+
+/// Sends the request on `conn` and reads the answer; keeps the connection
+/// for the next request when the answer allows.
+async fn exchange(
+    inner: &Inner,
+    mut conn: Connection,
+    body: &mut Vec<u8>,
+    start: usize,
+    response: &mut Vec<u8>,
+) -> Attempt {
+    response.clear();
     let end = body.len();
     let (res, b) = conn.send(std::mem::take(body), start..end).await;
     *body = b;
     if let Err(e) = res {
         return Attempt::Failed(e);
     }
-    response.clear();
     loop {
         let n = match conn.read(response).await {
             Ok(n) => n,
             Err(e) => return Attempt::Failed(e),
         };
+        if n == 0 && response.is_empty() {
+            return Attempt::Failed(ConnError::Closed);
+        }
         match parse_response(response, n == 0) {
             Ok(Some(r)) => {
                 let excerpt_end = r.body.start + (r.body.end - r.body.start).min(DLQ_EXCERPT_BYTES);
