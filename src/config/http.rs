@@ -239,10 +239,10 @@ pub fn plan(
             "must be between 1 and 1024",
         ));
     }
-    if params.window_ms == 0 {
+    if params.window_ms == 0 || params.window_ms > 60_000 {
         return Err(invalid(
             key("request.adaptive.window_ms"),
-            "must be at least 1",
+            "must be between 1 and 60000",
         ));
     }
     if params.tolerance.is_nan() || params.tolerance < 1.0 {
@@ -300,9 +300,14 @@ pub fn plan(
     };
 
     Ok(HttpTarget {
+        // For logs and dead-letter notes: a query string may hold a token.
         uri: format!(
-            "{}://{authority}{path}",
-            if https { "https" } else { "http" }
+            "{}://{authority}{}",
+            if https { "https" } else { "http" },
+            match path.split_once('?') {
+                Some((p, _)) => format!("{p}?…"),
+                None => path.clone(),
+            }
         ),
         address,
         host: authority.to_string(),

@@ -39,6 +39,9 @@ pub const SEGMENT_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// A disk buffer's segments hold at least this many full batches.
 const SEGMENT_BATCHES_MIN: u64 = 2;
 pub const SHARDS_MAX: usize = 256;
+/// A sink's name is a directory name (`data_dir/<sink>`, the dead-letter
+/// directory) and part of every idempotency key.
+pub const SINK_NAME_BYTES_MAX: usize = 40;
 
 const _: () = assert!(MAX_RECORD_BYTES_DEFAULT <= MAX_RECORD_BYTES_LIMIT);
 const _: () = assert!(RETRY_INITIAL_BACKOFF_MS_DEFAULT <= RETRY_MAX_BACKOFF_MS_DEFAULT);
@@ -500,6 +503,18 @@ impl Plan {
         let mut sinks = Vec::with_capacity(file.sinks.len());
         for (name, k) in &file.sinks {
             let key = |x: &str| format!("sinks.{name}.{x}");
+            if name.is_empty()
+                || name.len() > SINK_NAME_BYTES_MAX
+                || name.starts_with('.')
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+            {
+                return Err(invalid(
+                    format!("sinks.{name}"),
+                    format!("a sink's name is 1 to {SINK_NAME_BYTES_MAX} letters, digits, '_', '-' or '.', not starting with '.' (it names a directory)"),
+                ));
+            }
             let target = match k.kind {
                 SinkKind::Tcp => {
                     let a = k.address.as_deref().ok_or_else(|| {

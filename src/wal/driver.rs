@@ -487,9 +487,14 @@ async fn syncer(shard: Rc<Shard>, wal: Rc<Wal>) {
         }
         // An idle log gives back its last segment once all of it is
         // delivered: other logs on the same disk may need the space.
+        // Not while a checkpoint is pending (an http ack can arrive while
+        // one is written): the segment must not go before a checkpoint
+        // covering it is on disk, or a crash would number new segments
+        // from it again.
         let idle = !wal.writing.get()
             && !wal.log.borrow().has_unsynced()
-            && wal.to_send.borrow().is_empty();
+            && wal.to_send.borrow().is_empty()
+            && wal.pending_checkpoint.get().is_none();
         if idle {
             let freed = wal.log.borrow_mut().release_idle_head();
             if !freed.is_empty() {

@@ -78,14 +78,31 @@ impl Connection {
         buf: Vec<u8>,
         range: std::ops::Range<usize>,
     ) -> (Result<(), ConnError>, Vec<u8>) {
-        if let Some(tls) = self.tls.as_mut() {
-            if let Err(e) = tls.writer().write_all(&buf[range]) {
-                return (Err(e.into()), buf);
+        if self.tls.is_some() {
+            // rustls buffers at most 64 KiB of plaintext: feed it in pieces
+            // and write out the records in between.
+            let mut at = range.start;
+            while at < range.end {
+                let tls = self.tls.as_mut().expect("checked");
+                match tls.writer().write(&buf[at..range.end]) {
+                    Ok(n) => at += n,
+                    Err(e) => return (Err(e.into()), buf),
+                }
+                if let Err(e) = self.flush_tls().await {
+                    return (Err(e), buf);
+                }
             }
-            return (self.flush_tls().await, buf);
+            return (Ok(()), buf);
         }
         let (res, slice) = self.stream.write_all(buf.slice(range)).await;
         (res.map_err(ConnError::from), slice.into_inner())
+    }
+
+    /// Shuts the socket down both ways: an operation in flight on it ends
+    /// (with an error) so its buffer comes back.
+    pub fn abort_handle(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.stream.as_raw_fd()
     }
 
     /// Appends what the endpoint sent next to `into`; 0 when it closed.

@@ -52,6 +52,11 @@ const DLQ_EXCERPT_BYTES: usize = 512;
 /// not fill the disk.
 const DLQ_BYTES_MAX: u64 = 256 * 1024 * 1024;
 
+/// Bytes of an idempotency key: a sink name (at most
+/// `config::SINK_NAME_BYTES_MAX`) and four numbers fit.
+const KEY_BYTES_MAX: usize = 128;
+const _: () = assert!(crate::config::SINK_NAME_BYTES_MAX + 4 * 21 <= KEY_BYTES_MAX);
+
 /// Acknowledges a delivered (or dead-lettered) batch to the buffer.
 pub type Ack = Rc<dyn Fn(BatchId)>;
 
@@ -74,7 +79,7 @@ struct Meta {
     id: Option<BatchId>,
     records: usize,
     payload_bytes: usize,
-    key: [u8; 96],
+    key: [u8; KEY_BYTES_MAX],
     key_len: usize,
 }
 
@@ -187,7 +192,7 @@ impl HttpOutput {
             id,
             records: done.records,
             payload_bytes: batch.payload().len(),
-            key: [0; 96],
+            key: [0; KEY_BYTES_MAX],
             key_len: 0,
         };
         if inner.target.idempotency_header.is_some() {
@@ -214,7 +219,7 @@ impl HttpOutput {
                     )
                 }
             };
-            meta.key_len = 96 - w.len();
+            meta.key_len = KEY_BYTES_MAX - w.len();
         }
         let key = (meta.key_len > 0).then(|| &meta.key[..meta.key_len]);
         let start = inner.head.write(&mut body, inner.room, key);
@@ -293,10 +298,10 @@ async fn request(inner: Rc<Inner>, mut body: Vec<u8>, start: usize, meta: Meta) 
     let mut response = Vec::new();
     loop {
         let t0 = Instant::now();
-        let attempt =
-            tokio::time::timeout(timeout, attempt(&inner, &mut body, start, &mut response)).await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let attempt = attempt(&inner, &mut body, start, &mut response, deadline).await;
         let rtt = t0.elapsed();
-        let attempt = attempt.unwrap_or(Attempt::TimedOut);
+        debug_assert!(body.len() > start, "the body comes back from every attempt");
         let mut wait_at_least = None;
         let why: String = match attempt {
             Attempt::Answered { status, .. } if (200..300).contains(&status) => {
@@ -402,24 +407,32 @@ async fn request(inner: Rc<Inner>, mut body: Vec<u8>, start: usize, meta: Meta) 
 /// connection the endpoint closed while it sat idle (keep-alive timeouts)
 /// fails before any answer; that try is repeated at once on a new
 /// connection rather than counted as a failure.
+///
+/// `deadline` bounds the whole try. The body is lent to the socket while it
+/// is written, so that write is never dropped half-way: at the deadline the
+/// socket is shut down, the write ends with an error and the body comes back.
 async fn attempt(
     inner: &Inner,
     body: &mut Vec<u8>,
     start: usize,
     response: &mut Vec<u8>,
+    deadline: tokio::time::Instant,
 ) -> Attempt {
     loop {
         let pooled = inner.idle.borrow_mut().pop();
         let reused = pooled.is_some();
         let conn = match pooled {
             Some(c) => c,
-            None => match Connection::open(&inner.target).await {
-                Ok(c) => c,
-                Err(e) => return Attempt::Failed(e),
-            },
+            None => {
+                match tokio::time::timeout_at(deadline, Connection::open(&inner.target)).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => return Attempt::Failed(e),
+                    Err(_) => return Attempt::TimedOut,
+                }
+            }
         };
         inner.counters().connected.set(1);
-        match exchange(inner, conn, body, start, response).await {
+        match exchange(inner, conn, body, start, response, deadline).await {
             Attempt::Failed(_) if reused && response.is_empty() => continue,
             a => return a,
         }
@@ -434,26 +447,54 @@ async fn exchange(
     body: &mut Vec<u8>,
     start: usize,
     response: &mut Vec<u8>,
+    deadline: tokio::time::Instant,
 ) -> Attempt {
     response.clear();
     let end = body.len();
-    let (res, b) = conn.send(std::mem::take(body), start..end).await;
+    let fd = conn.abort_handle();
+    let mut timed_out = false;
+    let (res, b) = {
+        let send = conn.send(std::mem::take(body), start..end);
+        tokio::pin!(send);
+        tokio::select! {
+            r = &mut send => r,
+            _ = tokio::time::sleep_until(deadline) => {
+                timed_out = true;
+                // SAFETY: shutdown(2) on the connection's own open socket;
+                // the pending write then fails and hands the body back.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                send.await
+            }
+        }
+    };
     *body = b;
+    if timed_out {
+        return Attempt::TimedOut;
+    }
     if let Err(e) = res {
         return Attempt::Failed(e);
     }
     loop {
-        let n = match conn.read(response).await {
-            Ok(n) => n,
-            Err(e) => return Attempt::Failed(e),
+        // On a timeout here the connection is dropped; nothing of ours is
+        // in flight on it but its own read buffer.
+        let n = match tokio::time::timeout_at(deadline, conn.read(response)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Attempt::Failed(e),
+            Err(_) => return Attempt::TimedOut,
         };
         if n == 0 && response.is_empty() {
             return Attempt::Failed(ConnError::Closed);
         }
         match parse_response(response, n == 0) {
             Ok(Some(r)) => {
-                let excerpt_end = r.body.start + (r.body.end - r.body.start).min(DLQ_EXCERPT_BYTES);
-                let excerpt = response[r.body.start..excerpt_end].to_vec();
+                let excerpt_end = r
+                    .body
+                    .end
+                    .min(r.body.start.saturating_add(DLQ_EXCERPT_BYTES));
+                let excerpt = response
+                    .get(r.body.start..excerpt_end)
+                    .unwrap_or_default()
+                    .to_vec();
                 if !r.close {
                     let mut idle = inner.idle.borrow_mut();
                     if idle.len() < 64 {

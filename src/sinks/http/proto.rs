@@ -20,6 +20,9 @@ pub const RESPONSE_BYTES_MAX: usize = 64 * 1024;
 /// Headers a response may have.
 const RESPONSE_HEADERS_MAX: usize = 64;
 
+/// Room for an idempotency key's value in a head.
+const KEY_ROOM: usize = 128;
+
 /// The fixed part of every request's head, built once per sink.
 pub struct RequestHead {
     fixed: Vec<u8>,
@@ -59,7 +62,7 @@ impl RequestHead {
 
     /// Room to leave in front of a body for the head.
     pub fn room(&self) -> usize {
-        self.fixed.len() + 20 + self.idempotency.as_ref().map_or(0, |i| i.len() + 96) + 4
+        self.fixed.len() + 20 + self.idempotency.as_ref().map_or(0, |i| i.len() + KEY_ROOM) + 4
     }
 
     /// Writes the head so that it ends where the body starts (`buf[room..]`
@@ -71,7 +74,7 @@ impl RequestHead {
         let mut parts: [&[u8]; 5] = [&self.fixed, digits, b"", b"", b"\r\n\r\n"];
         if let (Some(h), Some(k)) = (&self.idempotency, key) {
             parts[2] = h;
-            parts[3] = &k[..k.len().min(96)];
+            parts[3] = &k[..k.len().min(KEY_ROOM)];
         }
         let head_len: usize = parts.iter().map(|p| p.len()).sum();
         assert!(head_len <= room, "room() covers every head");
@@ -135,10 +138,20 @@ pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<Response>, ProtoEr
         Err(e) => return Err(ProtoError::Malformed(e.to_string())),
     };
     let status = r.code.unwrap_or(0);
+    if status == 101 {
+        return Err(ProtoError::Malformed(
+            "the endpoint switched protocols (101)".into(),
+        ));
+    }
     if (100..200).contains(&status) {
-        return Err(ProtoError::Malformed(format!(
-            "unexpected interim response {status}"
-        )));
+        // An interim answer (100 Continue, 103 Early Hints): the real one
+        // follows it.
+        return parse_response(&buf[head_len..], eof).map(|found| {
+            found.map(|mut r| {
+                r.body = r.body.start + head_len..r.body.end + head_len;
+                r
+            })
+        });
     }
     let mut content_length = None;
     let mut chunked = false;
@@ -184,8 +197,11 @@ pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<Response>, ProtoEr
         loop {
             match httparse::parse_chunk_size(&rest[at..]) {
                 Ok(httparse::Status::Complete((n, size))) => {
+                    // A chunk past the response cap is cut like a long body
+                    // (and no sum below can overflow).
                     let size = usize::try_from(size)
-                        .map_err(|_| ProtoError::Malformed("chunk too large".into()))?;
+                        .unwrap_or(usize::MAX)
+                        .min(RESPONSE_BYTES_MAX);
                     let data = at + n;
                     if size == 0 {
                         // Trailers (rare) end with an empty line.
@@ -291,6 +307,20 @@ mod tests {
         let got = parse_response(r, true).unwrap().unwrap();
         assert!(got.close);
         assert_eq!(&r[got.body], b"hello");
+    }
+
+    #[test]
+    fn interim_answers_are_skipped_and_huge_chunks_are_cut() {
+        let r = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok";
+        let got = parse_response(r, false).unwrap().unwrap();
+        assert_eq!((got.status, &r[got.body]), (201, &b"ok"[..]));
+        let mut r =
+            b"HTTP/1.1 500 x\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nX0\r\n\r\n"
+                .to_vec();
+        assert_eq!(parse_response(&r, false), Ok(None));
+        r.resize(RESPONSE_BYTES_MAX, b'x');
+        let got = parse_response(&r, false).unwrap().unwrap();
+        assert!(got.close && got.status == 500 && got.body.start <= got.body.end);
     }
 
     #[test]
