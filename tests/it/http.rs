@@ -598,3 +598,44 @@ fn a_source_rate_limit_drops_or_holds_back_what_is_over_it() {
         t.elapsed()
     );
 }
+
+#[test]
+fn a_request_timed_out_mid_write_is_sent_again_whole() {
+    let (src, sink) = (free_addr(), free_addr());
+    // An endpoint that accepts connections and never reads: a 6 MiB body
+    // cannot be written, so the write itself runs into request.timeout_ms.
+    let stall = std::net::TcpListener::bind(sink).unwrap();
+    stall.set_nonblocking(true).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let staller = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            match stall.accept() {
+                Ok((c, _)) => held.push(c),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    let u_ = Updraft::start(&tcp_to_http(
+        src,
+        1,
+        &format!("http://{sink}/"),
+        "",
+        "[sinks.cloud.batch]\nmax_records = 60000\nmax_bytes = 6291456\nlinger_ms = 50\n[sinks.cloud.request]\ntimeout_ms = 500\nconcurrency = 1",
+    ));
+    send(
+        src,
+        &["--connections", "1", "--count", "50000", "--size", "120"],
+    );
+    let timeouts = r#"updraft_sink_http_responses_total{sink="cloud",type="http",class="timeout"}"#;
+    u_.wait_metric(timeouts, 2.0, Duration::from_secs(20));
+    // The endpoint comes back: the batch that timed out arrives whole, once.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    staller.join().unwrap();
+    let rx = http_receiver(sink, 50_000, 60, &[]);
+    let (r, ok) = rx.finish();
+    assert!(ok, "{r}\n{}", u_.log_text());
+    assert_eq!((u(&r, "unique"), u(&r, "duplicates")), (50_000, 0), "{r}");
+    assert!(!u_.log_text().contains("panicked"), "{}", u_.log_text());
+}

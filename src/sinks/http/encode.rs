@@ -256,6 +256,20 @@ fn civil_from_days(z: i64) -> (i64, u64, u64) {
     (y, m, d)
 }
 
+/// `v` in decimal digits, written at the end of `out`.
+pub(crate) fn decimal(mut v: u64, out: &mut [u8; 20]) -> &[u8] {
+    let mut k = out.len();
+    loop {
+        k -= 1;
+        out[k] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    &out[k..]
+}
+
 /// Appends a line-protocol record (adding `ts_ns` when it has no
 /// timestamp) and `\n`; false, appending nothing, if it is not line protocol.
 fn influx_line(out: &mut Vec<u8>, ts_ns: u64, record: &[u8]) -> bool {
@@ -298,18 +312,7 @@ fn influx_line(out: &mut Vec<u8>, ts_ns: u64, record: &[u8]) -> bool {
     out.extend_from_slice(line);
     if n == 1 {
         out.push(b' ');
-        let mut digits = [0u8; 20];
-        let mut v = ts_ns;
-        let mut k = digits.len();
-        loop {
-            k -= 1;
-            digits[k] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        out.extend_from_slice(&digits[k..]);
+        out.extend_from_slice(decimal(ts_ns, &mut [0u8; 20]));
     }
     out.push(b'\n');
     true

@@ -70,7 +70,7 @@ impl RequestHead {
     pub fn write(&self, buf: &mut [u8], room: usize, key: Option<&[u8]>) -> usize {
         let body_len = buf.len() - room;
         let mut len_digits = [0u8; 20];
-        let digits = itoa(body_len as u64, &mut len_digits);
+        let digits = super::encode::decimal(body_len as u64, &mut len_digits);
         let mut parts: [&[u8]; 5] = [&self.fixed, digits, b"", b"", b"\r\n\r\n"];
         if let (Some(h), Some(k)) = (&self.idempotency, key) {
             parts[2] = h;
@@ -87,19 +87,6 @@ impl RequestHead {
         debug_assert_eq!(at, room);
         start
     }
-}
-
-fn itoa(mut v: u64, out: &mut [u8; 20]) -> &[u8] {
-    let mut k = out.len();
-    loop {
-        k -= 1;
-        out[k] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    &out[k..]
 }
 
 /// A complete response.
