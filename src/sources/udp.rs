@@ -180,7 +180,7 @@ impl Take<'_> {
                 (k, owner(k, shard.shards))
             }
         };
-        if !shard.rate_admit(self.source) {
+        if plan.rate_limit.is_some() && !shard.rate_admit(self.source) {
             // A datagram cannot wait: over the rate it is dropped, whatever
             // `when_exceeded` says.
             counters.drop(DropReason::RateLimit, 1);
