@@ -152,10 +152,15 @@ pub struct SinkCounters {
     pub durable_records: Counter,
     pub wal_bytes_written: Counter,
     pub wal_syncs: Counter,
+    /// Disk buffer: write operations (each carries one or more frames).
+    pub wal_writes: Counter,
     pub wal_write_errors: Counter,
     pub wal_damaged_frames: Counter,
     pub wal_damaged_segments: Counter,
     pub wal_replayed_batches: Counter,
+    /// Disk buffer: batches the sender read back from a segment (the rest
+    /// were sent from the frame the writer kept in memory).
+    pub wal_read_batches: Counter,
     /// Bytes the disk buffer holds now.
     pub wal_bytes: Gauge,
     /// HTTP: request bodies sent (after encoding and compression).
@@ -437,6 +442,13 @@ impl Collector for Exposition {
         )?;
         family(
             &mut enc,
+            "sink_wal_writes",
+            "Disk buffer: write operations; several queued batches go in one.",
+            MetricType::Counter,
+            sink_counter(|c| c.wal_writes.get() as i64),
+        )?;
+        family(
+            &mut enc,
             "sink_wal_syncs",
             "Disk buffer: group commits (fdatasync rounds).",
             MetricType::Counter,
@@ -469,6 +481,13 @@ impl Collector for Exposition {
             "Disk buffer: batches found after the checkpoint at start.",
             MetricType::Counter,
             sink_counter(|c| c.wal_replayed_batches.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_wal_read_batches",
+            "Disk buffer: batches read back from segments to be sent (the rest went from memory).",
+            MetricType::Counter,
+            sink_counter(|c| c.wal_read_batches.get() as i64),
         )?;
         family(
             &mut enc,

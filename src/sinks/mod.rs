@@ -163,6 +163,16 @@ impl SinkQueue {
         }
     }
 
+    /// The next sealed batch if one is queued, without waiting.
+    pub fn try_next(&self) -> Option<Batch> {
+        let mut st = self.state.borrow_mut();
+        let b = st.sealed.pop_front()?;
+        self.counters().queued_batches.set(st.sealed.len() as i64);
+        drop(st);
+        self.space.notify_waiters();
+        Some(b)
+    }
+
     /// Seals each batch once it has lingered `batch.linger_ms`. Runs until
     /// the queue closes.
     pub async fn linger(&self) {

@@ -3,8 +3,12 @@
 //! Three tasks share the log (all on the shard's thread, so a `RefCell`):
 //!
 //! - the **writer** takes sealed batches from the sink's queue, archives each
-//!   (rkyv) behind a frame header into one reused aligned buffer, asks the log
-//!   where it goes and writes it there; a full log or a failing disk either
+//!   (rkyv) behind a frame header into a reused aligned buffer, asks the log
+//!   where it goes and writes it there — every batch that queued while the
+//!   previous write ran goes in the same write (one `writev`), so a disk
+//!   whose writes cost a fixed latency each keeps up by writing more at once;
+//!   the frames stay in memory for the sender (up to a budget) so a sink
+//!   that keeps up is not fed by reading back; a full log or a failing disk either
 //!   holds the batch (`when_full = "block"`: the queue backs up and TCP sources
 //!   stop reading) or drops and counts it (`"drop_newest"`);
 //! - the **syncer** group-commits: `fdatasync` of the segments written since
@@ -93,9 +97,15 @@ unsafe impl IoBufMut for FrameBuf {
     }
 }
 
-/// Frames the writer may keep in memory for the sender per sink and shard,
-/// so that a sink that keeps up is sent from memory, not read back.
-pub const FRAMES_IN_MEMORY: usize = 4;
+/// Bytes of frames the writer may keep in memory for the sender per sink and
+/// shard, so that a sink that keeps up is sent from memory, not read back:
+/// enough for what one sync covers (`SYNC_BYTES`) plus what is written
+/// while that sync runs. Past it, frames are read back from their segment.
+pub const FRAMES_IN_MEMORY_BYTES: usize = 32 * 1024 * 1024;
+
+/// The most bytes one write carries: batches that queued while the previous
+/// write ran are written together, one io_uring operation for all of them.
+pub const WRITE_BYTES_MAX: usize = 8 * 1024 * 1024;
 
 /// A durable batch waiting for the sender, with its frame when the writer
 /// kept it in memory (otherwise the sender reads it from the segment).
@@ -139,8 +149,14 @@ struct Wal {
     writing: Cell<bool>,
     /// Frame buffers the sender gave back, for the writer to fill again.
     free_frames: RefCell<Vec<FrameBuf>>,
-    /// Frames attached to batches not yet sent (at most FRAMES_IN_MEMORY).
+    /// Frames attached to batches not yet sent (at most `frames_in_memory`).
     held_frames: Cell<usize>,
+    /// FRAMES_IN_MEMORY_BYTES in frames of this sink's largest batch.
+    frames_in_memory: usize,
+    /// Frame buffers kept for reuse, held ones included: those in memory,
+    /// one write's worth and one more. Buffers are kept rather than freed
+    /// and allocated again (fresh pages cost a fault and zeroing each).
+    frames_kept: usize,
 }
 
 impl Wal {
@@ -245,8 +261,10 @@ pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
         sender_done: Cell::new(false),
         syncer_idle: Cell::new(true),
         writing: Cell::new(false),
-        free_frames: RefCell::new(Vec::with_capacity(FRAMES_IN_MEMORY)),
+        free_frames: RefCell::new(Vec::new()),
         held_frames: Cell::new(0),
+        frames_in_memory: (FRAMES_IN_MEMORY_BYTES / frame_capacity(plan)).max(2),
+        frames_kept: (FRAMES_IN_MEMORY_BYTES + WRITE_BYTES_MAX) / frame_capacity(plan) + 2,
     });
     counters.wal_bytes.set(wal.log.borrow().bytes() as i64);
     let syncer = tokio_uring::spawn(syncer(shard.clone(), wal.clone()));
@@ -261,131 +279,204 @@ pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
     let _ = syncer.await;
 }
 
+/// A batch archived in its frame, waiting to be written.
+struct Framed {
+    buf: FrameBuf,
+    archive_len: usize,
+    records: u32,
+}
+
+/// Archives `batch` behind a frame header into `buf`, padded to whole blocks.
+fn frame_batch(
+    batch: &crate::record::Batch,
+    buf: FrameBuf,
+) -> Result<(FrameBuf, usize), rkyv::rancor::Error> {
+    let mut v = buf.0;
+    v.clear();
+    v.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
+    let mut v = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(batch, v)?;
+    let archive_len = v.len() - FRAME_HEADER_BYTES;
+    let header = format::frame_header(&v[FRAME_HEADER_BYTES..]);
+    v[..FRAME_HEADER_BYTES].copy_from_slice(&header);
+    v.resize(frame_bytes(archive_len), 0);
+    Ok((FrameBuf(v), archive_len))
+}
+
 async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
     let plan = &shard.plan.sinks[wal.sink];
     let counters = &shard.metrics.sinks[wal.sink];
     let frame_capacity = frame_capacity(plan);
-    let mut buf = FrameBuf::with_capacity(frame_capacity);
+    let take_buf = || {
+        wal.free_frames
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| FrameBuf::with_capacity(frame_capacity))
+    };
+    // Frames archived and not yet written, in log order; at most one write's
+    // worth plus the frame that did not fit in it.
+    let mut pending: VecDeque<Framed> = VecDeque::new();
+    // Reused for every write: the frames of one write and where they go.
+    let mut group: Vec<FrameBuf> = Vec::new();
+    let mut appends: Vec<Append> = Vec::new();
     let mut backoff = Backoff::new(plan.retry);
     let mut log_full = LogEvery::new(Duration::from_secs(10));
     let mut log_err = LogEvery::new(Duration::from_secs(10));
-    while let Some(batch) = queue.next().await {
-        // Frame: header, archive, zero padding; all in one aligned buffer.
-        let mut v = std::mem::take(&mut buf.0);
-        v.clear();
-        v.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
-        let mut v = match rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&batch, v) {
-            Ok(v) => v,
+    let frame = |batch: crate::record::Batch, buf: FrameBuf| -> Option<Framed> {
+        let records = batch.len() as u32;
+        let framed = frame_batch(&batch, buf);
+        shard.recycle(batch);
+        match framed {
+            Ok((buf, archive_len)) => Some(Framed {
+                buf,
+                archive_len,
+                records,
+            }),
             Err(e) => {
                 tracing::error!(sink = %plan.name, error = %e, "cannot archive a batch; dropped");
-                counters.buffer_dropped.add(batch.len() as u64);
-                shard.recycle(batch);
-                continue;
+                counters.buffer_dropped.add(records as u64);
+                None
             }
-        };
-        let archive_len = v.len() - FRAME_HEADER_BYTES;
-        let header = format::frame_header(&v[FRAME_HEADER_BYTES..]);
-        v[..FRAME_HEADER_BYTES].copy_from_slice(&header);
-        v.resize(frame_bytes(archive_len), 0);
-        buf.0 = v;
-        let records = batch.len() as u32;
-        shard.recycle(batch);
-
-        loop {
-            let appended = wal.log.borrow_mut().append(archive_len);
-            let a = match appended {
-                Ok(a) => a,
-                Err(Full) => match plan.buffer.when_full {
-                    WhenFull::Block => {
-                        if let Some(held) = log_full.ready() {
-                            tracing::warn!(sink = %plan.name, shard = shard.id, max_bytes = plan.buffer.max_bytes,
-                                suppressed = held, "disk buffer full: sources are held back until the sink catches up");
-                        }
-                        let needed = buf.0.len() + format::SEGMENT_HEADER_BYTES;
-                        let max = (plan.buffer.max_bytes / shard.shards) as u64;
-                        wait_until(&wal.space, || {
-                            wal.log.borrow().bytes() + needed as u64 <= max
-                        })
-                        .await;
-                        continue;
-                    }
-                    WhenFull::DropNewest => {
-                        if let Some(held) = log_full.ready() {
-                            tracing::warn!(sink = %plan.name, shard = shard.id, max_bytes = plan.buffer.max_bytes,
-                                suppressed = held, "disk buffer full: dropping the newest records (counted)");
-                        }
-                        counters.buffer_dropped.add(records as u64);
-                        break;
-                    }
-                },
+        }
+    };
+    loop {
+        // Gather: wait for a batch if none is pending, then take every batch
+        // that queued meanwhile (up to one write's worth), so that a disk
+        // slower than the network gets fewer, larger writes.
+        if pending.is_empty() {
+            let Some(batch) = queue.next().await else {
+                break;
             };
-            wal.writing.set(true);
-            let written = write_frame(wal, &a, buf).await;
-            wal.writing.set(false);
-            match written {
-                (Ok(()), b) => {
-                    backoff.reset();
-                    wal.log.borrow_mut().wrote(a);
-                    // Hand the frame itself to the sender while few are held;
-                    // the writer goes on with a free buffer.
-                    let frame = if wal.held_frames.get() < FRAMES_IN_MEMORY {
+            pending.extend(frame(batch, take_buf()));
+        }
+        let mut bytes: usize = pending.iter().map(|f| f.buf.0.len()).sum();
+        while bytes < WRITE_BYTES_MAX {
+            let Some(batch) = queue.try_next() else { break };
+            if let Some(f) = frame(batch, take_buf()) {
+                bytes += f.buf.0.len();
+                pending.push_back(f);
+            }
+        }
+        let Some(first) = pending.front() else {
+            continue;
+        };
+
+        // Place: the first frame wherever the log puts it, the ones after it
+        // as long as they follow it in the same segment.
+        {
+            let mut log = wal.log.borrow_mut();
+            appends.clear();
+            for f in &pending {
+                if !appends.is_empty() && !log.fits_head(f.archive_len) {
+                    break;
+                }
+                match log.append(f.archive_len) {
+                    Ok(a) => appends.push(a),
+                    Err(Full) => break,
+                }
+            }
+        }
+        if appends.is_empty() {
+            match plan.buffer.when_full {
+                WhenFull::Block => {
+                    if let Some(held) = log_full.ready() {
+                        tracing::warn!(sink = %plan.name, shard = shard.id, max_bytes = plan.buffer.max_bytes,
+                            suppressed = held, "disk buffer full: sources are held back until the sink catches up");
+                    }
+                    let needed = (first.buf.0.len() + format::SEGMENT_HEADER_BYTES) as u64;
+                    let max = (plan.buffer.max_bytes / shard.shards) as u64;
+                    wait_until(&wal.space, || wal.log.borrow().bytes() + needed <= max).await;
+                }
+                WhenFull::DropNewest => {
+                    if let Some(held) = log_full.ready() {
+                        tracing::warn!(sink = %plan.name, shard = shard.id, max_bytes = plan.buffer.max_bytes,
+                            suppressed = held, "disk buffer full: dropping the newest records (counted)");
+                    }
+                    let f = pending.pop_front().expect("checked");
+                    counters.buffer_dropped.add(f.records as u64);
+                    give_back(wal, f.buf);
+                }
+            }
+            continue;
+        }
+
+        // Write the placed frames with one operation.
+        group.extend(
+            pending
+                .iter_mut()
+                .take(appends.len())
+                .map(|f| std::mem::replace(&mut f.buf, FrameBuf(AlignedVec::new()))),
+        );
+        wal.writing.set(true);
+        let (written, bufs) = write_frames(wal, &appends[0], std::mem::take(&mut group)).await;
+        group = bufs;
+        wal.writing.set(false);
+        for (f, buf) in pending.iter_mut().zip(group.drain(..)) {
+            f.buf = buf;
+        }
+        match written {
+            Ok(()) => {
+                backoff.reset();
+                for a in &appends {
+                    let f = pending.pop_front().expect("one pending frame per append");
+                    wal.log.borrow_mut().wrote(*a);
+                    // Hand the frame itself to the sender while few are
+                    // held; past that, the sender reads it back.
+                    let frame = if wal.held_frames.get() < wal.frames_in_memory {
                         wal.held_frames.set(wal.held_frames.get() + 1);
-                        let next = wal
-                            .free_frames
-                            .borrow_mut()
-                            .pop()
-                            .unwrap_or_else(|| FrameBuf::with_capacity(frame_capacity));
-                        buf = next;
-                        Some(b)
+                        Some(f.buf)
                     } else {
-                        buf = b;
+                        give_back(wal, f.buf);
                         None
                     };
                     wal.written.borrow_mut().push_back((
                         Durable {
                             id: a.id,
-                            archive_len: archive_len as u32,
+                            archive_len: f.archive_len as u32,
                             frame,
                         },
-                        records,
+                        f.records,
                     ));
                     counters.wal_bytes_written.add(a.frame_bytes);
-                    counters.wal_bytes.set(wal.log.borrow().bytes() as i64);
-                    if wal.log.borrow().sync_due() {
-                        wal.sync_now.notify_one();
-                    }
-                    wal.wake_syncer.notify_one();
-                    break;
                 }
-                (Err(e), b) => {
-                    buf = b;
-                    let freed = {
-                        let mut log = wal.log.borrow_mut();
-                        log.abandon(a);
-                        // Start a new segment next time, so that a head that
-                        // fills the disk can be deleted once delivered.
-                        log.seal_head()
-                    };
-                    if !freed.is_empty() {
-                        wal.pending_delete.borrow_mut().extend(freed);
-                        wal.wake_syncer.notify_one();
+                counters.wal_writes.add(1);
+                counters.wal_bytes.set(wal.log.borrow().bytes() as i64);
+                if wal.log.borrow().sync_due() {
+                    wal.sync_now.notify_one();
+                }
+                wal.wake_syncer.notify_one();
+            }
+            Err(e) => {
+                let freed = {
+                    let mut log = wal.log.borrow_mut();
+                    for a in appends.iter().rev() {
+                        log.abandon(*a);
                     }
-                    counters.wal_write_errors.add(1);
-                    match plan.buffer.when_full {
-                        WhenFull::Block => {
-                            if let Some(held) = log_err.ready() {
-                                tracing::warn!(sink = %plan.name, shard = shard.id, dir = %wal.dir.display(), error = %e,
-                                    suppressed = held, "cannot write the disk buffer; holding records and retrying");
-                            }
-                            tokio::time::sleep(backoff.next_delay()).await;
+                    // Start a new segment next time, so that a head that
+                    // fills the disk can be deleted once delivered.
+                    log.seal_head()
+                };
+                if !freed.is_empty() {
+                    wal.pending_delete.borrow_mut().extend(freed);
+                    wal.wake_syncer.notify_one();
+                }
+                counters.wal_write_errors.add(1);
+                match plan.buffer.when_full {
+                    WhenFull::Block => {
+                        if let Some(held) = log_err.ready() {
+                            tracing::warn!(sink = %plan.name, shard = shard.id, dir = %wal.dir.display(), error = %e,
+                                suppressed = held, "cannot write the disk buffer; holding records and retrying");
                         }
-                        WhenFull::DropNewest => {
-                            if let Some(held) = log_err.ready() {
-                                tracing::warn!(sink = %plan.name, shard = shard.id, dir = %wal.dir.display(), error = %e,
-                                    suppressed = held, "cannot write the disk buffer; dropping the newest records (counted)");
-                            }
-                            counters.buffer_dropped.add(records as u64);
-                            break;
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                    WhenFull::DropNewest => {
+                        if let Some(held) = log_err.ready() {
+                            tracing::warn!(sink = %plan.name, shard = shard.id, dir = %wal.dir.display(), error = %e,
+                                suppressed = held, "cannot write the disk buffer; dropping the newest records (counted)");
+                        }
+                        for _ in 0..appends.len() {
+                            let f = pending.pop_front().expect("one pending frame per append");
+                            counters.buffer_dropped.add(f.records as u64);
+                            give_back(wal, f.buf);
                         }
                     }
                 }
@@ -394,19 +485,67 @@ async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
     }
 }
 
-/// Writes one frame where the log placed it, creating its segment if needed.
-async fn write_frame(wal: &Wal, a: &Append, buf: FrameBuf) -> (std::io::Result<()>, FrameBuf) {
-    let file = wal.files.borrow().get(&a.id.segment).cloned();
+/// Keeps a frame buffer for the writer to fill again, up to a bound.
+fn give_back(wal: &Wal, buf: FrameBuf) {
+    let mut free = wal.free_frames.borrow_mut();
+    if free.len() + wal.held_frames.get() < wal.frames_kept && buf.0.capacity() > 0 {
+        free.push(buf);
+    }
+}
+
+/// Writes frames that follow each other in one segment, starting where the
+/// log placed `first`, creating the segment if needed: one `writev` for
+/// several frames (each buffer is block-aligned and whole blocks long, as
+/// `O_DIRECT` needs).
+async fn write_frames(
+    wal: &Wal,
+    first: &Append,
+    mut bufs: Vec<FrameBuf>,
+) -> (std::io::Result<()>, Vec<FrameBuf>) {
+    let file = wal.files.borrow().get(&first.id.segment).cloned();
     let file = match file {
         Some(f) => f,
-        None => match create_segment(wal, a.id.segment).await {
+        None => match create_segment(wal, first.id.segment).await {
             Ok(f) => f,
-            Err(e) => return (Err(e), buf),
+            Err(e) => return (Err(e), bufs),
         },
     };
-    let len = buf.0.len();
-    let (res, slice) = file.write_all_at(buf.slice(0..len), a.id.offset).await;
-    (res, slice.into_inner())
+    let at = first.id.offset;
+    if bufs.len() == 1 {
+        let buf = bufs.pop().expect("one");
+        let len = buf.0.len();
+        let (res, slice) = file.write_all_at(buf.slice(0..len), at).await;
+        bufs.push(slice.into_inner());
+        return (res, bufs);
+    }
+    let total: usize = bufs.iter().map(|b| b.0.len()).sum();
+    let (res, mut bufs) = file.writev_at(bufs, at).await;
+    let done = match res {
+        Ok(n) => n,
+        Err(e) => return (Err(e), bufs),
+    };
+    if done == total {
+        return (Ok(()), bufs);
+    }
+    // A short write (rare: a disk filling up): the rest frame by frame.
+    let mut start = 0usize;
+    for b in bufs.iter_mut() {
+        let len = b.0.len();
+        let end = start + len;
+        if end > done {
+            let skip = done.saturating_sub(start);
+            let buf = std::mem::replace(b, FrameBuf(AlignedVec::new()));
+            let (res, slice) = file
+                .write_all_at(buf.slice(skip..len), at + (start + skip) as u64)
+                .await;
+            *b = slice.into_inner();
+            if let Err(e) = res {
+                return (Err(e), bufs);
+            }
+        }
+        start = end;
+    }
+    (Ok(()), bufs)
 }
 
 async fn create_segment(wal: &Wal, id: u64) -> std::io::Result<Rc<File>> {
@@ -584,10 +723,7 @@ async fn sender(shard: Rc<Shard>, wal: Rc<Wal>) {
         if let Some(f) = frame {
             wal.held_frames.set(wal.held_frames.get() - 1);
             let old = std::mem::replace(&mut buf, f);
-            let mut free = wal.free_frames.borrow_mut();
-            if free.len() < FRAMES_IN_MEMORY {
-                free.push(old);
-            }
+            give_back(&wal, old);
         } else {
             let file = wal.files.borrow().get(&id.segment).cloned();
             let Some(file) = file else {
@@ -603,6 +739,7 @@ async fn sender(shard: Rc<Shard>, wal: Rc<Wal>) {
             buf.0.clear();
             let (res, slice) = file.read_exact_at(buf.slice(0..frame_len), id.offset).await;
             buf = slice.into_inner();
+            counters.wal_read_batches.add(1);
             if let Err(e) = res {
                 tracing::warn!(sink = %plan.name, segment = id.segment, error = %e, "cannot read the disk buffer; retrying");
                 wal.to_send.borrow_mut().push_front(Durable {

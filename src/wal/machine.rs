@@ -232,6 +232,21 @@ impl Log {
         })
     }
 
+    /// Whether an archive of `archive_len` bytes would be placed right after
+    /// the last append, in the same segment, without passing `max_bytes`:
+    /// frames that do can be written together with it in one write.
+    pub fn fits_head(&self, archive_len: usize) -> bool {
+        let frame = frame_bytes(archive_len) as u64;
+        match self.segments.back() {
+            Some(head) => {
+                self.head_open
+                    && head.bytes + frame <= self.cfg.segment_bytes
+                    && self.total_bytes + frame <= self.cfg.max_bytes
+            }
+            None => false,
+        }
+    }
+
     /// The frame of `a` is written (not yet synced): the next sync covers it.
     pub fn wrote(&mut self, a: Append) {
         debug_assert!(self.written.back().is_none_or(|w| *w < a.id));
@@ -418,6 +433,40 @@ mod tests {
                 offset: H
             }
         );
+    }
+
+    #[test]
+    fn fits_head_says_which_appends_follow_the_last_one_in_its_segment() {
+        let mut log = Log::new(cfg());
+        assert!(
+            !log.fits_head(100),
+            "no segment yet: the next append creates one"
+        );
+        let a = log.append(100).unwrap();
+        assert!(log.fits_head(100));
+        assert!(
+            !log.fits_head(4 * frame_bytes(100)),
+            "too big for the rest of the segment"
+        );
+        let b = log.append(100).unwrap();
+        assert_eq!(b.id.offset, a.id.offset + a.frame_bytes, "contiguous");
+        log.append(100).unwrap();
+        assert!(
+            !log.fits_head(100),
+            "segment 0 is full: the next append rolls"
+        );
+        let d = log.append(100).unwrap();
+        assert_eq!(d.create_segment, Some(1));
+        // Abandoned in reverse order, as a failed group write does.
+        log.abandon(d);
+        assert!(log.fits_head(100), "the abandoned place is free again");
+        assert_eq!(log.append(100).unwrap().id, d.id);
+        let mut small = Log::new(LogConfig {
+            max_bytes: H + frame_bytes(100) as u64,
+            ..cfg()
+        });
+        small.append(100).unwrap();
+        assert!(!small.fits_head(100), "the cap is reached");
     }
 
     #[test]
