@@ -1,6 +1,6 @@
 //! The thin io_uring driver that runs a [`Log`] for one sink on one shard.
 //!
-//! Three tasks share the log (all on the shard's thread, so a `RefCell`):
+//! Four tasks share the log (all on the shard's thread, so a `RefCell`):
 //!
 //! - the **writer** takes sealed batches from the sink's queue, archives each
 //!   (rkyv) behind a frame header into a reused aligned buffer, asks the log
@@ -13,9 +13,11 @@
 //!   stop reading) or drops and counts it (`"drop_newest"`);
 //! - the **syncer** group-commits: `fdatasync` of the segments written since
 //!   the last sync, every `sync_interval_ms` or at once past `sync_bytes`;
-//!   batches it covers become durable and go to the sender; it also persists
-//!   the checkpoint (two slots, then `fdatasync`) and only then deletes
-//!   segments that are wholly acknowledged;
+//!   batches it covers become durable and go to the sender;
+//! - the **keeper** persists the checkpoint (two slots, then `fdatasync`) at
+//!   most once per `sync_interval_ms` and only then deletes segments that
+//!   are wholly acknowledged — apart from the syncer, so that a checkpoint
+//!   and an unlink never hold up the syncs that make batches sendable;
 //! - the **sender** reads each durable frame back into an aligned buffer,
 //!   validates the archive in place and hands the payload — already
 //!   newline-delimited — to the sink's output as a slice of that buffer: no
@@ -137,6 +139,11 @@ struct Wal {
     pending_delete: RefCell<Vec<u64>>,
     /// Something for the syncer: a write, a due sync, an ack, the end.
     wake_syncer: Notify,
+    /// A checkpoint to persist or segments to delete.
+    wake_keeper: Notify,
+    /// The writer waits for space: the keeper should not wait out its
+    /// interval before deleting what is acknowledged.
+    space_wanted: Notify,
     sync_now: Notify,
     /// The sender has durable batches.
     durable: Notify,
@@ -254,6 +261,8 @@ pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
         pending_checkpoint: Cell::new(None),
         pending_delete: RefCell::new(Vec::new()),
         wake_syncer: Notify::new(),
+        wake_keeper: Notify::new(),
+        space_wanted: Notify::new(),
         sync_now: Notify::new(),
         durable: Notify::new(),
         space: Notify::new(),
@@ -268,6 +277,7 @@ pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
     });
     counters.wal_bytes.set(wal.log.borrow().bytes() as i64);
     let syncer = tokio_uring::spawn(syncer(shard.clone(), wal.clone()));
+    let keeper = tokio_uring::spawn(keeper(shard.clone(), wal.clone()));
     let sender = tokio_uring::spawn(sender(shard.clone(), wal.clone()));
     writer(&shard, &wal, &queue).await;
     wal.writer_done.set(true);
@@ -275,8 +285,9 @@ pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
     wal.durable.notify_one();
     let _ = sender.await;
     wal.sender_done.set(true);
-    wal.wake_syncer.notify_one();
+    wal.wake_keeper.notify_one();
     let _ = syncer.await;
+    let _ = keeper.await;
 }
 
 /// A batch archived in its frame, waiting to be written.
@@ -321,6 +332,7 @@ async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
     let mut backoff = Backoff::new(plan.retry);
     let mut log_full = LogEvery::new(Duration::from_secs(10));
     let mut log_err = LogEvery::new(Duration::from_secs(10));
+    let mut solo = false;
     let frame = |batch: crate::record::Batch, buf: FrameBuf| -> Option<Framed> {
         let records = batch.len() as u32;
         let framed = frame_batch(&batch, buf);
@@ -366,7 +378,7 @@ async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
             let mut log = wal.log.borrow_mut();
             appends.clear();
             for f in &pending {
-                if !appends.is_empty() && !log.fits_head(f.archive_len) {
+                if !appends.is_empty() && (solo || !log.fits_head(f.archive_len)) {
                     break;
                 }
                 match log.append(f.archive_len) {
@@ -382,6 +394,7 @@ async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
                         tracing::warn!(sink = %plan.name, shard = shard.id, max_bytes = plan.buffer.max_bytes,
                             suppressed = held, "disk buffer full: sources are held back until the sink catches up");
                     }
+                    wal.space_wanted.notify_one();
                     let needed = (first.buf.0.len() + format::SEGMENT_HEADER_BYTES) as u64;
                     let max = (plan.buffer.max_bytes / shard.shards) as u64;
                     wait_until(&wal.space, || wal.log.borrow().bytes() + needed <= max).await;
@@ -407,79 +420,83 @@ async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
                 .map(|f| std::mem::replace(&mut f.buf, FrameBuf(AlignedVec::new()))),
         );
         wal.writing.set(true);
-        let (written, bufs) = write_frames(wal, &appends[0], std::mem::take(&mut group)).await;
+        let (done, failed, bufs) = write_frames(wal, &appends[0], std::mem::take(&mut group)).await;
         group = bufs;
         wal.writing.set(false);
         for (f, buf) in pending.iter_mut().zip(group.drain(..)) {
             f.buf = buf;
         }
-        match written {
-            Ok(()) => {
-                backoff.reset();
-                for a in &appends {
-                    let f = pending.pop_front().expect("one pending frame per append");
-                    wal.log.borrow_mut().wrote(*a);
-                    // Hand the frame itself to the sender while few are
-                    // held; past that, the sender reads it back.
-                    let frame = if wal.held_frames.get() < wal.frames_in_memory {
-                        wal.held_frames.set(wal.held_frames.get() + 1);
-                        Some(f.buf)
-                    } else {
-                        give_back(wal, f.buf);
-                        None
-                    };
-                    wal.written.borrow_mut().push_back((
-                        Durable {
-                            id: a.id,
-                            archive_len: f.archive_len as u32,
-                            frame,
-                        },
-                        f.records,
-                    ));
-                    counters.wal_bytes_written.add(a.frame_bytes);
-                }
-                counters.wal_writes.add(1);
-                counters.wal_bytes.set(wal.log.borrow().bytes() as i64);
-                if wal.log.borrow().sync_due() {
-                    wal.sync_now.notify_one();
-                }
-                wal.wake_syncer.notify_one();
+        // The frames written whole are in the log, even when a later one
+        // failed (so they are not written twice).
+        for a in &appends[..done] {
+            let f = pending.pop_front().expect("one pending frame per append");
+            wal.log.borrow_mut().wrote(*a);
+            // Hand the frame itself to the sender while few are held; past
+            // that, the sender reads it back.
+            let frame = if wal.held_frames.get() < wal.frames_in_memory {
+                wal.held_frames.set(wal.held_frames.get() + 1);
+                Some(f.buf)
+            } else {
+                give_back(wal, f.buf);
+                None
+            };
+            wal.written.borrow_mut().push_back((
+                Durable {
+                    id: a.id,
+                    archive_len: f.archive_len as u32,
+                    frame,
+                },
+                f.records,
+            ));
+            counters.wal_bytes_written.add(a.frame_bytes);
+        }
+        if done > 0 {
+            counters.wal_writes.add(1);
+            counters.wal_bytes.set(wal.log.borrow().bytes() as i64);
+            if wal.log.borrow().sync_due() {
+                wal.sync_now.notify_one();
             }
-            Err(e) => {
-                let freed = {
-                    let mut log = wal.log.borrow_mut();
-                    for a in appends.iter().rev() {
-                        log.abandon(*a);
-                    }
-                    // Start a new segment next time, so that a head that
-                    // fills the disk can be deleted once delivered.
-                    log.seal_head()
-                };
-                if !freed.is_empty() {
-                    wal.pending_delete.borrow_mut().extend(freed);
-                    wal.wake_syncer.notify_one();
+            wal.wake_syncer.notify_one();
+        }
+        let Some(e) = failed else {
+            backoff.reset();
+            solo = false;
+            continue;
+        };
+        let freed = {
+            let mut log = wal.log.borrow_mut();
+            for a in appends[done..].iter().rev() {
+                log.abandon(*a);
+            }
+            // Start a new segment next time, so that a head that fills the
+            // disk can be deleted once delivered.
+            log.seal_head()
+        };
+        if !freed.is_empty() {
+            wal.pending_delete.borrow_mut().extend(freed);
+            wal.wake_keeper.notify_one();
+            wal.space_wanted.notify_one();
+        }
+        counters.wal_write_errors.add(1);
+        // Until a write succeeds again, one frame per write: a nearly full
+        // disk may take a frame where it cannot take a group.
+        solo = true;
+        match plan.buffer.when_full {
+            WhenFull::Block => {
+                if let Some(held) = log_err.ready() {
+                    tracing::warn!(sink = %plan.name, shard = shard.id, dir = %wal.dir.display(), error = %e,
+                        suppressed = held, "cannot write the disk buffer; holding records and retrying");
                 }
-                counters.wal_write_errors.add(1);
-                match plan.buffer.when_full {
-                    WhenFull::Block => {
-                        if let Some(held) = log_err.ready() {
-                            tracing::warn!(sink = %plan.name, shard = shard.id, dir = %wal.dir.display(), error = %e,
-                                suppressed = held, "cannot write the disk buffer; holding records and retrying");
-                        }
-                        tokio::time::sleep(backoff.next_delay()).await;
-                    }
-                    WhenFull::DropNewest => {
-                        if let Some(held) = log_err.ready() {
-                            tracing::warn!(sink = %plan.name, shard = shard.id, dir = %wal.dir.display(), error = %e,
-                                suppressed = held, "cannot write the disk buffer; dropping the newest records (counted)");
-                        }
-                        for _ in 0..appends.len() {
-                            let f = pending.pop_front().expect("one pending frame per append");
-                            counters.buffer_dropped.add(f.records as u64);
-                            give_back(wal, f.buf);
-                        }
-                    }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            WhenFull::DropNewest => {
+                if let Some(held) = log_err.ready() {
+                    tracing::warn!(sink = %plan.name, shard = shard.id, dir = %wal.dir.display(), error = %e,
+                        suppressed = held, "cannot write the disk buffer; dropping the newest records (counted)");
                 }
+                let f = pending.pop_front().expect("the frame that failed");
+                counters.buffer_dropped.add(f.records as u64);
+                give_back(wal, f.buf);
             }
         }
     }
@@ -496,18 +513,19 @@ fn give_back(wal: &Wal, buf: FrameBuf) {
 /// Writes frames that follow each other in one segment, starting where the
 /// log placed `first`, creating the segment if needed: one `writev` for
 /// several frames (each buffer is block-aligned and whole blocks long, as
-/// `O_DIRECT` needs).
+/// `O_DIRECT` needs). Returns how many frames were written whole and, if not
+/// all were, the error that stopped the rest.
 async fn write_frames(
     wal: &Wal,
     first: &Append,
     mut bufs: Vec<FrameBuf>,
-) -> (std::io::Result<()>, Vec<FrameBuf>) {
+) -> (usize, Option<std::io::Error>, Vec<FrameBuf>) {
     let file = wal.files.borrow().get(&first.id.segment).cloned();
     let file = match file {
         Some(f) => f,
         None => match create_segment(wal, first.id.segment).await {
             Ok(f) => f,
-            Err(e) => return (Err(e), bufs),
+            Err(e) => return (0, Some(e), bufs),
         },
     };
     let at = first.id.offset;
@@ -516,36 +534,36 @@ async fn write_frames(
         let len = buf.0.len();
         let (res, slice) = file.write_all_at(buf.slice(0..len), at).await;
         bufs.push(slice.into_inner());
-        return (res, bufs);
+        return match res {
+            Ok(()) => (1, None, bufs),
+            Err(e) => (0, Some(e), bufs),
+        };
     }
-    let total: usize = bufs.iter().map(|b| b.0.len()).sum();
     let (res, mut bufs) = file.writev_at(bufs, at).await;
-    let done = match res {
+    let mut written = match res {
         Ok(n) => n,
-        Err(e) => return (Err(e), bufs),
+        Err(e) => return (0, Some(e), bufs),
     };
-    if done == total {
-        return (Ok(()), bufs);
-    }
     // A short write (rare: a disk filling up): the rest frame by frame.
     let mut start = 0usize;
-    for b in bufs.iter_mut() {
+    for (i, b) in bufs.iter_mut().enumerate() {
         let len = b.0.len();
-        let end = start + len;
-        if end > done {
-            let skip = done.saturating_sub(start);
+        if written < start + len {
+            let skip = written - start;
             let buf = std::mem::replace(b, FrameBuf(AlignedVec::new()));
             let (res, slice) = file
-                .write_all_at(buf.slice(skip..len), at + (start + skip) as u64)
+                .write_all_at(buf.slice(skip..len), at + written as u64)
                 .await;
             *b = slice.into_inner();
             if let Err(e) = res {
-                return (Err(e), bufs);
+                return (i, Some(e), bufs);
             }
+            written = start + len;
         }
-        start = end;
+        start += len;
     }
-    (Ok(()), bufs)
+    let n = bufs.len();
+    (n, None, bufs)
 }
 
 async fn create_segment(wal: &Wal, id: u64) -> std::io::Result<Rc<File>> {
@@ -572,16 +590,17 @@ async fn syncer(shard: Rc<Shard>, wal: Rc<Wal>) {
     let interval = Duration::from_millis(plan.buffer.sync_interval_ms);
     let mut log_err = LogEvery::new(Duration::from_secs(10));
     loop {
-        let has_work = || {
-            wal.log.borrow().has_unsynced()
-                || wal.pending_checkpoint.get().is_some()
-                || !wal.pending_delete.borrow().is_empty()
-                || (wal.writer_done.get() && wal.sender_done.get())
-        };
         wal.syncer_idle.set(true);
-        wait_until(&wal.wake_syncer, has_work).await;
-        wal.syncer_idle.set(false);
+        wait_until(&wal.wake_syncer, || {
+            wal.log.borrow().has_unsynced() || wal.writer_done.get()
+        })
+        .await;
         let finishing = wal.writer_done.get();
+        if finishing && !wal.log.borrow().has_unsynced() {
+            // Nothing more will be written.
+            break;
+        }
+        wal.syncer_idle.set(false);
         if !finishing && !wal.log.borrow().sync_due() {
             // The group-commit window: more writes join this sync.
             let due = wal.sync_now.notified();
@@ -590,70 +609,99 @@ async fn syncer(shard: Rc<Shard>, wal: Rc<Wal>) {
                 _ = due => {}
             }
         }
-        if wal.log.borrow().has_unsynced() {
-            let plan_sync = wal.log.borrow_mut().begin_sync();
-            for seg in &plan_sync.segments {
-                let f = wal.files.borrow().get(seg).cloned();
-                if let Some(f) = f {
-                    if let Err(e) = f.sync_data().await {
-                        if let Some(held) = log_err.ready() {
-                            tracing::error!(sink = %plan.name, shard = shard.id, error = %e, suppressed = held,
-                                "fdatasync of the disk buffer failed: the last writes may not be durable");
-                        }
+        let plan_sync = wal.log.borrow_mut().begin_sync();
+        for seg in &plan_sync.segments {
+            let f = wal.files.borrow().get(seg).cloned();
+            if let Some(f) = f {
+                if let Err(e) = f.sync_data().await {
+                    if let Some(held) = log_err.ready() {
+                        tracing::error!(sink = %plan.name, shard = shard.id, error = %e, suppressed = held,
+                            "fdatasync of the disk buffer failed: the last writes may not be durable");
                     }
                 }
             }
-            counters.wal_syncs.add(1);
-            let durable = wal.log.borrow_mut().synced(plan_sync);
-            let mut written = wal.written.borrow_mut();
-            let mut to_send = wal.to_send.borrow_mut();
-            let mut records = 0u64;
-            for id in durable {
-                let (d, n) = written.pop_front().expect("written in log order");
-                debug_assert_eq!(d.id, id);
-                records += n as u64;
-                to_send.push_back(d);
-            }
-            counters.durable_records.add(records);
-            drop((written, to_send));
-            wal.durable.notify_one();
         }
-        match wal.pending_checkpoint.take() {
-            Some(c) => persist_checkpoint(&shard, &wal, c).await,
-            // Segments whose acknowledgements an earlier checkpoint covers.
-            None if !wal.pending_delete.borrow().is_empty() => delete_segments(&shard, &wal).await,
-            None => {}
+        counters.wal_syncs.add(1);
+        let durable = wal.log.borrow_mut().synced(plan_sync);
+        let mut written = wal.written.borrow_mut();
+        let mut to_send = wal.to_send.borrow_mut();
+        let mut records = 0u64;
+        for id in durable {
+            let (d, n) = written.pop_front().expect("written in log order");
+            debug_assert_eq!(d.id, id);
+            records += n as u64;
+            to_send.push_back(d);
         }
+        counters.durable_records.add(records);
+        drop((written, to_send));
+        wal.durable.notify_one();
+    }
+    wal.syncer_idle.set(true);
+    wal.durable.notify_one();
+    wal.wake_keeper.notify_one();
+}
+
+/// Persists the checkpoint and deletes wholly acknowledged segments, apart
+/// from the syncer so that neither waits for the other: data syncs decide
+/// how soon batches are sent, checkpoints only how much is replayed after a
+/// crash. A checkpoint is written at most once per `sync_interval_ms`
+/// (sooner when the writer waits for space).
+async fn keeper(shard: Rc<Shard>, wal: Rc<Wal>) {
+    let plan = &shard.plan.sinks[wal.sink];
+    let interval = Duration::from_millis(plan.buffer.sync_interval_ms);
+    loop {
+        let done = || wal.writer_done.get() && wal.sender_done.get() && wal.syncer_idle.get();
+        wait_until(&wal.wake_keeper, || {
+            wal.pending_checkpoint.get().is_some()
+                || !wal.pending_delete.borrow().is_empty()
+                || done()
+        })
+        .await;
+        // What this round persists and deletes: segments listed now are
+        // covered by the checkpoint taken now (acks arriving meanwhile wait
+        // for the next round, so no segment goes before a checkpoint
+        // covering it is on disk).
+        let checkpoint = wal.pending_checkpoint.take();
+        let delete = std::mem::take(&mut *wal.pending_delete.borrow_mut());
+        if let Some(c) = checkpoint {
+            persist_checkpoint(&wal, c).await;
+        }
+        // Wholly acknowledged segments go even when the checkpoint could
+        // not be written: what they hold was delivered, so removing them
+        // loses nothing (an older checkpoint only means more duplicates
+        // after a crash), and on a full disk they are what frees space.
+        delete_segments(&shard, &wal, delete).await;
         // An idle log gives back its last segment once all of it is
-        // delivered: other logs on the same disk may need the space.
-        // Not while a checkpoint is pending (an http ack can arrive while
-        // one is written): the segment must not go before a checkpoint
-        // covering it is on disk, or a crash would number new segments
-        // from it again.
+        // delivered: other logs on the same disk may need the space. Not
+        // while a checkpoint is pending: the segment must not go before a
+        // checkpoint covering it is on disk, or a crash would number new
+        // segments from it again.
         let idle = !wal.writing.get()
             && !wal.log.borrow().has_unsynced()
             && wal.to_send.borrow().is_empty()
             && wal.pending_checkpoint.get().is_none();
         if idle {
             let freed = wal.log.borrow_mut().release_idle_head();
-            if !freed.is_empty() {
-                wal.pending_delete.borrow_mut().extend(freed);
-                delete_segments(&shard, &wal).await;
-            }
+            delete_segments(&shard, &wal, freed).await;
         }
-        if finishing
-            && wal.sender_done.get()
-            && !wal.log.borrow().has_unsynced()
+        if done()
             && wal.pending_checkpoint.get().is_none()
+            && wal.pending_delete.borrow().is_empty()
         {
             break;
+        }
+        if checkpoint.is_some() && !wal.writer_done.get() {
+            let wanted = wal.space_wanted.notified();
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = wanted => {}
+            }
         }
     }
 }
 
-/// Writes the checkpoint slot and syncs it; then deletes the segments it
-/// made unnecessary.
-async fn persist_checkpoint(shard: &Shard, wal: &Wal, c: CheckpointSlot) {
+/// Writes the checkpoint slot and syncs it.
+async fn persist_checkpoint(wal: &Wal, c: CheckpointSlot) {
     let slot = format::encode_checkpoint(c).to_vec();
     let (res, _) = wal
         .checkpoint_file
@@ -666,16 +714,13 @@ async fn persist_checkpoint(shard: &Shard, wal: &Wal, c: CheckpointSlot) {
     if let Err(e) = synced {
         tracing::warn!(dir = %wal.dir.display(), error = %e, "cannot write the checkpoint; acknowledged batches may be sent again after a restart");
     }
-    // Wholly acknowledged segments go even when the checkpoint could not be
-    // written: what they hold was delivered, so removing them loses nothing
-    // (an older checkpoint only means more duplicates after a crash), and on
-    // a full disk they are what frees space.
-    delete_segments(shard, wal).await;
 }
 
 /// Deletes segments whose batches were all acknowledged.
-async fn delete_segments(shard: &Shard, wal: &Wal) {
-    let delete: Vec<u64> = std::mem::take(&mut *wal.pending_delete.borrow_mut());
+async fn delete_segments(shard: &Shard, wal: &Wal, delete: Vec<u64>) {
+    if delete.is_empty() {
+        return;
+    }
     for id in delete {
         let file = wal.files.borrow_mut().remove(&id);
         drop(file);
@@ -818,5 +863,5 @@ fn ack(wal: &Wal, id: BatchId) {
         wal.pending_checkpoint.set(Some(c));
     }
     wal.pending_delete.borrow_mut().extend(outcome.delete);
-    wal.wake_syncer.notify_one();
+    wal.wake_keeper.notify_one();
 }

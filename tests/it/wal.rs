@@ -40,7 +40,10 @@ type = "disk"
 #[test]
 fn durable_records_survive_kill_9_and_arrive_once_after_restart() {
     let (src, sink) = (free_addr(), free_addr());
-    let mut u_ = Updraft::start(&disk_config(src, sink, 2, "", ""));
+    // 1M records of 128 B take about 153 MB of frames; the kernel spreads
+    // the 4 connections over the shards at random (SO_REUSEPORT), so one
+    // shard may get all of them: its half of the cap must hold everything.
+    let mut u_ = Updraft::start(&disk_config(src, sink, 2, "max_bytes = 536870912", ""));
     // The sink is down: everything waits in the disk buffer.
     send(
         src,
