@@ -141,6 +141,8 @@ pub struct SinkCounters {
     pub send_errors: Counter,
     pub retries: Counter,
     pub queued_batches: Gauge,
+    /// Times a source waited because this sink's queue was full.
+    pub backpressure_waits: Counter,
     pub connected: Gauge,
     /// The backoff ceiling of the current retry (the wait is drawn uniformly
     /// below it), 0 when the sink is healthy.
@@ -152,6 +154,8 @@ pub struct SinkCounters {
     pub durable_records: Counter,
     pub wal_bytes_written: Counter,
     pub wal_syncs: Counter,
+    /// Disk buffer: segments written over a retired segment's file.
+    pub wal_recycled_segments: Counter,
     /// Disk buffer: write operations (each carries one or more frames).
     pub wal_writes: Counter,
     pub wal_write_errors: Counter,
@@ -428,6 +432,13 @@ impl Collector for Exposition {
         )?;
         family(
             &mut enc,
+            "sink_backpressure_waits",
+            "Times a source stopped reading because this sink's queue was full (backpressure).",
+            MetricType::Counter,
+            sink_counter(|c| c.backpressure_waits.get() as i64),
+        )?;
+        family(
+            &mut enc,
             "sink_durable_records",
             "Disk buffer: records in batches that reached the disk (synced).",
             MetricType::Counter,
@@ -439,6 +450,13 @@ impl Collector for Exposition {
             "Disk buffer: bytes written to segments (frames, headers included).",
             MetricType::Counter,
             sink_counter(|c| c.wal_bytes_written.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_wal_recycled_segments",
+            "Disk buffer: new segments written over a retired segment's file (no file-system allocation).",
+            MetricType::Counter,
+            sink_counter(|c| c.wal_recycled_segments.get() as i64),
         )?;
         family(
             &mut enc,

@@ -315,7 +315,10 @@ impl Shard {
                 Err(b) => b,
             };
             let notify = match blocked {
-                Blocked::Sink(s) => &self.sinks[s].space,
+                Blocked::Sink(s) => {
+                    self.metrics.sinks[s].backpressure_waits.add(1);
+                    &self.sinks[s].space
+                }
                 Blocked::Ring(_) => &self.wakes[self.id].space,
             };
             let wait = notify.notified();

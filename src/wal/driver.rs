@@ -30,6 +30,7 @@ use super::format::{self, frame_bytes, CheckpointSlot, FRAME_HEADER_BYTES};
 use super::machine::{Append, BatchId, Full, Log, LogConfig};
 use super::recovery;
 use crate::config::WhenFull;
+use crate::metrics::SinkCounters;
 use crate::runtime::shard::Shard;
 use crate::sinks::util::{Backoff, LogEvery};
 use crate::sinks::{Output, SinkQueue};
@@ -164,6 +165,10 @@ struct Wal {
     /// one write's worth and one more. Buffers are kept rather than freed
     /// and allocated again (fresh pages cost a fault and zeroing each).
     frames_kept: usize,
+    /// Retired segment files to reuse for new segments.
+    spares: RefCell<Vec<PathBuf>>,
+    segment_bytes: u64,
+    max_bytes: u64,
 }
 
 impl Wal {
@@ -274,6 +279,9 @@ pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
         held_frames: Cell::new(0),
         frames_in_memory: (FRAMES_IN_MEMORY_BYTES / frame_capacity(plan)).max(2),
         frames_kept: (FRAMES_IN_MEMORY_BYTES + WRITE_BYTES_MAX) / frame_capacity(plan) + 2,
+        spares: RefCell::new(rec.spares),
+        segment_bytes: cfg.segment_bytes,
+        max_bytes: cfg.max_bytes,
     });
     counters.wal_bytes.set(wal.log.borrow().bytes() as i64);
     let syncer = tokio_uring::spawn(syncer(shard.clone(), wal.clone()));
@@ -307,8 +315,10 @@ fn frame_batch(
     v.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
     let mut v = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(batch, v)?;
     let archive_len = v.len() - FRAME_HEADER_BYTES;
-    let header = format::frame_header(&v[FRAME_HEADER_BYTES..]);
-    v[..FRAME_HEADER_BYTES].copy_from_slice(&header);
+    // The archive's length and CRC now; the segment once the log places it.
+    let crc = crc32c::crc32c(&v[FRAME_HEADER_BYTES..]);
+    v[0..4].copy_from_slice(&(archive_len as u32).to_le_bytes());
+    v[4..8].copy_from_slice(&crc.to_le_bytes());
     v.resize(frame_bytes(archive_len), 0);
     Ok((FrameBuf(v), archive_len))
 }
@@ -413,6 +423,9 @@ async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
         }
 
         // Write the placed frames with one operation.
+        for (f, a) in pending.iter_mut().zip(&appends) {
+            format::place_frame_header(&mut f.buf.0[..FRAME_HEADER_BYTES], a.id.segment);
+        }
         group.extend(
             pending
                 .iter_mut()
@@ -420,7 +433,8 @@ async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
                 .map(|f| std::mem::replace(&mut f.buf, FrameBuf(AlignedVec::new()))),
         );
         wal.writing.set(true);
-        let (done, failed, bufs) = write_frames(wal, &appends[0], std::mem::take(&mut group)).await;
+        let (done, failed, bufs) =
+            write_frames(wal, counters, &appends[0], std::mem::take(&mut group)).await;
         group = bufs;
         wal.writing.set(false);
         for (f, buf) in pending.iter_mut().zip(group.drain(..)) {
@@ -478,6 +492,8 @@ async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
             wal.space_wanted.notify_one();
         }
         counters.wal_write_errors.add(1);
+        // Spare segments hold space a full disk needs.
+        remove_spares(wal).await;
         // Until a write succeeds again, one frame per write: a nearly full
         // disk may take a frame where it cannot take a group.
         solo = true;
@@ -517,13 +533,14 @@ fn give_back(wal: &Wal, buf: FrameBuf) {
 /// all were, the error that stopped the rest.
 async fn write_frames(
     wal: &Wal,
+    counters: &SinkCounters,
     first: &Append,
     mut bufs: Vec<FrameBuf>,
 ) -> (usize, Option<std::io::Error>, Vec<FrameBuf>) {
     let file = wal.files.borrow().get(&first.id.segment).cloned();
     let file = match file {
         Some(f) => f,
-        None => match create_segment(wal, first.id.segment).await {
+        None => match create_segment(wal, first.id.segment, counters).await {
             Ok(f) => f,
             Err(e) => return (0, Some(e), bufs),
         },
@@ -566,7 +583,47 @@ async fn write_frames(
     (n, None, bufs)
 }
 
-async fn create_segment(wal: &Wal, id: u64) -> std::io::Result<Rc<File>> {
+/// Retired segment files kept for reuse at most, per sink and shard.
+pub const SPARE_SEGMENTS: usize = 2;
+
+fn header_block(id: u64) -> FrameBuf {
+    let mut header = FrameBuf::with_capacity(format::SEGMENT_HEADER_BYTES);
+    header.0.extend_from_slice(&format::segment_header(id));
+    header
+}
+
+async fn create_segment(wal: &Wal, id: u64, counters: &SinkCounters) -> std::io::Result<Rc<File>> {
+    // A spare first: its blocks are allocated and written, so writing over
+    // them changes no metadata. The new header goes in before the rename, so
+    // a crash leaves either a spare or a segment whose header names it.
+    let spare = wal.spares.borrow_mut().pop();
+    if let Some(spare) = spare {
+        let reused = async {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&spare)
+                .await?;
+            direct_io(&f);
+            let (res, _) = f.write_all_at(header_block(id), 0).await;
+            res?;
+            tokio_uring::fs::rename(&spare, wal.segment_path(id)).await?;
+            Ok::<File, std::io::Error>(f)
+        }
+        .await;
+        match reused {
+            Ok(f) => {
+                counters.wal_recycled_segments.add(1);
+                let f = Rc::new(f);
+                wal.files.borrow_mut().insert(id, f.clone());
+                return Ok(f);
+            }
+            Err(e) => {
+                tracing::debug!(path = %spare.display(), error = %e, "cannot reuse a spare segment; removed");
+                let _ = tokio_uring::fs::remove_file(&spare).await;
+            }
+        }
+    }
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -575,13 +632,22 @@ async fn create_segment(wal: &Wal, id: u64) -> std::io::Result<Rc<File>> {
         .open(wal.segment_path(id))
         .await?;
     direct_io(&f);
-    let mut header = FrameBuf::with_capacity(format::SEGMENT_HEADER_BYTES);
-    header.0.extend_from_slice(&format::segment_header(id));
-    let (res, _) = f.write_all_at(header, 0).await;
+    let (res, _) = f.write_all_at(header_block(id), 0).await;
     res?;
     let f = Rc::new(f);
     wal.files.borrow_mut().insert(id, f.clone());
     Ok(f)
+}
+
+/// Removes the spare segments (the disk is full, or the log is idle and
+/// should not hold space it does not need).
+async fn remove_spares(wal: &Wal) {
+    let spares = std::mem::take(&mut *wal.spares.borrow_mut());
+    for path in spares {
+        if let Err(e) = tokio_uring::fs::remove_file(&path).await {
+            tracing::warn!(path = %path.display(), error = %e, "cannot delete a spare segment");
+        }
+    }
 }
 
 async fn syncer(shard: Rc<Shard>, wal: Rc<Wal>) {
@@ -670,7 +736,7 @@ async fn keeper(shard: Rc<Shard>, wal: Rc<Wal>) {
         // not be written: what they hold was delivered, so removing them
         // loses nothing (an older checkpoint only means more duplicates
         // after a crash), and on a full disk they are what frees space.
-        delete_segments(&shard, &wal, delete).await;
+        delete_segments(&shard, &wal, delete, true).await;
         // An idle log gives back its last segment once all of it is
         // delivered: other logs on the same disk may need the space. Not
         // while a checkpoint is pending: the segment must not go before a
@@ -682,7 +748,10 @@ async fn keeper(shard: Rc<Shard>, wal: Rc<Wal>) {
             && wal.pending_checkpoint.get().is_none();
         if idle {
             let freed = wal.log.borrow_mut().release_idle_head();
-            delete_segments(&shard, &wal, freed).await;
+            if !freed.is_empty() {
+                delete_segments(&shard, &wal, freed, false).await;
+                remove_spares(&wal).await;
+            }
         }
         if done()
             && wal.pending_checkpoint.get().is_none()
@@ -716,16 +785,33 @@ async fn persist_checkpoint(wal: &Wal, c: CheckpointSlot) {
     }
 }
 
-/// Deletes segments whose batches were all acknowledged.
-async fn delete_segments(shard: &Shard, wal: &Wal, delete: Vec<u64>) {
+/// Retires segments whose batches were all acknowledged: each is kept as a
+/// spare for a later segment while fewer than SPARE_SEGMENTS are and the
+/// cap leaves room for them (`recycle`), else deleted.
+async fn delete_segments(shard: &Shard, wal: &Wal, delete: Vec<u64>, recycle: bool) {
     if delete.is_empty() {
         return;
     }
     for id in delete {
         let file = wal.files.borrow_mut().remove(&id);
         drop(file);
-        if let Err(e) = tokio_uring::fs::remove_file(wal.segment_path(id)).await {
-            tracing::warn!(path = %wal.segment_path(id).display(), error = %e, "cannot delete an acknowledged segment");
+        let path = wal.segment_path(id);
+        let spares = wal.spares.borrow().len() as u64;
+        let room = wal.log.borrow().bytes() + (spares + 2) * wal.segment_bytes <= wal.max_bytes;
+        if recycle && spares < SPARE_SEGMENTS as u64 && room {
+            let spare = wal.dir.join(format::spare_file_name(id));
+            match tokio_uring::fs::rename(&path, &spare).await {
+                Ok(()) => {
+                    wal.spares.borrow_mut().push(spare);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(path = %path.display(), error = %e, "cannot keep a segment as a spare; deleting it")
+                }
+            }
+        }
+        if let Err(e) = tokio_uring::fs::remove_file(&path).await {
+            tracing::warn!(path = %path.display(), error = %e, "cannot delete an acknowledged segment");
         }
     }
     shard.metrics.sinks[wal.sink]
@@ -799,7 +885,8 @@ async fn sender(shard: Rc<Shard>, wal: Rc<Wal>) {
         let archive = &buf.0[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + archive_len as usize];
         // A frame read back is checked against its CRC; one kept in memory
         // is the one just written.
-        let header_ok = from_memory || buf.0[..FRAME_HEADER_BYTES] == format::frame_header(archive);
+        let header_ok = from_memory
+            || format::frame_header_matches(&buf.0[..FRAME_HEADER_BYTES], id.segment, archive);
         let checked = if header_ok {
             crate::record::access(archive).ok()
         } else {

@@ -28,13 +28,23 @@
 //! offset size field
 //!      0    4 len        bytes of the archive, 1..=FRAME_BYTES_MAX
 //!      4    4 crc32c     of the archive
-//!      8    8 reserved   0 (puts the archive on a 16-byte boundary)
+//!      8    4 segment    low 32 bits of the segment's id
+//!     12    4 hcrc       crc32c of bytes 0..12 (the header itself)
 //!     16  len archive    the rkyv archive of one `record::Batch` (16-aligned)
-//!         pad zeros up to the next multiple of 4096
+//!         pad up to the next multiple of 4096
 //! ```
 //!
 //! A batch's stable id is (segment, frame offset). Frames are only appended;
-//! a segment is deleted whole once every frame in it is acknowledged.
+//! a segment is retired whole once every frame in it is acknowledged.
+//!
+//! A retired segment file may be *recycled*: renamed to a later id and
+//! written over from its start (writes that overwrite allocated blocks need
+//! no file-system metadata change, so they and the syncs after them are
+//! cheaper than writes that extend a file). Past the new data such a file
+//! still holds frames from its previous use; their `segment` field names an
+//! older id, so the scanner knows them for what they are: the end of the
+//! data. (Version 1 segments had 8 reserved zero bytes there and were never
+//! recycled; they are still read.)
 //!
 //! ## Reading back
 //!
@@ -45,9 +55,11 @@
 //! - a frame whose archive fails its CRC (a flipped bit) is counted and
 //!   skipped: its length field is still believed because its header is
 //!   plausible;
-//! - a header that is not plausible (length over the maximum, reserved bits
-//!   set) means the framing is lost: the frames before it are kept, the rest of
-//!   the segment is set aside (renamed `.damaged`) and counted;
+//! - a frame header naming another segment is data left from the file's
+//!   previous use: the end of the written data, like zeros;
+//! - a header that is not plausible (its own CRC fails, or the length is over
+//!   the maximum) means the framing is lost: the frames before it are kept,
+//!   the rest of the segment is set aside (renamed `.damaged`) and counted;
 //! - a bad segment header sets the whole file aside.
 //!
 //! ## Checkpoint
@@ -69,7 +81,9 @@
 
 /// Segment magic.
 pub const MAGIC: [u8; 8] = *b"UPDRWAL\0";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// Segments written before recycling: reserved zeros in the frame header.
+pub const VERSION_1: u32 = 1;
 /// The segment header's block; its first 32 bytes are the header proper.
 pub const SEGMENT_HEADER_BYTES: usize = 4096;
 pub const FRAME_HEADER_BYTES: usize = 16;
@@ -95,6 +109,17 @@ pub fn segment_file_name(id: u64) -> String {
     format!("{id:020}.wal")
 }
 
+/// The file name of a retired segment kept for reuse (it was segment `id`).
+pub fn spare_file_name(id: u64) -> String {
+    format!("{id:020}.spare")
+}
+
+/// Whether `name` is a spare segment's file name.
+pub fn is_spare_file_name(name: &str) -> bool {
+    name.strip_suffix(".spare")
+        .is_some_and(|d| d.len() == 20 && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// The id in a segment file name, if it is one.
 pub fn parse_segment_file_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(".wal")?;
@@ -114,12 +139,27 @@ pub fn segment_header(id: u64) -> [u8; SEGMENT_HEADER_BYTES] {
     h
 }
 
-/// Writes a frame header for `archive` into `out`.
-pub fn frame_header(archive: &[u8]) -> [u8; FRAME_HEADER_BYTES] {
+/// The frame header for `archive` in segment `segment`.
+pub fn frame_header(segment: u64, archive: &[u8]) -> [u8; FRAME_HEADER_BYTES] {
     let mut h = [0u8; FRAME_HEADER_BYTES];
     h[0..4].copy_from_slice(&(archive.len() as u32).to_le_bytes());
     h[4..8].copy_from_slice(&crc32c::crc32c(archive).to_le_bytes());
+    place_frame_header(&mut h, segment);
     h
+}
+
+/// Completes a header whose length and archive CRC are written (the
+/// expensive part, done before the frame's place is known) with the segment
+/// it goes to and the header's own CRC.
+pub fn place_frame_header(h: &mut [u8], segment: u64) {
+    h[8..12].copy_from_slice(&(segment as u32).to_le_bytes());
+    let hcrc = crc32c::crc32c(&h[0..12]);
+    h[12..16].copy_from_slice(&hcrc.to_le_bytes());
+}
+
+/// Whether `header` is the header of `archive` in segment `segment`.
+pub fn frame_header_matches(header: &[u8], segment: u64, archive: &[u8]) -> bool {
+    header == frame_header(segment, archive)
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -152,6 +192,8 @@ pub struct Scan {
     pub lost_at: Option<u64>,
     /// Bytes past `end` that were a torn write.
     pub torn_bytes: u64,
+    /// Bytes past `end` left from the file's previous use.
+    pub stale_bytes: u64,
 }
 
 /// Why a segment cannot be read at all.
@@ -174,7 +216,7 @@ pub fn scan(id: u64, bytes: &[u8]) -> Result<Scan, SegmentError> {
         return Err(SegmentError::BadHeader);
     }
     let version = u32_at(bytes, 8);
-    if version != VERSION {
+    if version != VERSION && version != VERSION_1 {
         return Err(SegmentError::Version(version));
     }
     let found = u64_at(bytes, 16);
@@ -194,15 +236,26 @@ pub fn scan(id: u64, bytes: &[u8]) -> Result<Scan, SegmentError> {
         }
         let len = u32_at(bytes, at) as usize;
         let crc = u32_at(bytes, at + 4);
-        let reserved = u64_at(bytes, at + 8);
-        if len == 0 && crc == 0 && reserved == 0 {
+        let tail = u64_at(bytes, at + 8);
+        if len == 0 && crc == 0 && tail == 0 {
             // Zeros: nothing was written here (or the write was torn before
             // its header reached the disk).
             scan.torn_bytes = rest as u64;
             break;
         }
-        if len == 0 || len > FRAME_BYTES_MAX || reserved != 0 {
+        let plausible = if version == VERSION_1 {
+            tail == 0
+        } else {
+            crc32c::crc32c(&bytes[at..at + 12]) == u32_at(bytes, at + 12)
+        };
+        if len == 0 || len > FRAME_BYTES_MAX || !plausible {
             scan.lost_at = Some(at as u64);
+            break;
+        }
+        if version != VERSION_1 && u32_at(bytes, at + 8) != id as u32 {
+            // A frame from the file's previous use (it was recycled): the
+            // data written since ends here.
+            scan.stale_bytes = rest as u64;
             break;
         }
         let size = frame_bytes(len);
@@ -274,7 +327,7 @@ mod tests {
         let mut b = segment_header(id).to_vec();
         for a in archives {
             let at = b.len();
-            b.extend_from_slice(&frame_header(a));
+            b.extend_from_slice(&frame_header(id, a));
             b.extend_from_slice(a);
             b.resize(at + frame_bytes(a.len()), 0);
         }
@@ -332,6 +385,55 @@ mod tests {
         let s = scan(1, &seg).unwrap();
         assert_eq!(s.frames.len(), 1);
         assert_eq!(s.lost_at, Some(second as u64));
+    }
+
+    #[test]
+    fn a_recycled_file_ends_where_its_old_frames_begin() {
+        // Segment 4 held three frames; recycled as segment 9, one frame is
+        // written over its start.
+        let old = segment_with(4, &[b"old one", b"old two", b"old three"]);
+        let new = segment_with(9, &[b"new"]);
+        let mut file = old.clone();
+        file[..new.len()].copy_from_slice(&new);
+        let s = scan(9, &file).unwrap();
+        assert_eq!(s.frames.len(), 1);
+        assert_eq!(&file[s.frames[0].archive_at..][..3], b"new");
+        assert_eq!(s.end as usize, new.len());
+        assert_eq!((s.bad_frames, s.lost_at), (0, None));
+        assert_eq!(s.stale_bytes as usize, old.len() - new.len());
+        // Nothing written yet over the old frames: an empty segment.
+        let mut fresh = old.clone();
+        fresh[..SEGMENT_HEADER_BYTES].copy_from_slice(&segment_header(9));
+        assert!(scan(9, &fresh).unwrap().frames.is_empty());
+    }
+
+    #[test]
+    fn a_damaged_frame_header_loses_the_framing() {
+        let mut seg = segment_with(1, &[b"aaaa", b"bbbb", b"cccc"]);
+        let second = SEGMENT_HEADER_BYTES + frame_bytes(4);
+        seg[second + 8] ^= 0x04; // the segment field: caught by the header CRC
+        let s = scan(1, &seg).unwrap();
+        assert_eq!(s.frames.len(), 1);
+        assert_eq!(s.lost_at, Some(second as u64));
+    }
+
+    #[test]
+    fn version_1_segments_are_still_read() {
+        let mut seg = segment_header(5).to_vec();
+        seg[8..12].copy_from_slice(&VERSION_1.to_le_bytes());
+        let crc = crc32c::crc32c(&seg[0..24]);
+        seg[24..28].copy_from_slice(&crc.to_le_bytes());
+        for a in [&b"first"[..], b"second"] {
+            let at = seg.len();
+            seg.extend_from_slice(&(a.len() as u32).to_le_bytes());
+            seg.extend_from_slice(&crc32c::crc32c(a).to_le_bytes());
+            seg.extend_from_slice(&[0u8; 8]);
+            seg.extend_from_slice(a);
+            seg.resize(at + frame_bytes(a.len()), 0);
+        }
+        let s = scan(5, &seg).unwrap();
+        assert_eq!(s.frames.len(), 2);
+        assert_eq!(s.end as usize, seg.len());
     }
 
     #[test]
@@ -405,5 +507,8 @@ mod tests {
         assert_eq!(parse_segment_file_name(&segment_file_name(42)), Some(42));
         assert_eq!(parse_segment_file_name("42.wal"), None);
         assert_eq!(parse_segment_file_name("checkpoint"), None);
+        assert!(is_spare_file_name(&spare_file_name(7)));
+        assert_eq!(parse_segment_file_name(&spare_file_name(7)), None);
+        assert!(!is_spare_file_name(&segment_file_name(7)));
     }
 }

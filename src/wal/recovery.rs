@@ -11,6 +11,8 @@
 //!   `<segment>.wal.damaged-tail` and the segment truncated before it;
 //! - a segment with a bad header is renamed `<segment>.wal.damaged`;
 //! - segments with nothing after the checkpoint are deleted;
+//! - spare segments (retired files kept for reuse) are kept, up to
+//!   `SPARE_SEGMENTS`; their contents are never read;
 //! - the checkpoint file is given both its slots up front.
 
 use super::format::{self, decode_checkpoint, parse_segment_file_name, scan};
@@ -27,6 +29,8 @@ pub struct Recovery {
     pub segments: Vec<u64>,
     pub bad_frames: u64,
     pub damaged_segments: u64,
+    /// Retired segment files kept for reuse (at most `SPARE_SEGMENTS`).
+    pub spares: Vec<std::path::PathBuf>,
 }
 
 /// Gives the checkpoint file its two slots in real (not sparse) blocks now,
@@ -52,10 +56,22 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
     preallocate_checkpoint(&dir.join("checkpoint"), checkpoint_bytes.len())?;
     let checkpoint = decode_checkpoint(&checkpoint_bytes);
     let never_acked = checkpoint_bytes.iter().all(|&b| b == 0);
-    let mut ids: Vec<u64> = std::fs::read_dir(dir)?
+    let names: Vec<String> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok())
-        .filter_map(|e| parse_segment_file_name(&e.file_name().to_string_lossy()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
+    let mut ids: Vec<u64> = names
+        .iter()
+        .filter_map(|n| parse_segment_file_name(n))
+        .collect();
+    let mut spares = Vec::new();
+    for name in names.iter().filter(|n| format::is_spare_file_name(n)) {
+        if spares.len() < super::driver::SPARE_SEGMENTS {
+            spares.push(dir.join(name));
+        } else {
+            std::fs::remove_file(dir.join(name))?;
+        }
+    }
     ids.sort_unstable();
     if !ids.is_empty() && checkpoint.is_none() && !never_acked {
         tracing::warn!(sink, shard, dir = %dir.display(),
@@ -91,7 +107,10 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
             std::fs::write(&aside, &bytes[at as usize..])?;
         }
         if s.end < bytes.len() as u64 {
-            if s.lost_at.is_none() {
+            if s.stale_bytes > 0 {
+                tracing::debug!(sink, shard, path = %path.display(), bytes = s.stale_bytes,
+                    "reused segment: frames from its previous use cut off");
+            } else if s.lost_at.is_none() {
                 tracing::warn!(sink, shard, path = %path.display(), bytes = s.torn_bytes,
                     "torn tail (a write cut short by a crash): truncated");
             }
@@ -126,5 +145,57 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
         segments,
         bad_frames,
         damaged_segments,
+        spares,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::format::{frame_bytes, frame_header, segment_header, SEGMENT_HEADER_BYTES};
+
+    fn frames(id: u64, archives: &[&[u8]]) -> Vec<u8> {
+        let mut b = segment_header(id).to_vec();
+        for a in archives {
+            let at = b.len();
+            b.extend_from_slice(&frame_header(id, a));
+            b.extend_from_slice(a);
+            b.resize(at + frame_bytes(a.len()), 0);
+        }
+        b
+    }
+
+    #[test]
+    fn a_reused_segment_replays_only_what_was_written_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LogConfig {
+            segment_bytes: 1 << 20,
+            max_bytes: 16 << 20,
+            sync_bytes: 1 << 20,
+        };
+        // Segment 3 was retired and its file reused as segment 7, of which
+        // two frames were written before the crash; segment 3's last two
+        // frames still lie past them. A spare waits too.
+        let old = frames(3, &[b"a3", b"b3", b"c3", b"d3"]);
+        let new = frames(7, &[b"a7", b"b7"]);
+        let mut file = old.clone();
+        file[..new.len()].copy_from_slice(&new);
+        std::fs::write(dir.path().join(format::segment_file_name(7)), &file).unwrap();
+        std::fs::write(dir.path().join(format::spare_file_name(5)), &old).unwrap();
+        let r = recover(dir.path(), cfg, "up", 0).unwrap();
+        let replayed: Vec<u64> = r.replay.iter().map(|(id, _)| id.offset).collect();
+        let h = SEGMENT_HEADER_BYTES as u64;
+        assert_eq!(replayed, vec![h, h + frame_bytes(2) as u64]);
+        assert!(r
+            .replay
+            .iter()
+            .all(|(id, len)| id.segment == 7 && *len == 2));
+        assert_eq!((r.bad_frames, r.damaged_segments), (0, 0));
+        assert_eq!(r.spares, vec![dir.path().join(format::spare_file_name(5))]);
+        // The old frames are cut off, so the next append goes right after.
+        let len = std::fs::metadata(dir.path().join(format::segment_file_name(7)))
+            .unwrap()
+            .len();
+        assert_eq!(len, new.len() as u64);
+    }
 }
