@@ -295,19 +295,20 @@ fn a_full_disk_is_survived_and_writing_resumes_when_space_returns() {
 }
 
 /// Offsets of the frames of a segment file, per the format in src/wal/format.rs:
-/// a 4096-byte header block, then frames of a 16-byte header and an archive,
+/// a 4096-byte header block, then frames of a 64-byte header and an archive,
 /// each padded to a multiple of 4096.
 fn frames(seg: &[u8]) -> Vec<(usize, usize)> {
     const BLOCK: usize = 4096;
+    const HEADER: usize = 64;
     let mut at = BLOCK;
     let mut out = Vec::new();
-    while at + 16 <= seg.len() {
+    while at + HEADER <= seg.len() {
         let len = u32::from_le_bytes(seg[at..at + 4].try_into().unwrap()) as usize;
         if len == 0 {
             break;
         }
         out.push((at, len));
-        at += (16 + len).div_ceil(BLOCK) * BLOCK;
+        at += (HEADER + len).div_ceil(BLOCK) * BLOCK;
     }
     out
 }
@@ -336,7 +337,7 @@ fn a_flipped_byte_and_a_torn_tail_cost_only_their_batches() {
     assert_eq!(fr.len(), 100, "100 batches of 1000 records");
     // Flip a byte inside the 50th batch's archive; tear the last frame.
     let (at, _) = fr[49];
-    seg[at + 16 + 200] ^= 0x40;
+    seg[at + 64 + 200] ^= 0x40;
     let (last, _) = fr[99];
     seg.truncate(last + 100);
     std::fs::write(&seg_path, &seg).unwrap();
