@@ -474,6 +474,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="about a minute: 256 B, 4 connections")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-results"))
     ap.add_argument("--replot", action="store_true", help="redraw the plots from --out/results.json")
+    ap.add_argument("--count", type=int, default=0,
+                    help="records per TCP run (default: about a second at the ceiling); "
+                         "longer runs show steady state rather than start-up")
     ap.add_argument("--only", choices=["all", "http", "disk"], default="all",
                     help="http or disk: only 256 B x 4 connections, the ceilings, memory mode and that scenario")
     a = ap.parse_args()
@@ -512,7 +515,7 @@ def main():
     try:
         for size in sizes:
             for conns in conns_list:
-                n = count_for(size, a.quick)
+                n = a.count or count_for(size, a.quick)
                 print(f"tcp, {size} B, {conns} connections, {n} records", flush=True)
                 log(tcp_ceiling_direct(size, conns, n))
                 log(tcp_ceiling_relay(size, conns, n))
@@ -527,7 +530,7 @@ def main():
                     log(rsyslog_tcp_forward(tmp, size, conns, n))
         if a.only != "all":
             raise StopIteration
-        n = count_for(256, a.quick)
+        n = a.count or count_for(256, a.quick)
         for shards in shard_list:
             log(updraft_tcp_counted(tmp, "blackhole", 256, 4, shards, n))
             log(updraft_tcp_counted(tmp, "file", 256, 4, shards, n))
@@ -548,7 +551,8 @@ def main():
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} CPUs, {os.uname().release}",
-        "command": "scripts/bench.sh" + (" --quick" if a.quick else "") + (f" --only {a.only}" if a.only != "all" else ""),
+        "command": "scripts/bench.sh" + (" --quick" if a.quick else "") + (f" --only {a.only}" if a.only != "all" else "")
+        + (f" --count {a.count}" if a.count else ""),
         "notes": notes,
     }
     with open(os.path.join(a.out, "results.json"), "w") as f:
