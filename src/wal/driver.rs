@@ -125,12 +125,24 @@ fn frame_capacity(plan: &crate::config::SinkPlan) -> usize {
     frame_bytes(plan.batch.max_bytes + entries + 1024)
 }
 
-/// What the three tasks share.
+/// An open segment and the nonce its frame headers are checked with.
+#[derive(Clone)]
+struct Seg {
+    file: Rc<File>,
+    nonce: u32,
+}
+
+/// What the tasks share.
 struct Wal {
     sink: usize,
     dir: PathBuf,
     log: RefCell<Log>,
-    files: RefCell<HashMap<u64, Rc<File>>>,
+    files: RefCell<HashMap<u64, Seg>>,
+    /// The log's directory, to sync after a segment is created or renamed.
+    dir_file: File,
+    /// A write failed (a full or failing disk) and none has succeeded
+    /// since: retired segments are deleted, not kept as spares.
+    disk_trouble: Cell<bool>,
     checkpoint_file: File,
     /// Written, waiting for a sync (archive lengths, in log order).
     written: RefCell<VecDeque<(Durable, u32)>>,
@@ -220,13 +232,29 @@ pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
         match OpenOptions::new().read(true).write(true).open(&path).await {
             Ok(f) => {
                 direct_io(&f);
-                files.insert(*id, Rc::new(f));
+                let nonce = rec.nonces.get(id).copied().unwrap_or(0);
+                files.insert(
+                    *id,
+                    Seg {
+                        file: Rc::new(f),
+                        nonce,
+                    },
+                );
             }
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "cannot open a segment to replay")
             }
         }
     }
+    let dir_file = loop {
+        match OpenOptions::new().read(true).open(&dir).await {
+            Ok(f) => break f,
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot open the disk buffer's directory; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
     let checkpoint_file = loop {
         match OpenOptions::new()
             .read(true)
@@ -251,6 +279,8 @@ pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
         dir,
         log: RefCell::new(rec.log),
         files: RefCell::new(files),
+        dir_file,
+        disk_trouble: Cell::new(false),
         checkpoint_file,
         written: RefCell::new(VecDeque::new()),
         to_send: RefCell::new(
@@ -410,6 +440,7 @@ async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
                     wait_until(&wal.space, || wal.log.borrow().bytes() + needed <= max).await;
                 }
                 WhenFull::DropNewest => {
+                    wal.space_wanted.notify_one();
                     if let Some(held) = log_full.ready() {
                         tracing::warn!(sink = %plan.name, shard = shard.id, max_bytes = plan.buffer.max_bytes,
                             suppressed = held, "disk buffer full: dropping the newest records (counted)");
@@ -422,9 +453,21 @@ async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
             continue;
         }
 
-        // Write the placed frames with one operation.
-        for (f, a) in pending.iter_mut().zip(&appends) {
-            format::place_frame_header(&mut f.buf.0[..FRAME_HEADER_BYTES], a.id.segment);
+        // Write the placed frames with one operation, into a segment
+        // created (or reused) first if they start one.
+        let seg = wal.files.borrow().get(&appends[0].id.segment).cloned();
+        let seg = match seg {
+            Some(seg) => Ok(seg),
+            None => create_segment(wal, appends[0].id.segment, counters).await,
+        };
+        if let Ok(seg) = &seg {
+            for (f, a) in pending.iter_mut().zip(&appends) {
+                format::place_frame_header(
+                    &mut f.buf.0[..FRAME_HEADER_BYTES],
+                    a.id.segment,
+                    seg.nonce,
+                );
+            }
         }
         group.extend(
             pending
@@ -433,8 +476,14 @@ async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
                 .map(|f| std::mem::replace(&mut f.buf, FrameBuf(AlignedVec::new()))),
         );
         wal.writing.set(true);
-        let (done, failed, bufs) =
-            write_frames(wal, counters, &appends[0], std::mem::take(&mut group)).await;
+        let (done, failed, bufs) = match &seg {
+            Ok(seg) => write_frames(&seg.file, &appends[0], std::mem::take(&mut group)).await,
+            Err(e) => (
+                0,
+                Some(std::io::Error::new(e.kind(), e.to_string())),
+                std::mem::take(&mut group),
+            ),
+        };
         group = bufs;
         wal.writing.set(false);
         for (f, buf) in pending.iter_mut().zip(group.drain(..)) {
@@ -475,8 +524,10 @@ async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
         let Some(e) = failed else {
             backoff.reset();
             solo = false;
+            wal.disk_trouble.set(false);
             continue;
         };
+        wal.disk_trouble.set(true);
         let freed = {
             let mut log = wal.log.borrow_mut();
             for a in appends[done..].iter().rev() {
@@ -527,24 +578,15 @@ fn give_back(wal: &Wal, buf: FrameBuf) {
 }
 
 /// Writes frames that follow each other in one segment, starting where the
-/// log placed `first`, creating the segment if needed: one `writev` for
+/// log placed `first`: one `writev` for
 /// several frames (each buffer is block-aligned and whole blocks long, as
 /// `O_DIRECT` needs). Returns how many frames were written whole and, if not
 /// all were, the error that stopped the rest.
 async fn write_frames(
-    wal: &Wal,
-    counters: &SinkCounters,
+    file: &File,
     first: &Append,
     mut bufs: Vec<FrameBuf>,
 ) -> (usize, Option<std::io::Error>, Vec<FrameBuf>) {
-    let file = wal.files.borrow().get(&first.id.segment).cloned();
-    let file = match file {
-        Some(f) => f,
-        None => match create_segment(wal, first.id.segment, counters).await {
-            Ok(f) => f,
-            Err(e) => return (0, Some(e), bufs),
-        },
-    };
     let at = first.id.offset;
     if bufs.len() == 1 {
         let buf = bufs.pop().expect("one");
@@ -586,17 +628,26 @@ async fn write_frames(
 /// Retired segment files kept for reuse at most, per sink and shard.
 pub const SPARE_SEGMENTS: usize = 2;
 
-fn header_block(id: u64) -> FrameBuf {
+fn header_block(id: u64, nonce: u32, reused: bool) -> FrameBuf {
     let mut header = FrameBuf::with_capacity(format::SEGMENT_HEADER_BYTES);
-    header.0.extend_from_slice(&format::segment_header(id));
+    header
+        .0
+        .extend_from_slice(&format::segment_header(id, nonce, reused));
     header
 }
 
-async fn create_segment(wal: &Wal, id: u64, counters: &SinkCounters) -> std::io::Result<Rc<File>> {
+/// Creates segment `id`, from a spare file when there is one, and syncs the
+/// directory so that its name survives a power loss before any frame in it
+/// is reported durable.
+async fn create_segment(wal: &Wal, id: u64, counters: &SinkCounters) -> std::io::Result<Seg> {
+    // A new nonce for every segment: no frame header from a file's earlier
+    // use (or forged from record bytes) passes the check of this one.
+    let nonce = fastrand::u32(..);
     // A spare first: its blocks are allocated and written, so writing over
     // them changes no metadata. The new header goes in before the rename, so
     // a crash leaves either a spare or a segment whose header names it.
     let spare = wal.spares.borrow_mut().pop();
+    let mut file = None;
     if let Some(spare) = spare {
         let reused = async {
             let f = OpenOptions::new()
@@ -605,7 +656,7 @@ async fn create_segment(wal: &Wal, id: u64, counters: &SinkCounters) -> std::io:
                 .open(&spare)
                 .await?;
             direct_io(&f);
-            let (res, _) = f.write_all_at(header_block(id), 0).await;
+            let (res, _) = f.write_all_at(header_block(id, nonce, true), 0).await;
             res?;
             tokio_uring::fs::rename(&spare, wal.segment_path(id)).await?;
             Ok::<File, std::io::Error>(f)
@@ -614,9 +665,7 @@ async fn create_segment(wal: &Wal, id: u64, counters: &SinkCounters) -> std::io:
         match reused {
             Ok(f) => {
                 counters.wal_recycled_segments.add(1);
-                let f = Rc::new(f);
-                wal.files.borrow_mut().insert(id, f.clone());
-                return Ok(f);
+                file = Some(f);
             }
             Err(e) => {
                 tracing::debug!(path = %spare.display(), error = %e, "cannot reuse a spare segment; removed");
@@ -624,19 +673,29 @@ async fn create_segment(wal: &Wal, id: u64, counters: &SinkCounters) -> std::io:
             }
         }
     }
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(wal.segment_path(id))
-        .await?;
-    direct_io(&f);
-    let (res, _) = f.write_all_at(header_block(id), 0).await;
-    res?;
-    let f = Rc::new(f);
-    wal.files.borrow_mut().insert(id, f.clone());
-    Ok(f)
+    let f = match file {
+        Some(f) => f,
+        None => {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(wal.segment_path(id))
+                .await?;
+            direct_io(&f);
+            let (res, _) = f.write_all_at(header_block(id, nonce, false), 0).await;
+            res?;
+            f
+        }
+    };
+    wal.dir_file.sync_all().await?;
+    let seg = Seg {
+        file: Rc::new(f),
+        nonce,
+    };
+    wal.files.borrow_mut().insert(id, seg.clone());
+    Ok(seg)
 }
 
 /// Removes the spare segments (the disk is full, or the log is idle and
@@ -677,7 +736,7 @@ async fn syncer(shard: Rc<Shard>, wal: Rc<Wal>) {
         }
         let plan_sync = wal.log.borrow_mut().begin_sync();
         for seg in &plan_sync.segments {
-            let f = wal.files.borrow().get(seg).cloned();
+            let f = wal.files.borrow().get(seg).map(|s| s.file.clone());
             if let Some(f) = f {
                 if let Err(e) = f.sync_data().await {
                     if let Some(held) = log_err.ready() {
@@ -798,7 +857,7 @@ async fn delete_segments(shard: &Shard, wal: &Wal, delete: Vec<u64>, recycle: bo
         let path = wal.segment_path(id);
         let spares = wal.spares.borrow().len() as u64;
         let room = wal.log.borrow().bytes() + (spares + 2) * wal.segment_bytes <= wal.max_bytes;
-        if recycle && spares < SPARE_SEGMENTS as u64 && room {
+        if recycle && !wal.disk_trouble.get() && spares < SPARE_SEGMENTS as u64 && room {
             let spare = wal.dir.join(format::spare_file_name(id));
             match tokio_uring::fs::rename(&path, &spare).await {
                 Ok(()) => {
@@ -856,8 +915,8 @@ async fn sender(shard: Rc<Shard>, wal: Rc<Wal>) {
             let old = std::mem::replace(&mut buf, f);
             give_back(&wal, old);
         } else {
-            let file = wal.files.borrow().get(&id.segment).cloned();
-            let Some(file) = file else {
+            let seg = wal.files.borrow().get(&id.segment).cloned();
+            let Some(Seg { file, .. }) = seg else {
                 tracing::error!(sink = %plan.name, segment = id.segment, "a durable batch's segment is gone; skipped");
                 counters.wal_damaged_frames.add(1);
                 ack(&wal, id);
@@ -886,7 +945,14 @@ async fn sender(shard: Rc<Shard>, wal: Rc<Wal>) {
         // A frame read back is checked against its CRC; one kept in memory
         // is the one just written.
         let header_ok = from_memory
-            || format::frame_header_matches(&buf.0[..FRAME_HEADER_BYTES], id.segment, archive);
+            || wal.files.borrow().get(&id.segment).is_some_and(|s| {
+                format::frame_header_matches(
+                    &buf.0[..FRAME_HEADER_BYTES],
+                    id.segment,
+                    s.nonce,
+                    archive,
+                )
+            });
         let checked = if header_ok {
             crate::record::access(archive).ok()
         } else {

@@ -9,11 +9,11 @@
 //! ```text
 //! offset size field
 //!      0    8 magic      b"UPDRWAL\0"
-//!      8    4 version    1
-//!     12    4 flags      0
+//!      8    4 version    2
+//!     12    4 flags      bit 0: written over a retired segment's file
 //!     16    8 segment    the id in the file name
-//!     24    4 crc32c     of bytes 0..24
-//!     28    4 reserved   0
+//!     24    4 nonce      random, new for every segment (and every reuse)
+//!     28    4 crc32c     of bytes 0..28
 //!     32      zeros up to 4096
 //!   4096      frames, each starting at a multiple of FRAME_ALIGN (4096)
 //! ```
@@ -29,7 +29,7 @@
 //!      0    4 len        bytes of the archive, 1..=FRAME_BYTES_MAX
 //!      4    4 crc32c     of the archive
 //!      8    4 segment    low 32 bits of the segment's id
-//!     12    4 hcrc       crc32c of bytes 0..12 (the header itself)
+//!     12    4 hcrc       crc32c of bytes 0..12 followed by the segment's nonce
 //!     16   48 reserved   0
 //!     64  len archive    the rkyv archive of one `record::Batch`
 //!         pad up to the next multiple of 4096
@@ -45,15 +45,19 @@
 //! A batch's stable id is (segment, frame offset). Frames are only appended;
 //! a segment is retired whole once every frame in it is acknowledged.
 //!
-//! A retired segment file may be *recycled*: renamed to a later id and
-//! written over from its start (writes that overwrite allocated blocks need
-//! no file-system metadata change, so they and the syncs after them are
-//! cheaper than writes that extend a file). Past the new data such a file
-//! still holds frames from its previous use; their `segment` field names an
-//! older id, so the scanner knows them for what they are: the end of the
-//! data. (Version 1 segments, with 16-byte frame headers and no segment
-//! field, are not read: a pre-release format, set aside like a damaged
-//! segment.)
+//! A retired segment file may be *reused*: given a new header (with the
+//! reused flag and a new nonce), renamed to a later id and written over
+//! from its start (writes that overwrite allocated blocks need no
+//! file-system metadata change, so they and the syncs after them are cheaper
+//! than writes that extend a file). Past the new data such a file still
+//! holds bytes from its previous use — old frames, or the middle of one.
+//! No old header passes the check of the new nonce (and record bytes cannot
+//! forge one: the nonce is never shown), so in a reused segment a header
+//! that fails its check is the end of the data. The price: in a reused
+//! segment a damaged frame header cannot be told from that end, so the
+//! frames after it are not replayed (a damaged *archive* still costs only
+//! its own frame). (Version 1 segments, with 16-byte frame headers, are not
+//! read: a pre-release format, set aside like a damaged segment.)
 //!
 //! ## Reading back
 //!
@@ -64,11 +68,11 @@
 //! - a frame whose archive fails its CRC (a flipped bit) is counted and
 //!   skipped: its length field is still believed because its header is
 //!   plausible;
-//! - a frame header naming another segment is data left from the file's
-//!   previous use: the end of the written data, like zeros;
-//! - a header that is not plausible (its own CRC fails, or the length is over
-//!   the maximum) means the framing is lost: the frames before it are kept,
-//!   the rest of the segment is set aside (renamed `.damaged`) and counted;
+//! - a header that is not plausible (its check fails, it names another
+//!   segment, or the length is over the maximum): in a reused segment, the
+//!   end of the written data; in a fresh one the framing is lost: the frames
+//!   before it are kept, the rest of the segment is set aside (renamed
+//!   `.damaged`) and counted;
 //! - a bad segment header sets the whole file aside.
 //!
 //! ## Checkpoint
@@ -137,37 +141,43 @@ pub fn parse_segment_file_name(name: &str) -> Option<u64> {
 }
 
 /// The segment header block.
-pub fn segment_header(id: u64) -> [u8; SEGMENT_HEADER_BYTES] {
+pub fn segment_header(id: u64, nonce: u32, reused: bool) -> [u8; SEGMENT_HEADER_BYTES] {
     let mut h = [0u8; SEGMENT_HEADER_BYTES];
     h[0..8].copy_from_slice(&MAGIC);
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&(reused as u32).to_le_bytes());
     h[16..24].copy_from_slice(&id.to_le_bytes());
-    let crc = crc32c::crc32c(&h[0..24]);
-    h[24..28].copy_from_slice(&crc.to_le_bytes());
+    h[24..28].copy_from_slice(&nonce.to_le_bytes());
+    let crc = crc32c::crc32c(&h[0..28]);
+    h[28..32].copy_from_slice(&crc.to_le_bytes());
     h
 }
 
-/// The frame header for `archive` in segment `segment`.
-pub fn frame_header(segment: u64, archive: &[u8]) -> [u8; FRAME_HEADER_BYTES] {
+/// The frame header for `archive` in segment `segment` (with `nonce`).
+pub fn frame_header(segment: u64, nonce: u32, archive: &[u8]) -> [u8; FRAME_HEADER_BYTES] {
     let mut h = [0u8; FRAME_HEADER_BYTES];
     h[0..4].copy_from_slice(&(archive.len() as u32).to_le_bytes());
     h[4..8].copy_from_slice(&crc32c::crc32c(archive).to_le_bytes());
-    place_frame_header(&mut h, segment);
+    place_frame_header(&mut h, segment, nonce);
     h
+}
+
+fn header_check(h: &[u8], nonce: u32) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&h[0..12]), &nonce.to_le_bytes())
 }
 
 /// Completes a header whose length and archive CRC are written (the
 /// expensive part, done before the frame's place is known) with the segment
 /// it goes to and the header's own CRC.
-pub fn place_frame_header(h: &mut [u8], segment: u64) {
+pub fn place_frame_header(h: &mut [u8], segment: u64, nonce: u32) {
     h[8..12].copy_from_slice(&(segment as u32).to_le_bytes());
-    let hcrc = crc32c::crc32c(&h[0..12]);
-    h[12..16].copy_from_slice(&hcrc.to_le_bytes());
+    let check = header_check(h, nonce);
+    h[12..16].copy_from_slice(&check.to_le_bytes());
 }
 
 /// Whether `header` is the header of `archive` in segment `segment`.
-pub fn frame_header_matches(header: &[u8], segment: u64, archive: &[u8]) -> bool {
-    header == frame_header(segment, archive)
+pub fn frame_header_matches(header: &[u8], segment: u64, nonce: u32, archive: &[u8]) -> bool {
+    header == frame_header(segment, nonce, archive)
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -202,6 +212,8 @@ pub struct Scan {
     pub torn_bytes: u64,
     /// Bytes past `end` left from the file's previous use.
     pub stale_bytes: u64,
+    /// The segment's nonce (frame headers are checked with it).
+    pub nonce: u32,
 }
 
 /// Why a segment cannot be read at all.
@@ -220,13 +232,15 @@ pub fn scan(id: u64, bytes: &[u8]) -> Result<Scan, SegmentError> {
     if bytes.len() < SEGMENT_HEADER_BYTES || bytes[0..8] != MAGIC {
         return Err(SegmentError::BadHeader);
     }
-    if crc32c::crc32c(&bytes[0..24]) != u32_at(bytes, 24) {
-        return Err(SegmentError::BadHeader);
-    }
     let version = u32_at(bytes, 8);
     if version != VERSION {
         return Err(SegmentError::Version(version));
     }
+    if crc32c::crc32c(&bytes[0..28]) != u32_at(bytes, 28) {
+        return Err(SegmentError::BadHeader);
+    }
+    let reused = u32_at(bytes, 12) & 1 == 1;
+    let nonce = u32_at(bytes, 24);
     let found = u64_at(bytes, 16);
     if found != id {
         return Err(SegmentError::WrongId {
@@ -234,7 +248,10 @@ pub fn scan(id: u64, bytes: &[u8]) -> Result<Scan, SegmentError> {
             found,
         });
     }
-    let mut scan = Scan::default();
+    let mut scan = Scan {
+        nonce,
+        ..Scan::default()
+    };
     let mut at = SEGMENT_HEADER_BYTES;
     loop {
         let rest = bytes.len() - at;
@@ -251,15 +268,18 @@ pub fn scan(id: u64, bytes: &[u8]) -> Result<Scan, SegmentError> {
             scan.torn_bytes = rest as u64;
             break;
         }
-        let plausible = crc32c::crc32c(&bytes[at..at + 12]) == u32_at(bytes, at + 12);
-        if len == 0 || len > FRAME_BYTES_MAX || !plausible {
-            scan.lost_at = Some(at as u64);
-            break;
-        }
-        if u32_at(bytes, at + 8) != id as u32 {
-            // A frame from the file's previous use (it was recycled): the
-            // data written since ends here.
-            scan.stale_bytes = rest as u64;
+        let plausible = header_check(&bytes[at..], nonce) == u32_at(bytes, at + 12)
+            && u32_at(bytes, at + 8) == id as u32
+            && len != 0
+            && len <= FRAME_BYTES_MAX;
+        if !plausible {
+            if reused {
+                // Bytes from the file's previous use: the data written
+                // since ends here.
+                scan.stale_bytes = rest as u64;
+            } else {
+                scan.lost_at = Some(at as u64);
+            }
             break;
         }
         let size = frame_bytes(len);
@@ -327,11 +347,19 @@ pub fn decode_checkpoint(bytes: &[u8]) -> Option<CheckpointSlot> {
 mod tests {
     use super::*;
 
+    fn nonce_of(id: u64) -> u32 {
+        (id as u32).wrapping_mul(2_654_435_761) ^ 0x5bd1_e995
+    }
+
     fn segment_with(id: u64, archives: &[&[u8]]) -> Vec<u8> {
-        let mut b = segment_header(id).to_vec();
+        written(id, false, archives)
+    }
+
+    fn written(id: u64, reused: bool, archives: &[&[u8]]) -> Vec<u8> {
+        let mut b = segment_header(id, nonce_of(id), reused).to_vec();
         for a in archives {
             let at = b.len();
-            b.extend_from_slice(&frame_header(id, a));
+            b.extend_from_slice(&frame_header(id, nonce_of(id), a));
             b.extend_from_slice(a);
             b.resize(at + frame_bytes(a.len()), 0);
         }
@@ -392,11 +420,13 @@ mod tests {
     }
 
     #[test]
-    fn a_recycled_file_ends_where_its_old_frames_begin() {
-        // Segment 4 held three frames; recycled as segment 9, one frame is
-        // written over its start.
-        let old = segment_with(4, &[b"old one", b"old two", b"old three"]);
-        let new = segment_with(9, &[b"new"]);
+    fn a_reused_file_ends_where_its_new_data_ends() {
+        // Segment 4 held frames of several sizes; reused as segment 9, one
+        // small frame is written over its start, so the new data ends in
+        // the middle of an old frame's archive.
+        let big = vec![b'x'; 9000];
+        let old = segment_with(4, &[&big, b"old two", b"old three"]);
+        let new = written(9, true, &[b"new"]);
         let mut file = old.clone();
         file[..new.len()].copy_from_slice(&new);
         let s = scan(9, &file).unwrap();
@@ -405,10 +435,36 @@ mod tests {
         assert_eq!(s.end as usize, new.len());
         assert_eq!((s.bad_frames, s.lost_at), (0, None));
         assert_eq!(s.stale_bytes as usize, old.len() - new.len());
+        // The new data ending where an old frame begins: the same.
+        let new = written(9, true, &[&big]);
+        let mut file = old.clone();
+        file[..new.len()].copy_from_slice(&new);
+        let s = scan(9, &file).unwrap();
+        assert_eq!((s.frames.len(), s.lost_at), (1, None));
         // Nothing written yet over the old frames: an empty segment.
         let mut fresh = old.clone();
-        fresh[..SEGMENT_HEADER_BYTES].copy_from_slice(&segment_header(9));
+        fresh[..SEGMENT_HEADER_BYTES].copy_from_slice(&segment_header(9, nonce_of(9), true));
         assert!(scan(9, &fresh).unwrap().frames.is_empty());
+        // Records cannot forge a frame: a header made without the nonce
+        // fails, even with the right segment.
+        let mut forged = new.clone();
+        let end = forged.len();
+        forged.extend_from_slice(&frame_header(9, 0, b"forged"));
+        forged.extend_from_slice(b"forged");
+        forged.resize(end + frame_bytes(6), 0);
+        assert_eq!(scan(9, &forged).unwrap().frames.len(), 1);
+    }
+
+    #[test]
+    fn in_a_fresh_segment_an_old_or_foreign_header_is_damage() {
+        let mut seg = segment_with(2, &[b"aaaa"]);
+        let end = seg.len();
+        seg.extend_from_slice(&frame_header(1, nonce_of(1), b"bbbb"));
+        seg.extend_from_slice(b"bbbb");
+        seg.resize(end + frame_bytes(4), 0);
+        let s = scan(2, &seg).unwrap();
+        assert_eq!(s.frames.len(), 1);
+        assert_eq!(s.lost_at, Some(end as u64));
     }
 
     #[test]

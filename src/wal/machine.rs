@@ -174,6 +174,12 @@ impl Log {
         (log, replay, delete)
     }
 
+    /// New segments get ids above `id` (a spare's old id: a reused file
+    /// must never hold frames that look like its new segment's).
+    pub fn number_after(&mut self, id: u64) {
+        self.next_segment = self.next_segment.max(id + 1);
+    }
+
     /// Bytes the segments hold.
     pub fn bytes(&self) -> u64 {
         self.total_bytes

@@ -31,6 +31,8 @@ pub struct Recovery {
     pub damaged_segments: u64,
     /// Retired segment files kept for reuse (at most `SPARE_SEGMENTS`).
     pub spares: Vec<std::path::PathBuf>,
+    /// The nonce of each kept segment (frame headers are checked with it).
+    pub nonces: HashMap<u64, u32>,
 }
 
 /// Gives the checkpoint file its two slots in real (not sparse) blocks now,
@@ -65,7 +67,9 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
         .filter_map(|n| parse_segment_file_name(n))
         .collect();
     let mut spares = Vec::new();
+    let mut spare_ids = Vec::new();
     for name in names.iter().filter(|n| format::is_spare_file_name(n)) {
+        spare_ids.extend(name.split('.').next().and_then(|d| d.parse::<u64>().ok()));
         if spares.len() < super::driver::SPARE_SEGMENTS {
             spares.push(dir.join(name));
         } else {
@@ -79,6 +83,7 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
     }
     let mut found = Vec::new();
     let mut lens: HashMap<BatchId, u32> = HashMap::new();
+    let mut nonces: HashMap<u64, u32> = HashMap::new();
     let (mut bad_frames, mut damaged_segments) = (0u64, 0u64);
     for id in ids {
         let path = dir.join(format::segment_file_name(id));
@@ -118,6 +123,7 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
             f.set_len(s.end)?;
             f.sync_all()?;
         }
+        nonces.insert(id, s.nonce);
         for fr in &s.frames {
             lens.insert(
                 BatchId {
@@ -133,7 +139,11 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
             frames: s.frames.iter().map(|f| f.offset).collect(),
         });
     }
-    let (log, replay, delete) = Log::recover(cfg, found, checkpoint);
+    let (mut log, replay, delete) = Log::recover(cfg, found, checkpoint);
+    // New segments number after the spares' old ids too.
+    if let Some(&max) = spare_ids.iter().max() {
+        log.number_after(max);
+    }
     for id in &delete {
         std::fs::remove_file(dir.join(format::segment_file_name(*id)))?;
     }
@@ -146,6 +156,7 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
         bad_frames,
         damaged_segments,
         spares,
+        nonces,
     })
 }
 
@@ -154,11 +165,12 @@ mod tests {
     use super::*;
     use crate::wal::format::{frame_bytes, frame_header, segment_header, SEGMENT_HEADER_BYTES};
 
-    fn frames(id: u64, archives: &[&[u8]]) -> Vec<u8> {
-        let mut b = segment_header(id).to_vec();
+    fn frames(id: u64, reused: bool, archives: &[&[u8]]) -> Vec<u8> {
+        let nonce = 1000 + id as u32;
+        let mut b = segment_header(id, nonce, reused).to_vec();
         for a in archives {
             let at = b.len();
-            b.extend_from_slice(&frame_header(id, a));
+            b.extend_from_slice(&frame_header(id, nonce, a));
             b.extend_from_slice(a);
             b.resize(at + frame_bytes(a.len()), 0);
         }
@@ -176,12 +188,12 @@ mod tests {
         // Segment 3 was retired and its file reused as segment 7, of which
         // two frames were written before the crash; segment 3's last two
         // frames still lie past them. A spare waits too.
-        let old = frames(3, &[b"a3", b"b3", b"c3", b"d3"]);
-        let new = frames(7, &[b"a7", b"b7"]);
+        let old = frames(3, false, &[b"a3", &[b'x'; 9000], b"c3", b"d3"]);
+        let new = frames(7, true, &[b"a7", b"b7"]);
         let mut file = old.clone();
         file[..new.len()].copy_from_slice(&new);
         std::fs::write(dir.path().join(format::segment_file_name(7)), &file).unwrap();
-        std::fs::write(dir.path().join(format::spare_file_name(5)), &old).unwrap();
+        std::fs::write(dir.path().join(format::spare_file_name(8)), &old).unwrap();
         let r = recover(dir.path(), cfg, "up", 0).unwrap();
         let replayed: Vec<u64> = r.replay.iter().map(|(id, _)| id.offset).collect();
         let h = SEGMENT_HEADER_BYTES as u64;
@@ -191,11 +203,15 @@ mod tests {
             .iter()
             .all(|(id, len)| id.segment == 7 && *len == 2));
         assert_eq!((r.bad_frames, r.damaged_segments), (0, 0));
-        assert_eq!(r.spares, vec![dir.path().join(format::spare_file_name(5))]);
+        assert_eq!(r.spares, vec![dir.path().join(format::spare_file_name(8))]);
+        assert_eq!(r.nonces[&7], 1007);
         // The old frames are cut off, so the next append goes right after.
         let len = std::fs::metadata(dir.path().join(format::segment_file_name(7)))
             .unwrap()
             .len();
         assert_eq!(len, new.len() as u64);
+        // New segments number after the spare's old id (8), not after 7.
+        let mut log = r.log;
+        assert_eq!(log.append(10).unwrap().create_segment, Some(9));
     }
 }

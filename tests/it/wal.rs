@@ -157,6 +157,11 @@ fn kill_9_with_recycled_segments_replays_only_their_new_frames() {
         0.0,
         "old frames are not damage"
     );
+    assert_eq!(
+        u_.metric(r#"updraft_sink_wal_damaged_segments_total{sink="up",type="tcp"}"#),
+        0.0,
+        "a reused file's old bytes are the end of its data, not lost framing"
+    );
 }
 
 /// The smallest disk buffer two shards accept with 64 KiB batches.
