@@ -33,11 +33,7 @@ pub const RETRY_MAX_BACKOFF_MS_DEFAULT: u64 = 2_000;
 pub const SHUTDOWN_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 pub const SYNC_INTERVAL_MS_DEFAULT: u64 = 100;
 /// Unsynced bytes that trigger a group commit before the interval ends.
-/// Small enough that batches are sent while their frames are still in
-/// cache and few frames wait in memory (8 MiB was slower and held ~20 MiB
-/// more per 2 shards); syncs over reused segments are cheap, and a sync
-/// waits for the one before it, so on a slow disk they simply grow.
-pub const SYNC_BYTES: u64 = 2 * 1024 * 1024;
+pub const SYNC_BYTES: u64 = 8 * 1024 * 1024;
 /// Largest segment file of a disk buffer.
 pub const SEGMENT_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// A disk buffer's segments hold at least this many full batches.
