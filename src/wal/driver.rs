@@ -476,13 +476,9 @@ async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
                 .map(|f| std::mem::replace(&mut f.buf, FrameBuf(AlignedVec::new()))),
         );
         wal.writing.set(true);
-        let (done, failed, bufs) = match &seg {
+        let (done, failed, bufs) = match seg {
             Ok(seg) => write_frames(&seg.file, &appends[0], std::mem::take(&mut group)).await,
-            Err(e) => (
-                0,
-                Some(std::io::Error::new(e.kind(), e.to_string())),
-                std::mem::take(&mut group),
-            ),
+            Err(e) => (0, Some(e), std::mem::take(&mut group)),
         };
         group = bufs;
         wal.writing.set(false);

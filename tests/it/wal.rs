@@ -60,6 +60,23 @@ fn durable_records_survive_kill_9_and_arrive_once_after_restart() {
     assert_eq!(u(&r, "lost"), 0, "{r}");
 }
 
+/// Checks the sink is still behind with `total` records durable, kills the
+/// collector with `kill -9`, restarts it and waits for the receiver: no
+/// record may be lost. Returns the receiver's summary.
+fn kill_9_while_behind(u_: &mut Updraft, rx: Receiver, total: f64) -> serde_json::Value {
+    let sent_before = u_.metric(r#"updraft_sink_sent_records_total{sink="up",type="tcp"}"#);
+    assert!(
+        sent_before < total,
+        "the sink should still be behind ({sent_before})"
+    );
+    u_.kill9();
+    u_.restart();
+    let (r, ok) = rx.finish();
+    assert!(ok, "{r}\n{}", u_.log_text());
+    assert_eq!(u(&r, "lost"), 0, "{r}");
+    r
+}
+
 #[test]
 fn kill_9_while_forwarding_to_a_slow_sink_loses_nothing() {
     let (src, sink) = (free_addr(), free_addr());
@@ -79,16 +96,7 @@ fn kill_9_while_forwarding_to_a_slow_sink_loses_nothing() {
     );
     u_.wait_metric(DURABLE, 300_000.0, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(300));
-    let sent_before = u_.metric(r#"updraft_sink_sent_records_total{sink="up",type="tcp"}"#);
-    assert!(
-        sent_before < 300_000.0,
-        "the sink should still be behind ({sent_before})"
-    );
-    u_.kill9();
-    u_.restart();
-    let (r, ok) = rx.finish();
-    assert!(ok, "{r}\n{}", u_.log_text());
-    assert_eq!(u(&r, "lost"), 0, "{r}");
+    let r = kill_9_while_behind(&mut u_, rx, 300_000.0);
     // Duplicates are the batches in flight when the collector died: sent (or
     // partly sent) but not yet covered by a persisted checkpoint, which moves
     // every 20 ms here. Batches hold at most 1000 records; allow 8 per shard.
@@ -133,17 +141,8 @@ fn kill_9_with_recycled_segments_replays_only_their_new_frames() {
     u_.wait_metric(DURABLE, 300_000.0, Duration::from_secs(30));
     let recycled = u_.metric(r#"updraft_sink_wal_recycled_segments_total{sink="up",type="tcp"}"#);
     assert!(recycled >= 2.0, "segment files were reused ({recycled})");
-    let sent_before = u_.metric(r#"updraft_sink_sent_records_total{sink="up",type="tcp"}"#);
-    assert!(
-        sent_before < 300_000.0,
-        "the sink should still be behind ({sent_before})"
-    );
     // The head is a reused file: its old frames lie past the new ones.
-    u_.kill9();
-    u_.restart();
-    let (r, ok) = rx.finish();
-    assert!(ok, "{r}\n{}", u_.log_text());
-    assert_eq!(u(&r, "lost"), 0, "{r}");
+    let r = kill_9_while_behind(&mut u_, rx, 300_000.0);
     // Duplicates are what was acknowledged but not yet under a persisted
     // checkpoint (usually a few hundred records here; a slow checkpoint
     // sync under load can make it a few thousand). Replaying old frames of
