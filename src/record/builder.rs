@@ -57,6 +57,15 @@ impl BatchBuilder {
         opened
     }
 
+    /// Checksums the open batch's newest records if enough have gathered
+    /// (see [`super::Payload::checksum_ahead`]).
+    #[inline]
+    pub fn checksum_ahead(&mut self) {
+        if let Some(b) = &mut self.open {
+            b.payload.checksum_ahead();
+        }
+    }
+
     /// Whether the open batch has reached its record or byte limit.
     #[inline]
     pub fn is_full(&self) -> bool {

@@ -12,8 +12,17 @@
 //! On disk (the write-ahead log) and on the wire a batch is the rkyv archive of
 //! exactly these two arrays ([`ArchivedBatch`]), read in place after
 //! bytecheck validation, never deserialised record by record.
+//!
+//! The payload buffer is block-aligned and keeps [`HEADROOM`] bytes free in
+//! front of the records, with room behind them for the entries: the
+//! write-ahead log archives a batch in its own buffer ([`archive_in_place`])
+//! and writes that buffer as the frame, without copying the records.
 
-use rkyv::{Archive, Deserialize, Serialize};
+use rkyv::rancor::Fallible;
+use rkyv::ser::{Allocator, Positional, Writer};
+use rkyv::util::AlignedVec;
+use rkyv::vec::{ArchivedVec, VecResolver};
+use rkyv::{Archive, Deserialize, Place, Serialize};
 
 /// One record's place in a batch. 24 bytes, no padding.
 #[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -41,17 +50,215 @@ const _: () = assert!(std::mem::size_of::<Entry>() == 24);
 /// The payload is the first field so that it is the first thing in the
 /// batch's archive: an archive placed on a 64-byte boundary (as the
 /// write-ahead log places it) has its payload cache-line aligned too.
-#[derive(Archive, Serialize, Deserialize, Debug, Default, PartialEq, Eq)]
+#[derive(Archive, Serialize, Debug, Default, PartialEq, Eq)]
 pub struct Batch {
-    pub payload: Vec<u8>,
+    pub payload: Payload,
     pub entries: Vec<Entry>,
+}
+
+/// Bytes kept free in front of a payload's records: the write-ahead log puts
+/// its frame header there (and the archive then starts on a cache line).
+pub const HEADROOM: usize = 64;
+
+/// Payload buffers are aligned to this, the block size `O_DIRECT` needs, so
+/// that the buffer itself can be written as a frame.
+pub const PAYLOAD_ALIGN: usize = 4096;
+
+/// The records of a batch back to back, behind [`HEADROOM`] free bytes, in a
+/// block-aligned buffer. Reads as the records' bytes (`Deref<[u8]>`);
+/// archived as a plain byte vector.
+#[derive(Default)]
+pub struct Payload {
+    buf: AlignedVec<PAYLOAD_ALIGN>,
+    /// CRC-32C of the first `crc_len` bytes of records (see `checksum_ahead`).
+    crc: u32,
+    crc_len: usize,
+}
+
+/// Record bytes checksummed at a time by [`Payload::checksum_ahead`]: small
+/// enough to be still in the cache when checksummed, large enough for the
+/// CRC's parallel loop.
+const CRC_CHUNK: usize = 16 * 1024;
+
+impl Payload {
+    /// A payload for up to `records` records of `bytes` in all, with room to
+    /// be archived in place and padded to whole blocks without growing.
+    pub fn with_capacity(records: usize, bytes: usize) -> Payload {
+        Payload::from_buffer(AlignedVec::with_capacity(in_place_bytes(records, bytes)))
+    }
+
+    /// Takes a buffer (of any content) as an empty payload.
+    pub fn from_buffer(mut buf: AlignedVec<PAYLOAD_ALIGN>) -> Payload {
+        buf.clear();
+        buf.resize(HEADROOM, 0);
+        Payload {
+            buf,
+            crc: 0,
+            crc_len: 0,
+        }
+    }
+
+    /// The whole buffer: headroom, records, and whatever was written behind
+    /// them (an archive's entries and root after [`archive_in_place`]).
+    pub fn into_buffer(self) -> AlignedVec<PAYLOAD_ALIGN> {
+        self.buf
+    }
+
+    /// Bytes of records.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.buf.len().saturating_sub(HEADROOM)
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity().saturating_sub(HEADROOM)
+    }
+
+    #[inline]
+    pub fn as_slice(&self) -> &[u8] {
+        self.buf.as_slice().get(HEADROOM..).unwrap_or(&[])
+    }
+
+    /// Appends `record` and a newline.
+    #[inline]
+    pub fn push_line(&mut self, record: &[u8]) {
+        if self.buf.len() < HEADROOM {
+            self.buf.resize(HEADROOM, 0);
+        }
+        self.buf.extend_from_slice(record);
+        self.buf.push(b'\n');
+    }
+
+    /// Extends the running CRC-32C over the records appended since it was
+    /// last extended, once they make a chunk: done as the batch fills, it
+    /// reads records still in the cache, where checksumming the whole
+    /// payload at the end would read most of it from memory again.
+    #[inline]
+    pub fn checksum_ahead(&mut self) {
+        if self.len() - self.crc_len >= CRC_CHUNK {
+            self.checksum_rest();
+        }
+    }
+
+    fn checksum_rest(&mut self) {
+        let rest = &self.as_slice()[self.crc_len..];
+        self.crc = crate::wal::format::crc32c_append(self.crc, rest);
+        self.crc_len = self.len();
+    }
+
+    /// The running CRC-32C and how many bytes of records it covers (a
+    /// prefix of the records; zero bytes unless `checksum_ahead` was used).
+    pub fn checksum_so_far(&self) -> (u32, usize) {
+        (self.crc, self.crc_len)
+    }
+
+    pub fn clear(&mut self) {
+        self.buf.resize(HEADROOM, 0);
+        self.crc = 0;
+        self.crc_len = 0;
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Payload({} bytes)", self.len())
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Payload) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Payload {}
+
+impl Archive for Payload {
+    type Archived = ArchivedVec<u8>;
+    type Resolver = VecResolver;
+    fn resolve(&self, resolver: VecResolver, out: Place<ArchivedVec<u8>>) {
+        ArchivedVec::resolve_from_len(self.len(), resolver, out);
+    }
+}
+
+impl<S: Fallible + Allocator + Writer + ?Sized> Serialize<S> for Payload {
+    fn serialize(&self, s: &mut S) -> Result<VecResolver, S::Error> {
+        ArchivedVec::serialize_from_slice(self.as_slice(), s)
+    }
+}
+
+/// Buffer bytes a batch of `records` records and `bytes` payload needs to be
+/// archived in place and padded to whole blocks: headroom, payload, entries,
+/// the root and alignment padding.
+pub fn in_place_bytes(records: usize, bytes: usize) -> usize {
+    let archive = bytes + 16 + records * std::mem::size_of::<ArchivedEntry>() + 64;
+    (HEADROOM + archive).div_ceil(PAYLOAD_ALIGN) * PAYLOAD_ALIGN
+}
+
+const _: () = assert!(std::mem::size_of::<ArchivedEntry>() == std::mem::size_of::<Entry>());
+
+/// A batch whose records already lie in its payload buffer at [`HEADROOM`]:
+/// serialising it writes only the entries and the root behind them, giving
+/// the same archive as serialising the [`Batch`].
+struct InPlace<'a> {
+    payload_len: usize,
+    entries: &'a [Entry],
+}
+
+impl Archive for InPlace<'_> {
+    type Archived = ArchivedBatch;
+    type Resolver = (VecResolver, VecResolver);
+    fn resolve(&self, (p, e): Self::Resolver, out: Place<ArchivedBatch>) {
+        rkyv::munge::munge!(let ArchivedBatch { payload, entries } = out);
+        ArchivedVec::resolve_from_len(self.payload_len, p, payload);
+        ArchivedVec::resolve_from_len(self.entries.len(), e, entries);
+    }
+}
+
+impl<S: Fallible + Allocator + Writer + ?Sized> Serialize<S> for InPlace<'_> {
+    fn serialize(&self, s: &mut S) -> Result<Self::Resolver, S::Error> {
+        debug_assert_eq!(s.pos(), HEADROOM + self.payload_len);
+        let entries = ArchivedVec::serialize_from_slice(self.entries, s)?;
+        Ok((VecResolver::from_pos(HEADROOM), entries))
+    }
+}
+
+/// Archives `batch` in its own payload buffer: the entries and the root are
+/// written behind the records, which stay where they are. Afterwards the
+/// buffer holds `HEADROOM` free bytes, then the archive, whose length is
+/// returned. The batch must be cleared before it is filled again.
+pub fn archive_in_place(batch: &mut Batch) -> Result<usize, rkyv::rancor::Error> {
+    let mut buf = std::mem::take(&mut batch.payload.buf);
+    if buf.len() < HEADROOM {
+        buf.resize(HEADROOM, 0);
+    }
+    let value = InPlace {
+        payload_len: buf.len() - HEADROOM,
+        entries: &batch.entries,
+    };
+    let buf = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&value, buf)?;
+    let len = buf.len() - HEADROOM;
+    batch.payload.buf = buf;
+    Ok(len)
 }
 
 impl Batch {
     pub fn with_capacity(records: usize, bytes: usize) -> Batch {
         Batch {
             entries: Vec::with_capacity(records),
-            payload: Vec::with_capacity(bytes),
+            payload: Payload::with_capacity(records, bytes),
         }
     }
 
@@ -89,8 +296,7 @@ impl Batch {
     pub fn push(&mut self, ts_ns: u64, key_hash: u32, source: u16, record: &[u8]) {
         let offset = self.payload.len();
         debug_assert!(offset + record.len() < u32::MAX as usize);
-        self.payload.extend_from_slice(record);
-        self.payload.push(b'\n');
+        self.payload.push_line(record);
         self.entries.push(Entry {
             ts_ns,
             offset: offset as u32,
@@ -157,7 +363,7 @@ impl<'a> BatchView<'a> {
     /// The records back to back, each followed by `\n`.
     pub fn payload(&self) -> &'a [u8] {
         match self {
-            BatchView::Native(b) => &b.payload,
+            BatchView::Native(b) => b.payload.as_slice(),
             BatchView::Archived(a) => a.payload.as_slice(),
         }
     }
@@ -242,6 +448,11 @@ impl BatchPool {
         }
     }
 
+    /// A payload buffer the size of this pool's batches'.
+    pub fn new_payload(&self) -> Payload {
+        Payload::with_capacity(self.records, self.bytes)
+    }
+
     /// Batches allocated since start (a warm pool stops counting up).
     pub fn made(&self) -> usize {
         self.made
@@ -263,7 +474,7 @@ mod tests {
     #[test]
     fn payload_is_newline_delimited() {
         let b = sample();
-        assert_eq!(b.payload, "alpha\n\nünïcode line\n".as_bytes());
+        assert_eq!(&b.payload[..], "alpha\n\nünïcode line\n".as_bytes());
         assert_eq!(b.record(0), b"alpha");
         assert_eq!(b.record(1), b"");
         assert_eq!(b.iter().count(), 3);
@@ -280,8 +491,58 @@ mod tests {
             assert_eq!(archived.entries[i].ts_ns.to_native(), b.entries[i].ts_ns);
             assert_eq!(archived.entries[i].source.to_native(), b.entries[i].source);
         }
-        let back: Batch = rkyv::deserialize::<Batch, rkyv::rancor::Error>(archived).unwrap();
-        assert_eq!(back, b);
+        assert_eq!(archived.payload.as_slice(), &b.payload[..]);
+    }
+
+    #[test]
+    fn archived_in_place_is_the_same_archive() {
+        let mut b = sample();
+        let copied = archive_into(&b, rkyv::util::AlignedVec::new()).unwrap();
+        let len = archive_in_place(&mut b).unwrap();
+        let buf = b.payload.into_buffer();
+        assert_eq!(len, copied.len());
+        assert_eq!(&buf[HEADROOM..], &copied[..]);
+        let a = access(&buf[HEADROOM..]).unwrap();
+        assert_eq!(a.record(2), "ünïcode line".as_bytes());
+        assert_eq!(a.payload.as_slice().as_ptr(), buf[HEADROOM..].as_ptr());
+    }
+
+    #[test]
+    fn a_full_batch_archives_in_place_without_growing() {
+        let (records, bytes) = (1000, 100 * 1000);
+        let mut b = Batch::with_capacity(records, bytes);
+        let cap = b.payload.capacity();
+        while b.fits(100, records, bytes) {
+            b.push(0, 0, 0, &[b'x'; 99]);
+        }
+        let len = archive_in_place(&mut b).unwrap();
+        let mut buf = b.payload.into_buffer();
+        buf.resize((HEADROOM + len).div_ceil(PAYLOAD_ALIGN) * PAYLOAD_ALIGN, 0);
+        assert_eq!(buf.capacity() - HEADROOM, cap);
+        assert!(access(&buf[HEADROOM..HEADROOM + len]).is_ok());
+    }
+
+    #[test]
+    fn the_running_checksum_covers_a_prefix_of_the_records() {
+        let mut b = Batch::with_capacity(1000, 100_000);
+        for i in 0..300u32 {
+            b.push(0, 0, 0, format!("record {i} {}", "y".repeat(90)).as_bytes());
+            b.payload.checksum_ahead();
+        }
+        let (crc, n) = b.payload.checksum_so_far();
+        assert!(n >= CRC_CHUNK && n <= b.payload.len());
+        assert_eq!(crc, crate::wal::format::crc32c(&b.payload[..n]));
+        b.clear();
+        assert_eq!(b.payload.checksum_so_far(), (0, 0));
+    }
+
+    #[test]
+    fn a_payload_from_a_used_buffer_is_empty() {
+        let mut b = sample();
+        archive_in_place(&mut b).unwrap();
+        let p = Payload::from_buffer(b.payload.into_buffer());
+        assert!(p.is_empty());
+        assert_eq!(p.as_slice(), b"");
     }
 
     #[test]

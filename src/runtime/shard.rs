@@ -217,6 +217,12 @@ impl Shard {
         }
     }
 
+    /// An empty payload buffer sized like the pool's batches (for the
+    /// write-ahead log, which swaps one into each batch it keeps the buffer of).
+    pub fn new_payload(&self) -> crate::record::Payload {
+        self.pool.borrow().new_payload()
+    }
+
     /// Gives a sent batch back to the pool.
     pub fn recycle(&self, batch: Batch) {
         let mut pool = self.pool.borrow_mut();

@@ -21,13 +21,15 @@ pub mod util;
 
 use crate::config::{SinkPlan, SinkTarget};
 use crate::metrics::SinkCounters;
-use crate::record::{Batch, BatchBuilder, BatchPool, BatchView};
+use crate::record::{Batch, BatchBuilder, BatchPool, BatchView, Payload, HEADROOM};
 use crate::runtime::shard::Shard;
+use crate::wal::driver::FrameBuf;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use tokio::sync::Notify;
+use tokio_uring::buf::BoundedBuf;
 
 /// One sink's batches on one shard.
 pub struct SinkQueue {
@@ -44,6 +46,9 @@ pub struct SinkQueue {
     /// A memory buffer with `when_full = "drop_newest"`: a record that finds
     /// the queue full is dropped and counted instead of waiting.
     pub drops_when_full: bool,
+    /// A disk buffer: payloads are checksummed as they fill, while the
+    /// records just appended are still in the cache (the log frames them).
+    checksum: bool,
 }
 
 struct QueueState {
@@ -72,6 +77,7 @@ impl SinkQueue {
             counters,
             drops_when_full: plan.buffer.kind == crate::config::BufferKind::Memory
                 && plan.buffer.when_full == crate::config::WhenFull::DropNewest,
+            checksum: plan.buffer.kind == crate::config::BufferKind::Disk,
         }
     }
 
@@ -102,6 +108,9 @@ impl SinkQueue {
         }
         if st.builder.push(pool, ts_ns, key_hash, source, record) {
             self.opened.notify_one();
+        }
+        if self.checksum {
+            st.builder.checksum_ahead();
         }
         if st.builder.is_full() && st.sealed.len() < self.capacity {
             self.seal(&mut st);
@@ -263,10 +272,14 @@ async fn run_memory(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
             shard.recycle(batch);
             continue;
         }
-        let payload = std::mem::take(&mut batch.payload);
-        batch.payload = out.deliver(&shard, payload).await;
+        let bytes = batch.payload_bytes();
+        // The records as they lie in the batch's (aligned) buffer.
+        let buf = FrameBuf(std::mem::take(&mut batch.payload).into_buffer());
+        let end = HEADROOM + bytes;
+        let buf = out.deliver(&shard, buf.slice(HEADROOM..end)).await;
+        batch.payload = Payload::from_buffer(buf.into_inner().0);
         counters.records.add(batch.len() as u64);
-        counters.bytes.add(batch.payload_bytes() as u64);
+        counters.bytes.add(bytes as u64);
         counters.batches.add(1);
         shard.recycle(batch);
     }

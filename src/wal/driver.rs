@@ -31,6 +31,7 @@ use super::machine::{Append, BatchId, Full, Log, LogConfig};
 use super::recovery;
 use crate::config::WhenFull;
 use crate::metrics::SinkCounters;
+use crate::record::Payload;
 use crate::runtime::shard::Shard;
 use crate::sinks::util::{Backoff, LogEvery};
 use crate::sinks::{Output, SinkQueue};
@@ -335,18 +336,22 @@ struct Framed {
     records: u32,
 }
 
-/// Archives `batch` behind a frame header into `buf`, padded to whole blocks.
+/// Archives `batch` in its own payload buffer (the records stay where they
+/// are, behind the room kept for the frame header) and takes that buffer as
+/// the frame, padded to whole blocks; `spare` becomes the batch's new, empty
+/// payload buffer.
 fn frame_batch(
-    batch: &crate::record::Batch,
-    buf: FrameBuf,
+    batch: &mut crate::record::Batch,
+    spare: FrameBuf,
 ) -> Result<(FrameBuf, usize), rkyv::rancor::Error> {
-    let mut v = buf.0;
-    v.clear();
-    v.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
-    let mut v = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(batch, v)?;
-    let archive_len = v.len() - FRAME_HEADER_BYTES;
+    // The queue checksummed most of the records as they came (the archive
+    // starts with them); the CRC goes on from there.
+    let (crc, done) = batch.payload.checksum_so_far();
+    let archive_len = crate::record::archive_in_place(batch)?;
+    let mut v = std::mem::replace(&mut batch.payload, Payload::from_buffer(spare.0)).into_buffer();
     // The archive's length and CRC now; the segment once the log places it.
-    let crc = crc32c::crc32c(&v[FRAME_HEADER_BYTES..]);
+    let crc = format::crc32c_append(crc, &v[FRAME_HEADER_BYTES + done..]);
+    v[..FRAME_HEADER_BYTES].fill(0);
     v[0..4].copy_from_slice(&(archive_len as u32).to_le_bytes());
     v[4..8].copy_from_slice(&crc.to_le_bytes());
     v.resize(frame_bytes(archive_len), 0);
@@ -356,12 +361,13 @@ fn frame_batch(
 async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
     let plan = &shard.plan.sinks[wal.sink];
     let counters = &shard.metrics.sinks[wal.sink];
-    let frame_capacity = frame_capacity(plan);
+    // A buffer for the batch whose own buffer becomes a frame; new ones are
+    // sized like the shard's batches, since they go on as batch buffers.
     let take_buf = || {
         wal.free_frames
             .borrow_mut()
             .pop()
-            .unwrap_or_else(|| FrameBuf::with_capacity(frame_capacity))
+            .unwrap_or_else(|| FrameBuf(shard.new_payload().into_buffer()))
     };
     // Frames archived and not yet written, in log order; at most one write's
     // worth plus the frame that did not fit in it.
@@ -373,9 +379,9 @@ async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
     let mut log_full = LogEvery::new(Duration::from_secs(10));
     let mut log_err = LogEvery::new(Duration::from_secs(10));
     let mut solo = false;
-    let frame = |batch: crate::record::Batch, buf: FrameBuf| -> Option<Framed> {
+    let frame = |mut batch: crate::record::Batch, buf: FrameBuf| -> Option<Framed> {
         let records = batch.len() as u32;
-        let framed = frame_batch(&batch, buf);
+        let framed = frame_batch(&mut batch, buf);
         shard.recycle(batch);
         match framed {
             Ok((buf, archive_len)) => Some(Framed {

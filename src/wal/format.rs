@@ -104,8 +104,29 @@ pub const FRAME_ALIGN: usize = 4096;
 /// An archive starts FRAME_HEADER_BYTES into its frame: rkyv needs 16, a
 /// cache line 64.
 const _: () = assert!(FRAME_HEADER_BYTES.is_multiple_of(64));
+/// A batch is archived in place behind room for exactly one frame header,
+/// in a buffer aligned as a frame must be.
+const _: () = assert!(crate::record::HEADROOM == FRAME_HEADER_BYTES);
+const _: () = assert!(crate::record::PAYLOAD_ALIGN == FRAME_ALIGN);
 /// The largest archive a frame may carry.
 pub const FRAME_BYTES_MAX: usize = 512 * 1024 * 1024;
+/// CRC-32C (Castagnoli, the checksum of iSCSI and ext4) of `data`: the
+/// check on segment headers, frames and checkpoints.
+pub fn crc32c(data: &[u8]) -> u32 {
+    crc32c_append(0, data)
+}
+
+/// CRC-32C of the bytes `crc` was computed over followed by `data`.
+/// crc-fast folds with carry-less multiplies where the CPU has them: about
+/// twice the speed of the `crc32` instruction alone, which matters at a
+/// gigabyte of frames per second.
+pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
+    let mut d =
+        crc_fast::Digest::new_with_init_state(crc_fast::CrcAlgorithm::Crc32Iscsi, u64::from(!crc));
+    d.update(data);
+    d.finalize() as u32
+}
+
 pub const CHECKPOINT_SLOT_BYTES: usize = 32;
 pub const CHECKPOINT_BYTES: usize = 2 * CHECKPOINT_SLOT_BYTES;
 
@@ -148,7 +169,7 @@ pub fn segment_header(id: u64, nonce: u32, reused: bool) -> [u8; SEGMENT_HEADER_
     h[12..16].copy_from_slice(&(reused as u32).to_le_bytes());
     h[16..24].copy_from_slice(&id.to_le_bytes());
     h[24..28].copy_from_slice(&nonce.to_le_bytes());
-    let crc = crc32c::crc32c(&h[0..28]);
+    let crc = crc32c(&h[0..28]);
     h[28..32].copy_from_slice(&crc.to_le_bytes());
     h
 }
@@ -157,13 +178,13 @@ pub fn segment_header(id: u64, nonce: u32, reused: bool) -> [u8; SEGMENT_HEADER_
 pub fn frame_header(segment: u64, nonce: u32, archive: &[u8]) -> [u8; FRAME_HEADER_BYTES] {
     let mut h = [0u8; FRAME_HEADER_BYTES];
     h[0..4].copy_from_slice(&(archive.len() as u32).to_le_bytes());
-    h[4..8].copy_from_slice(&crc32c::crc32c(archive).to_le_bytes());
+    h[4..8].copy_from_slice(&crc32c(archive).to_le_bytes());
     place_frame_header(&mut h, segment, nonce);
     h
 }
 
 fn header_check(h: &[u8], nonce: u32) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(&h[0..12]), &nonce.to_le_bytes())
+    crc32c_append(crc32c(&h[0..12]), &nonce.to_le_bytes())
 }
 
 /// Completes a header whose length and archive CRC are written (the
@@ -236,7 +257,7 @@ pub fn scan(id: u64, bytes: &[u8]) -> Result<Scan, SegmentError> {
     if version != VERSION {
         return Err(SegmentError::Version(version));
     }
-    if crc32c::crc32c(&bytes[0..28]) != u32_at(bytes, 28) {
+    if crc32c(&bytes[0..28]) != u32_at(bytes, 28) {
         return Err(SegmentError::BadHeader);
     }
     let reused = u32_at(bytes, 12) & 1 == 1;
@@ -288,7 +309,7 @@ pub fn scan(id: u64, bytes: &[u8]) -> Result<Scan, SegmentError> {
             break;
         }
         let archive_at = at + FRAME_HEADER_BYTES;
-        if crc32c::crc32c(&bytes[archive_at..archive_at + len]) == crc {
+        if crc32c(&bytes[archive_at..archive_at + len]) == crc {
             scan.frames.push(FrameRef {
                 offset: at as u64,
                 archive_at,
@@ -316,7 +337,7 @@ pub fn encode_checkpoint(c: CheckpointSlot) -> [u8; CHECKPOINT_SLOT_BYTES] {
     s[0..8].copy_from_slice(&c.seq.to_le_bytes());
     s[8..16].copy_from_slice(&c.segment.to_le_bytes());
     s[16..24].copy_from_slice(&c.offset.to_le_bytes());
-    let crc = crc32c::crc32c(&s[0..24]);
+    let crc = crc32c(&s[0..24]);
     s[24..28].copy_from_slice(&crc.to_le_bytes());
     s
 }
@@ -331,7 +352,7 @@ pub fn decode_checkpoint(bytes: &[u8]) -> Option<CheckpointSlot> {
     (0..2)
         .filter_map(|i| {
             let s = bytes.get(i * CHECKPOINT_SLOT_BYTES..(i + 1) * CHECKPOINT_SLOT_BYTES)?;
-            if crc32c::crc32c(&s[0..24]) != u32_at(s, 24) || s.iter().all(|&b| b == 0) {
+            if crc32c(&s[0..24]) != u32_at(s, 24) || s.iter().all(|&b| b == 0) {
                 return None;
             }
             Some(CheckpointSlot {
@@ -346,6 +367,19 @@ pub fn decode_checkpoint(bytes: &[u8]) -> Option<CheckpointSlot> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crc32c_is_castagnoli_and_appends() {
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+        assert_eq!(crc32c(b""), 0);
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        for cut in [0, 1, 15, 16 * 1024, 99_999, 100_000] {
+            let (a, b) = data.split_at(cut);
+            assert_eq!(crc32c_append(crc32c(a), b), crc32c(&data));
+        }
+        // The same function as the crc32c crate's (the format's first writer).
+        assert_eq!(crc32c(&data), ::crc32c::crc32c(&data));
+    }
 
     fn nonce_of(id: u64) -> u32 {
         (id as u32).wrapping_mul(2_654_435_761) ^ 0x5bd1_e995
@@ -481,7 +515,7 @@ mod tests {
     fn version_1_segments_are_refused() {
         let mut seg = segment_with(5, &[b"first"]);
         seg[8..12].copy_from_slice(&1u32.to_le_bytes());
-        let crc = crc32c::crc32c(&seg[0..24]);
+        let crc = crc32c(&seg[0..24]);
         seg[24..28].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(scan(5, &seg), Err(SegmentError::Version(1)));
     }
