@@ -223,6 +223,11 @@ impl Shard {
         self.pool.borrow().new_payload()
     }
 
+    /// Bytes of each buffer `new_payload` gives.
+    pub fn payload_buffer_bytes(&self) -> usize {
+        self.pool.borrow().buffer_bytes()
+    }
+
     /// Gives a sent batch back to the pool.
     pub fn recycle(&self, batch: Batch) {
         let mut pool = self.pool.borrow_mut();

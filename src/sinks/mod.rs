@@ -21,9 +21,8 @@ pub mod util;
 
 use crate::config::{SinkPlan, SinkTarget};
 use crate::metrics::SinkCounters;
-use crate::record::{Batch, BatchBuilder, BatchPool, BatchView, Payload, HEADROOM};
+use crate::record::{Batch, BatchBuilder, BatchPool, BatchView, FrameBuf, Payload, HEADROOM};
 use crate::runtime::shard::Shard;
-use crate::wal::driver::FrameBuf;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;

@@ -3,8 +3,9 @@
 //! Four tasks share the log (all on the shard's thread, so a `RefCell`):
 //!
 //! - the **writer** takes sealed batches from the sink's queue, archives each
-//!   (rkyv) behind a frame header into a reused aligned buffer, asks the log
-//!   where it goes and writes it there — every batch that queued while the
+//!   (rkyv) in its own aligned payload buffer, behind the room kept there for
+//!   the frame header (the records are not copied; the batch gets an empty
+//!   buffer in exchange), asks the log where it goes and writes it there — every batch that queued while the
 //!   previous write ran goes in the same write (one `writev`), so a disk
 //!   whose writes cost a fixed latency each keeps up by writing more at once;
 //!   the frames stay in memory for the sender (up to a budget) so a sink
@@ -31,7 +32,7 @@ use super::machine::{Append, BatchId, Full, Log, LogConfig};
 use super::recovery;
 use crate::config::WhenFull;
 use crate::metrics::SinkCounters;
-use crate::record::Payload;
+use crate::record::FrameBuf;
 use crate::runtime::shard::Shard;
 use crate::sinks::util::{Backoff, LogEvery};
 use crate::sinks::{Output, SinkQueue};
@@ -42,22 +43,8 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 use tokio::sync::Notify;
-use tokio_uring::buf::{BoundedBuf, IoBuf, IoBufMut};
+use tokio_uring::buf::BoundedBuf;
 use tokio_uring::fs::{File, OpenOptions};
-
-/// Frame buffers are aligned to the block size, as `O_DIRECT` needs.
-pub const BLOCK_ALIGN: usize = format::FRAME_ALIGN;
-
-/// An aligned buffer that io_uring may own while an operation runs: frames
-/// are archived into it and read back into it, so archives are accessed in
-/// place at the alignment rkyv needs, and written with `O_DIRECT`.
-pub struct FrameBuf(pub AlignedVec<BLOCK_ALIGN>);
-
-impl FrameBuf {
-    fn with_capacity(bytes: usize) -> FrameBuf {
-        FrameBuf(AlignedVec::with_capacity(bytes))
-    }
-}
 
 /// Asks the kernel to write and read a segment without the page cache
 /// (`O_DIRECT`): the log's bytes are not copied into it, and are not
@@ -71,32 +58,6 @@ fn direct_io(file: &File) {
         let flags = libc::fcntl(fd, libc::F_GETFL);
         if flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_DIRECT) != 0 {
             tracing::debug!("O_DIRECT refused; the disk buffer goes through the page cache");
-        }
-    }
-}
-
-// SAFETY: AlignedVec's heap pointer does not move while the value is owned
-// by the operation (it is neither grown nor dropped until handed back).
-unsafe impl IoBuf for FrameBuf {
-    fn stable_ptr(&self) -> *const u8 {
-        self.0.as_ptr()
-    }
-    fn bytes_init(&self) -> usize {
-        self.0.len()
-    }
-    fn bytes_total(&self) -> usize {
-        self.0.capacity()
-    }
-}
-
-// SAFETY: as above; set_init only grows the length over bytes the kernel wrote.
-unsafe impl IoBufMut for FrameBuf {
-    fn stable_mut_ptr(&mut self) -> *mut u8 {
-        self.0.as_mut_ptr()
-    }
-    unsafe fn set_init(&mut self, pos: usize) {
-        if self.0.len() < pos {
-            unsafe { self.0.set_len(pos) };
         }
     }
 }
@@ -117,13 +78,6 @@ struct Durable {
     id: BatchId,
     archive_len: u32,
     frame: Option<FrameBuf>,
-}
-
-/// Bytes of the largest frame a full batch makes: its payload, one entry per
-/// record, and room for rkyv's root and the frame's padding.
-fn frame_capacity(plan: &crate::config::SinkPlan) -> usize {
-    let entries = plan.batch.max_records.min(1 << 16) * std::mem::size_of::<crate::record::Entry>();
-    frame_bytes(plan.batch.max_bytes + entries + 1024)
 }
 
 /// An open segment and the nonce its frame headers are checked with.
@@ -168,11 +122,13 @@ struct Wal {
     syncer_idle: Cell<bool>,
     /// The writer is between an append and the end of its write.
     writing: Cell<bool>,
-    /// Frame buffers the sender gave back, for the writer to fill again.
+    /// Empty buffers (sent frames, the sender's read buffer): the writer
+    /// swaps one into each batch whose own buffer it takes as a frame.
     free_frames: RefCell<Vec<FrameBuf>>,
     /// Frames attached to batches not yet sent (at most `frames_in_memory`).
     held_frames: Cell<usize>,
-    /// FRAMES_IN_MEMORY_BYTES in frames of this sink's largest batch.
+    /// FRAMES_IN_MEMORY_BYTES in the shard's batch buffers (what every
+    /// frame is: the buffer a batch was filled in).
     frames_in_memory: usize,
     /// Frame buffers kept for reuse, held ones included: those in memory,
     /// one write's worth and one more. Buffers are kept rather than freed
@@ -275,6 +231,7 @@ pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
         tracing::info!(sink = %plan.name, shard = shard.id, batches = rec.replay.len(),
             "replaying the disk buffer before new records");
     }
+    let frame_capacity = shard.payload_buffer_bytes();
     let wal = Rc::new(Wal {
         sink,
         dir,
@@ -308,8 +265,8 @@ pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
         writing: Cell::new(false),
         free_frames: RefCell::new(Vec::new()),
         held_frames: Cell::new(0),
-        frames_in_memory: (FRAMES_IN_MEMORY_BYTES / frame_capacity(plan)).max(2),
-        frames_kept: (FRAMES_IN_MEMORY_BYTES + WRITE_BYTES_MAX) / frame_capacity(plan) + 2,
+        frames_in_memory: (FRAMES_IN_MEMORY_BYTES / frame_capacity).max(2),
+        frames_kept: (FRAMES_IN_MEMORY_BYTES + WRITE_BYTES_MAX) / frame_capacity + 2,
         spares: RefCell::new(rec.spares),
         segment_bytes: cfg.segment_bytes,
         max_bytes: cfg.max_bytes,
@@ -347,10 +304,10 @@ fn frame_batch(
     // The queue checksummed most of the records as they came (the archive
     // starts with them); the CRC goes on from there.
     let (crc, done) = batch.payload.checksum_so_far();
-    let archive_len = crate::record::archive_in_place(batch)?;
-    let mut v = std::mem::replace(&mut batch.payload, Payload::from_buffer(spare.0)).into_buffer();
+    debug_assert!(done <= batch.payload.len());
+    let (mut v, archive_len) = crate::record::archive_in_place(batch, spare.0)?;
     // The archive's length and CRC now; the segment once the log places it.
-    let crc = format::crc32c_append(crc, &v[FRAME_HEADER_BYTES + done..]);
+    let crc = crate::record::crc32c_append(crc, &v[FRAME_HEADER_BYTES + done..]);
     v[..FRAME_HEADER_BYTES].fill(0);
     v[0..4].copy_from_slice(&(archive_len as u32).to_le_bytes());
     v[4..8].copy_from_slice(&crc.to_le_bytes());
@@ -886,7 +843,7 @@ async fn sender(shard: Rc<Shard>, wal: Rc<Wal>) {
     let counters = &shard.metrics.sinks[wal.sink];
     let acks = wal.clone();
     let mut out = Output::new(&shard, wal.sink, Some(Rc::new(move |id| ack(&acks, id))));
-    let mut buf = FrameBuf::with_capacity(frame_capacity(plan));
+    let mut buf = FrameBuf(shard.new_payload().into_buffer());
     let mut backoff = Backoff::new(plan.retry);
     let give_up = Duration::from_millis(shard.plan.shutdown_timeout_ms / 2);
     loop {

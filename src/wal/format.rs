@@ -92,6 +92,8 @@
 //! On start the valid slot with the higher `seq` wins. No valid slot means
 //! replay from the oldest segment: duplicates, never loss.
 
+use crate::record::{crc32c, crc32c_append};
+
 /// Segment magic.
 pub const MAGIC: [u8; 8] = *b"UPDRWAL\0";
 pub const VERSION: u32 = 2;
@@ -110,23 +112,6 @@ const _: () = assert!(crate::record::HEADROOM == FRAME_HEADER_BYTES);
 const _: () = assert!(crate::record::PAYLOAD_ALIGN == FRAME_ALIGN);
 /// The largest archive a frame may carry.
 pub const FRAME_BYTES_MAX: usize = 512 * 1024 * 1024;
-/// CRC-32C (Castagnoli, the checksum of iSCSI and ext4) of `data`: the
-/// check on segment headers, frames and checkpoints.
-pub fn crc32c(data: &[u8]) -> u32 {
-    crc32c_append(0, data)
-}
-
-/// CRC-32C of the bytes `crc` was computed over followed by `data`.
-/// crc-fast folds with carry-less multiplies where the CPU has them: about
-/// twice the speed of the `crc32` instruction alone, which matters at a
-/// gigabyte of frames per second.
-pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
-    let mut d =
-        crc_fast::Digest::new_with_init_state(crc_fast::CrcAlgorithm::Crc32Iscsi, u64::from(!crc));
-    d.update(data);
-    d.finalize() as u32
-}
-
 pub const CHECKPOINT_SLOT_BYTES: usize = 32;
 pub const CHECKPOINT_BYTES: usize = 2 * CHECKPOINT_SLOT_BYTES;
 
