@@ -2,7 +2,8 @@
 # End-to-end benchmark: updraft next to its ceiling and rsyslog in the same
 # run. `scripts/bench.sh --quick` takes about a minute; without it, about ten;
 # `--only http` or `--only disk`: 256 B x 4 connections, ceilings, memory mode
-# and that scenario, full length (a few minutes).
+# and that scenario, full length (a few minutes; disk beside memory as 3
+# alternating pairs, rows the median run).
 # Results: bench-results/{results.json,results.md,throughput.png,latency.png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
