@@ -56,6 +56,11 @@ fn batch(c: &mut Criterion) {
     g.bench_function("crc32c_archive_4096x255B", |b| {
         b.iter(|| black_box(crc32c(black_box(&bytes))))
     });
+    // The crc32c crate (the `crc32` instruction, three streams), which the
+    // log used before crc-fast: the same function, for comparison.
+    g.bench_function("crc32c_crate_archive_4096x255B", |b| {
+        b.iter(|| black_box(::crc32c::crc32c(black_box(&bytes))))
+    });
     g.bench_function("access_validated_4096x255B", |b| {
         b.iter(|| {
             let a = access(black_box(&bytes)).unwrap();

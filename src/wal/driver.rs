@@ -5,7 +5,8 @@
 //! - the **writer** takes sealed batches from the sink's queue, archives each
 //!   (rkyv) in its own aligned payload buffer, behind the room kept there for
 //!   the frame header (the records are not copied; the batch gets an empty
-//!   buffer in exchange), asks the log where it goes and writes it there — every batch that queued while the
+//!   buffer in exchange), asks the log where it goes and writes it there —
+//!   every batch that queued while the
 //!   previous write ran goes in the same write (one `writev`), so a disk
 //!   whose writes cost a fixed latency each keeps up by writing more at once;
 //!   the frames stay in memory for the sender (up to a budget) so a sink
