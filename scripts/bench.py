@@ -5,7 +5,9 @@ scripts/bench.sh, which builds the binaries and installs what this needs.
 
 Ceilings: loadgen send -> loadgen receive (for blackhole scenarios) and
 loadgen send -> loadgen relay -> loadgen receive (for forwarding scenarios),
-over TCP and UDP. Peer: rsyslog (and Fluent Bit / Vector when on PATH).
+over TCP and UDP. Peers, on the TCP and UDP forwarding scenarios: rsyslog,
+Fluent Bit and Vector, each when its binary (rsyslogd, fluent-bit, vector) is
+on PATH, else skipped with a line saying so.
 Writes results.json, results.md, throughput.png and latency.png to --out.
 """
 
@@ -47,18 +49,24 @@ def proc_peak_rss_mib(pid):
     return 0.0
 
 
-def wait_port(port, proto="tcp", timeout=10):
+def wait_port(port, proto="tcp", timeout=10, proc=None):
+    """Until something listens on port; fails early when proc has exited."""
+    def dead():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with status {proc.returncode} before listening on {port}")
     if proto == "udp":
         time.sleep(0.3)
+        dead()
         return
     deadline = time.time() + timeout
     while time.time() < deadline:
+        dead()
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return
         except OSError:
             time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on {port}")
+    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
 
 
 def json_line(text):
@@ -77,12 +85,12 @@ def receiver(port, expect, timeout_s, proto="tcp"):
     return p
 
 
-def send(port, proto, conns, count, size, rate=None):
+def send(port, proto, conns, count, size, rate=None, timeout=None):
     cmd = [LOADGEN, "send", "--target", f"127.0.0.1:{port}", "--proto", proto,
            "--connections", str(conns), "--count", str(count), "--size", str(size), "--json"]
     if rate:
         cmd += ["--rate", str(rate)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=timeout)
     return json_line(out.stdout)
 
 
@@ -91,15 +99,49 @@ def finish(p):
     return json_line(out)
 
 
-class Collector:
-    """A collector process (updraft or a peer) and its resource use."""
+def end(p):
+    """Stops a receiver that finish() did not see out (a failed run)."""
+    if p.poll() is None:
+        p.kill()
+        p.communicate()
 
-    def __init__(self, argv, ready_port, metrics_port=None, proto="tcp"):
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+def last_line(text):
+    """": " and the last non-blank line of text, for a failure note."""
+    lines = [l.strip() for l in (text or "").splitlines() if l.strip()]
+    return f": {lines[-1][:200]}" if lines else ""
+
+
+def log_tail(path):
+    if not path:
+        return ""
+    try:
+        with open(path, errors="replace") as f:
+            return last_line(f.read())
+    except OSError:
+        return ""
+
+
+class Collector:
+    """A collector process (updraft or a peer) and its resource use. With
+    log, its stdout and stderr go to that file, whose last line is quoted
+    when it does not come up."""
+
+    def __init__(self, argv, ready_port, metrics_port=None, proto="tcp", log=None):
+        out = open(log, "wb") if log else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        finally:
+            if log:
+                out.close()
         self.metrics_port = metrics_port
-        if metrics_port:
-            wait_port(metrics_port)
-        wait_port(ready_port, proto)
+        try:
+            if metrics_port:
+                wait_port(metrics_port, proc=self.proc)
+            wait_port(ready_port, proto, proc=self.proc)
+        except RuntimeError as e:
+            self.stop()
+            raise RuntimeError(f"{os.path.basename(argv[0])} {e}{log_tail(log)}") from None
         self.cpu0 = proc_cpu_s(self.proc.pid)
 
     def metric(self, series):
@@ -148,10 +190,15 @@ inputs = ["in"]
     return c, src
 
 
+# --- peers ----------------------------------------------------------------------
+# Each starts one process that listens for newline-framed lines on a TCP and a
+# UDP port and forwards every line as it came, newline-framed, over TCP to
+# sink_port (the load generator's receiver); each returns (Collector, tcp, udp).
+# Configs and state go into a fresh directory under tmp for every run.
+
 def rsyslog(tmp, sink_port):
     tcp, udp = free_port(), free_port()
-    work = os.path.join(tmp, "rsyslog")
-    os.makedirs(work, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="rsyslog-", dir=tmp)
     cfg = os.path.join(work, "rsyslog.conf")
     with open(cfg, "w") as f:
         f.write(f"""global(workDirectory="{work}" maxMessageSize="64k")
@@ -164,8 +211,121 @@ ruleset(name="fwd" queue.type="LinkedList" queue.size="200000") {{
 input(type="imtcp" address="127.0.0.1" port="{tcp}" ruleset="fwd")
 input(type="imudp" address="127.0.0.1" port="{udp}" ruleset="fwd")
 """)
-    c = Collector(["rsyslogd", "-n", "-f", cfg, "-i", os.path.join(work, "rsyslog.pid")], tcp)
+    c = Collector(["rsyslogd", "-n", "-f", cfg, "-i", os.path.join(work, "rsyslog.pid")], tcp,
+                  log=os.path.join(work, "log"))
     return c, tcp, udp
+
+
+def fluent_bit(tmp, sink_port):
+    """in_tcp / in_udp with `format none` put each line under the key `log`
+    (plugins/in_tcp/tcp_conn.c, in_udp/udp_conn.c); out_tcp with
+    `raw_message_key $log` writes that value and a newline per record, in
+    place of any `format` (plugins/out_tcp/tcp.c, Fluent Bit >= 2.0.7; an
+    older one rejects the key and the row says so). Flush every 0.2 s, not
+    the default 1 s, which would be a second of batching in every latency
+    figure; each input holds at most 64 MB before it pauses (rsyslog's
+    queue is bounded too)."""
+    tcp, udp = free_port(), free_port()
+    work = tempfile.mkdtemp(prefix="fluent-bit-", dir=tmp)
+    cfg = os.path.join(work, "fluent-bit.conf")
+    with open(cfg, "w") as f:
+        f.write(f"""[SERVICE]
+    flush        0.2
+    grace        1
+    log_level    warn
+
+[INPUT]
+    name           tcp
+    listen         127.0.0.1
+    port           {tcp}
+    format         none
+    mem_buf_limit  64M
+
+[INPUT]
+    name           udp
+    listen         127.0.0.1
+    port           {udp}
+    format         none
+    mem_buf_limit  64M
+
+[OUTPUT]
+    name             tcp
+    match            *
+    host             127.0.0.1
+    port             {sink_port}
+    raw_message_key  $log
+""")
+    c = Collector(["fluent-bit", "-c", cfg], tcp, log=os.path.join(work, "log"))
+    return c, tcp, udp
+
+
+def vector(tmp, sink_port):
+    """socket sources (bytes codec: the line is the event's message) ->
+    socket sink, text codec (the message alone), newline framing. UDP
+    framing defaults to one event per datagram, newline included, so it is
+    newline_delimited too."""
+    tcp, udp = free_port(), free_port()
+    work = tempfile.mkdtemp(prefix="vector-", dir=tmp)
+    data = os.path.join(work, "data")
+    os.makedirs(data)
+    cfg = os.path.join(work, "vector.toml")
+    with open(cfg, "w") as f:
+        f.write(f"""data_dir = "{data}"
+
+[sources.tcp_in]
+type = "socket"
+mode = "tcp"
+address = "127.0.0.1:{tcp}"
+decoding.codec = "bytes"
+framing.method = "newline_delimited"
+
+[sources.udp_in]
+type = "socket"
+mode = "udp"
+address = "127.0.0.1:{udp}"
+decoding.codec = "bytes"
+framing.method = "newline_delimited"
+
+[sinks.out]
+type = "socket"
+inputs = ["tcp_in", "udp_in"]
+mode = "tcp"
+address = "127.0.0.1:{sink_port}"
+encoding.codec = "text"
+framing.method = "newline_delimited"
+""")
+    c = Collector(["vector", "--quiet", "--config", cfg], tcp, log=os.path.join(work, "log"))
+    return c, tcp, udp
+
+
+# name in rows -> (binary that must be on PATH, starter)
+PEERS = {
+    "rsyslog": ("rsyslogd", rsyslog),
+    "fluent-bit": ("fluent-bit", fluent_bit),
+    "vector": ("vector", vector),
+}
+PEER_TIMEOUT_S = 60
+
+
+def failure(e):
+    """One line on why a peer's run failed."""
+    if isinstance(e, subprocess.TimeoutExpired):
+        return f"the load generator had not sent everything after {e.timeout:.0f} s"
+    if isinstance(e, subprocess.CalledProcessError):
+        return f"the load generator failed{last_line(e.stderr)}"
+    return str(e) or type(e).__name__
+
+
+def delivery_note(r, n):
+    """What a peer's run did not deliver as sent."""
+    out = []
+    if r["lost"]:
+        out.append(f"lost {r['lost']:,} of {n:,}")
+    if r["duplicates"]:
+        out.append(f"{r['duplicates']:,} duplicates")
+    if r.get("malformed"):
+        out.append(f"{r['malformed']:,} malformed lines")
+    return ", ".join(out)
 
 
 def row(scenario, who, size, conns, shards, rps, lat=None, cpu_s=None, rss=None, n=None, lost=0, dup=0, note=""):
@@ -291,15 +451,25 @@ def updraft_tcp_http(tmp, size, conns, shards, n, compression):
     return out
 
 
-def rsyslog_tcp_forward(tmp, size, conns, n):
+def peer_tcp_forward(peer, tmp, size, conns, n):
+    """tcp -> tcp through a peer (a key of PEERS). A peer that does not come
+    up, or stalls or breaks the sender, gives a row saying so."""
     sink = free_port()
-    rx = receiver(sink, n, 60)
-    c, tcp, _ = rsyslog(tmp, sink)
-    send(tcp, "tcp", conns, n, size)
-    r = finish(rx)
-    cpu, rss = c.usage()
-    c.stop()
-    return row("tcp->tcp", "rsyslog", size, conns, None, r["records_per_sec"], r["latency_us"], cpu, rss, n, r["lost"], r["duplicates"])
+    rx = receiver(sink, n, PEER_TIMEOUT_S)
+    c = None
+    try:
+        c, tcp, _ = PEERS[peer][1](tmp, sink)
+        send(tcp, "tcp", conns, n, size, timeout=PEER_TIMEOUT_S)
+        r = finish(rx)
+        cpu, rss = c.usage()
+    except Exception as e:
+        return row("tcp->tcp", peer, size, conns, None, 0, lost=None, note=f"failed: {failure(e)}")
+    finally:
+        if c:
+            c.stop()
+        end(rx)
+    return row("tcp->tcp", peer, size, conns, None, r["records_per_sec"], r["latency_us"], cpu, rss, n,
+               r["lost"], r["duplicates"], note=delivery_note(r, n))
 
 
 # --- UDP scenarios: the highest rate with under 0.1% loss ----------------------
@@ -376,25 +546,36 @@ def updraft_udp(tmp, sink_kind, size, conns, shards, rates, seconds):
                note=f"highest rate tried with <0.1% loss: {rate}")
 
 
-def rsyslog_udp(tmp, size, conns, rates, seconds):
-    usage = {}
+def peer_udp(peer, tmp, size, conns, rates, seconds):
+    """udp -> tcp through a peer; a failed attempt ends the sweep like loss
+    does, and the row says why."""
+    usage, failed = {}, []
 
     def attempt(rate, n):
         sink = free_port()
         rx = receiver(sink, n, seconds + 5)
-        c, _, udp = rsyslog(tmp, sink)
-        s = send(udp, "udp", conns, n, size, rate)
-        r = finish(rx)
-        usage[rate] = c.usage() + (n,)
-        c.stop()
+        c = None
+        try:
+            c, _, udp = PEERS[peer][1](tmp, sink)
+            s = send(udp, "udp", conns, n, size, rate, timeout=seconds + PEER_TIMEOUT_S)
+            r = finish(rx)
+            usage[rate] = c.usage() + (n,)
+        except Exception as e:
+            failed.append(f"failed at {rate}/s: {failure(e)}")
+            return 0, 0, None
+        finally:
+            if c:
+                c.stop()
+            end(rx)
         return r["unique"], s["records_per_sec"], (r, rate)
     best = sweep(rates, seconds, attempt)
     if not best:
-        return row("udp->tcp", "rsyslog", size, conns, None, 0, note="loss at the lowest rate")
+        return row("udp->tcp", peer, size, conns, None, 0, lost=None if failed else 0,
+                   note=failed[0] if failed else "loss at the lowest rate")
     r, rate = best[2]
     cpu, rss, n = usage[rate]
-    return row("udp->tcp", "rsyslog", size, conns, None, best[0], r["latency_us"], cpu, rss, n,
-               note=f"highest rate tried with <0.1% loss: {rate}")
+    return row("udp->tcp", peer, size, conns, None, best[0], r["latency_us"], cpu, rss, n,
+               note="; ".join([f"highest rate tried with <0.1% loss: {rate}"] + failed))
 
 
 # --- report -------------------------------------------------------------------
@@ -441,7 +622,8 @@ def plot(rows, out_dir):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    series = [("ceiling", None), ("rsyslog", None)] + sorted({("updraft", r["shards"]) for r in rows if r["collector"] == "updraft"})
+    series = ([("ceiling", None)] + [(p, None) for p in PEERS if any(r["collector"] == p for r in rows)]
+              + sorted({("updraft", r["shards"]) for r in rows if r["collector"] == "updraft"}))
     panels = [("TCP", [r for r in rows if r["scenario"].startswith("tcp")]),
               ("UDP, best rate at <0.1% loss", [r for r in rows if r["scenario"].startswith("udp")])]
     panels = [(t, p) for t, p in panels if p]
@@ -464,7 +646,7 @@ def plot(rows, out_dir):
         ax.set_ylabel("million records/s")
         ax.set_title(title)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Throughput per scenario, updraft beside its ceiling and rsyslog (same run)")
+    fig.suptitle("Throughput per scenario, updraft beside its ceiling and its peers (same run)")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "throughput.png"), dpi=110)
 
@@ -499,13 +681,13 @@ def main():
         with open(os.path.join(a.out, "results.json")) as f:
             plot(json.load(f)["rows"], a.out)
         return
-    have_rsyslog = shutil.which("rsyslogd") is not None
-    notes = []
-    for peer in ("fluent-bit", "vector"):
-        if not shutil.which(peer):
-            notes.append(f"{peer} is not on PATH: skipped")
-    if not have_rsyslog:
-        notes.append("rsyslogd is not installed: peer skipped")
+    notes, peers = [], []
+    for peer, (binary, _) in PEERS.items():
+        if shutil.which(binary):
+            peers.append(peer)
+        else:
+            notes.append(f"{peer} skipped: `{binary}` is not on PATH")
+            print(notes[-1], flush=True)
 
     if a.only != "all":
         sizes, conns_list, shard_list = [256], [4], [1, 2]
@@ -522,7 +704,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="updraft-bench-")
 
     def log(r):
-        print(f"  {r['scenario']:15} {r['collector']:8} {r['size']:5}B x{r['connections']} "
+        print(f"  {r['scenario']:15} {r['collector']:10} {r['size']:5}B x{r['connections']} "
               f"shards={r['shards']}: {r['records_per_sec']:>12,.0f} rec/s {r['note']}", flush=True)
         rows.append(r)
 
@@ -556,8 +738,9 @@ def main():
                     if size == 256 and conns == 4 and a.only in ("all", "http"):
                         for compression in ("none", "gzip", "zstd"):
                             log(updraft_tcp_http(tmp, size, conns, shards, n, compression))
-                if have_rsyslog and a.only == "all":
-                    log(rsyslog_tcp_forward(tmp, size, conns, n))
+                if a.only == "all":
+                    for peer in peers:
+                        log(peer_tcp_forward(peer, tmp, size, conns, n))
         if a.only != "all":
             raise StopIteration
         n = a.count or count_for(256, a.quick)
@@ -570,8 +753,8 @@ def main():
         for shards in shard_list:
             log(updraft_udp(tmp, "blackhole", 256, 4, shards, udp_rates, udp_seconds))
             log(updraft_udp(tmp, "tcp", 256, 4, shards, udp_rates, udp_seconds))
-        if have_rsyslog:
-            log(rsyslog_udp(tmp, 256, 4, udp_rates, udp_seconds))
+        for peer in peers:
+            log(peer_udp(peer, tmp, 256, 4, udp_rates, udp_seconds))
     except StopIteration:
         pass
     finally:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# End-to-end benchmark: updraft next to its ceiling and rsyslog in the same
-# run. `scripts/bench.sh --quick` takes about a minute; without it, about ten;
+# End-to-end benchmark: updraft next to its ceiling and its peers in the same
+# run: rsyslog (installed when missing), and Fluent Bit and Vector when
+# `fluent-bit` / `vector` are on PATH (each skipped with a line saying so when
+# not). `scripts/bench.sh --quick` takes about a minute; without it, about ten;
 # `--only http` or `--only disk`: 256 B x 4 connections, ceilings, memory mode
 # and that scenario, full length (a few minutes; disk beside memory as 3
 # alternating pairs, rows the median run).

@@ -25,6 +25,7 @@
 pub mod codec;
 pub mod config;
 pub mod limiter;
+pub mod logging;
 pub mod metrics;
 pub mod record;
 pub mod route;

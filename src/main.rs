@@ -53,30 +53,59 @@ fn load(config: Option<&PathBuf>) -> Result<Plan, String> {
     }
 }
 
+/// Signals that stop the collector (flushing what is batched).
+const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT];
+/// Signals a service may be sent that would otherwise kill it on the spot
+/// (their default action is to terminate): logged and ignored. SIGHUP is
+/// what logrotate and a closed terminal send; config reload is not built yet.
+const IGNORED_SIGNALS: [i32; 9] = [
+    libc::SIGHUP,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+    libc::SIGVTALRM,
+    libc::SIGPROF,
+    libc::SIGIO,
+    libc::SIGPWR,
+    libc::SIGXFSZ,
+];
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGVTALRM => "SIGVTALRM",
+        libc::SIGPROF => "SIGPROF",
+        libc::SIGIO => "SIGIO",
+        libc::SIGPWR => "SIGPWR",
+        libc::SIGXFSZ => "SIGXFSZ",
+        _ => "a signal",
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("UPDRAFT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    updraft::logging::init();
+    updraft::logging::watch_panics();
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { config } => match load(Some(&config)) {
             Ok(plan) => {
-                println!(
+                updraft::logging::print(format_args!(
                     "{}: ok ({} shards, {} sources, {} sinks)",
                     config.display(),
                     plan.shards,
                     plan.sources.len(),
                     plan.sinks.len()
-                );
+                ));
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                updraft::logging::say(format_args!("error: {e}"));
                 ExitCode::from(1)
             }
         },
@@ -88,17 +117,18 @@ fn run(config: Option<&PathBuf>) -> ExitCode {
     let plan = match load(config) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("error: {e}");
+            updraft::logging::say(format_args!("error: {e}"));
             return ExitCode::from(1);
         }
     };
-    let mut signals = match signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ]) {
+    // Installed before any thread starts, so no signal finds its default
+    // action (terminate) in place once the collector holds records.
+    let mut signals = match signal_hook::iterator::Signals::new(
+        STOP_SIGNALS.iter().chain(IGNORED_SIGNALS.iter()).copied(),
+    ) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: cannot install signal handlers: {e}");
+            updraft::logging::say(format_args!("error: cannot install signal handlers: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -106,7 +136,7 @@ fn run(config: Option<&PathBuf>) -> ExitCode {
     let running = match updraft::runtime::start(plan) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: {e}");
+            updraft::logging::say(format_args!("error: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -115,13 +145,36 @@ fn run(config: Option<&PathBuf>) -> ExitCode {
         version = env!("CARGO_PKG_VERSION"),
         "updraft running"
     );
-    let signal = signals.forever().next().unwrap_or(0);
-    tracing::info!(signal, "stopping: flushing what is batched");
+    let mut log_ignored = updraft::logging::LogEvery::ten_seconds();
+    let signal = loop {
+        let Some(signal) = signals.forever().next() else {
+            break 0;
+        };
+        if STOP_SIGNALS.contains(&signal) {
+            break signal;
+        }
+        if let Some(held) = log_ignored.ready() {
+            if signal == libc::SIGHUP {
+                tracing::info!(suppressed = held,
+                    "SIGHUP received and ignored: config reload is not supported yet (restart to apply a new config)");
+            } else {
+                tracing::info!(
+                    signal = signal_name(signal),
+                    suppressed = held,
+                    "signal received and ignored (SIGTERM, SIGINT or SIGQUIT stop the collector)"
+                );
+            }
+        }
+    };
+    tracing::info!(
+        signal = signal_name(signal),
+        "stopping: flushing what is batched"
+    );
     if running.stop() {
         tracing::info!("stopped");
         ExitCode::SUCCESS
     } else {
-        tracing::error!("shards did not drain within shutdown_timeout_ms; records still held in memory are lost");
+        tracing::error!("shards did not drain within shutdown_timeout_ms, or a task had died; records still held in memory are lost");
         ExitCode::from(3)
     }
 }

@@ -33,6 +33,17 @@ pub enum Decoded<'a> {
     Invalid { reason: &'static str },
 }
 
+/// What is left when a stream ends.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End<'a> {
+    /// Nothing: the stream ended between frames.
+    Clean,
+    /// The unterminated last line of a newline stream: a record.
+    Record(&'a [u8]),
+    /// A frame cut short: its bytes are lost (counted as `truncated`).
+    Truncated,
+}
+
 /// Cuts a byte stream into records.
 #[derive(Debug, Clone)]
 pub struct Decoder {
@@ -72,13 +83,22 @@ impl Decoder {
     }
 
     /// At end of stream: the unterminated rest of a newline stream is a last
-    /// record; a partial counted frame is not.
-    pub fn finish<'a>(&mut self, buf: &'a [u8]) -> Option<&'a [u8]> {
+    /// record; a partial counted frame is [`End::Truncated`].
+    pub fn finish<'a>(&mut self, buf: &'a [u8]) -> End<'a> {
         match self.framing {
-            Framing::Newline if !self.skipping && !buf.is_empty() => {
-                (buf.len() <= self.max_record_bytes).then_some(buf)
+            Framing::Newline | Framing::Datagram => {
+                if self.skipping || buf.is_empty() {
+                    // An oversized line was counted when it began.
+                    End::Clean
+                } else {
+                    // Longer than the limit, decode would be skipping it.
+                    debug_assert!(buf.len() <= self.max_record_bytes);
+                    End::Record(buf)
+                }
             }
-            _ => None,
+            Framing::OctetCounting if buf.iter().all(|&b| b == b'\n' || b == b'\r') => End::Clean,
+            Framing::OctetCounting | Framing::LengthPrefixed if !buf.is_empty() => End::Truncated,
+            Framing::OctetCounting | Framing::LengthPrefixed => End::Clean,
         }
     }
 
@@ -243,10 +263,22 @@ mod tests {
                 }
             }
         }
-        if let Some(r) = d.finish(&buf) {
+        if let End::Record(r) = d.finish(&buf) {
             records.push(r.to_vec());
         }
         (records, oversize, false)
+    }
+
+    #[test]
+    fn a_counted_frame_cut_short_at_the_end_is_truncated() {
+        let mut d = Decoder::new(Framing::OctetCounting, 100);
+        assert_eq!(d.finish(b"10 abc"), End::Truncated);
+        assert_eq!(d.finish(b"\n"), End::Clean);
+        let mut d = Decoder::new(Framing::LengthPrefixed, 100);
+        assert_eq!(d.finish(&[0, 0]), End::Truncated);
+        assert_eq!(d.finish(b""), End::Clean);
+        let mut d = Decoder::new(Framing::Newline, 100);
+        assert_eq!(d.finish(b"last"), End::Record(b"last"));
     }
 
     #[test]

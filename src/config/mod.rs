@@ -4,8 +4,11 @@
 //! Parsing rejects unknown keys; validation rejects bad addresses, inputs that
 //! name no source and keys that do not belong to a component's type. Every
 //! error names the key it is about (`sinks.up.batch.max_records`), because a
-//! user fixing a config file needs nothing else. Nothing here does I/O except
-//! [`Plan::from_path`] reading the file.
+//! user fixing a config file needs nothing else. Beyond reading the file, the
+//! I/O here is what a plan must check before it can work: the http sink
+//! resolves its host and reads its CA file ([`http`]), and the directories
+//! and files the collector will write are checked to exist (or be creatable)
+//! and be writable ([`Plan::check_paths`]).
 
 pub mod http;
 
@@ -23,11 +26,25 @@ pub const MAX_RECORD_BYTES_LIMIT: usize = 16 * 1024 * 1024;
 /// The most a UDP datagram (over IPv4) carries.
 pub const UDP_PAYLOAD_BYTES_MAX: usize = 65_507;
 pub const MAX_CONNECTIONS_DEFAULT: usize = 256;
+/// More connections than file descriptors a process can usually get.
+pub const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
+/// A tcp connection that sends nothing for this long is closed.
+pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 5 * 60 * 1000;
+pub const IDLE_TIMEOUT_MS_LIMIT: u64 = 24 * 3600 * 1000;
 pub const BATCH_MAX_RECORDS_DEFAULT: usize = 4096;
 pub const BATCH_MAX_BYTES_DEFAULT: usize = 1024 * 1024;
 pub const BATCH_LINGER_MS_DEFAULT: u64 = 5;
+/// A batch waits at most this long for more records.
+pub const BATCH_LINGER_MS_LIMIT: u64 = 10 * 60 * 1000;
 /// What a sink may hold in memory, over all shards, by default.
 pub const BUFFER_MAX_BYTES_DEFAULT: usize = 64 * 1024 * 1024;
+/// The most a memory buffer may hold, over all shards.
+pub const MEMORY_BUFFER_MAX_BYTES_LIMIT: usize = 64 << 30;
+/// The most a disk buffer may hold, over all shards.
+pub const DISK_BUFFER_MAX_BYTES_LIMIT: usize = 64 << 40;
+pub const SYNC_INTERVAL_MS_LIMIT: u64 = 60_000;
+pub const RETRY_BACKOFF_MS_LIMIT: u64 = 3_600_000;
+pub const SHUTDOWN_TIMEOUT_MS_LIMIT: u64 = 3_600_000;
 pub const RETRY_INITIAL_BACKOFF_MS_DEFAULT: u64 = 50;
 pub const RETRY_MAX_BACKOFF_MS_DEFAULT: u64 = 2_000;
 pub const SHUTDOWN_TIMEOUT_MS_DEFAULT: u64 = 5_000;
@@ -140,6 +157,7 @@ pub struct SourceConfig {
     pub receive_buffer_bytes: Option<usize>,
     pub utf8: Option<Utf8Policy>,
     pub rate_limit: Option<RateLimitConfig>,
+    pub idle_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -270,6 +288,8 @@ pub struct SourcePlan {
     pub receive_buffer_bytes: Option<usize>,
     pub utf8: Utf8Policy,
     pub rate_limit: Option<RateLimitPlan>,
+    /// tcp: a connection that sends nothing for this long is closed.
+    pub idle_timeout_ms: u64,
     /// Ids of the sinks that list this source in `inputs`.
     pub sinks: Vec<usize>,
 }
@@ -462,7 +482,12 @@ impl Plan {
                         "only tcp sources have connections",
                     ))
                 }
-                (_, Some(0)) => return Err(invalid(key("max_connections"), "must be at least 1")),
+                (_, Some(m)) if m == 0 || m > MAX_CONNECTIONS_LIMIT => {
+                    return Err(invalid(
+                        key("max_connections"),
+                        format!("must be between 1 and {MAX_CONNECTIONS_LIMIT}, got {m}"),
+                    ))
+                }
                 (_, m) => m.unwrap_or(MAX_CONNECTIONS_DEFAULT),
             };
             let sinks = file
@@ -485,6 +510,33 @@ impl Plan {
                     when_exceeded: r.when_exceeded.unwrap_or_default(),
                 }),
             };
+            let idle_timeout_ms = match (s.kind, s.idle_timeout_ms) {
+                (SourceKind::Udp, Some(_)) => {
+                    return Err(invalid(
+                        key("idle_timeout_ms"),
+                        "only tcp sources have connections",
+                    ))
+                }
+                (_, Some(t)) if t == 0 || t > IDLE_TIMEOUT_MS_LIMIT => {
+                    return Err(invalid(
+                        key("idle_timeout_ms"),
+                        format!("must be between 1 and {IDLE_TIMEOUT_MS_LIMIT} (24 h), got {t}"),
+                    ))
+                }
+                (_, t) => t.unwrap_or(IDLE_TIMEOUT_MS_DEFAULT),
+            };
+            if let Some(other) = sources
+                .iter()
+                .find(|o: &&SourcePlan| o.kind == s.kind && o.address == address)
+            {
+                return Err(invalid(
+                    key("address"),
+                    format!(
+                        "{address} is also the address of sources.{} (two sources cannot share a port)",
+                        other.name
+                    ),
+                ));
+            }
             sources.push(SourcePlan {
                 name: name.clone(),
                 kind: s.kind,
@@ -496,6 +548,7 @@ impl Plan {
                 receive_buffer_bytes: s.receive_buffer_bytes,
                 utf8: s.utf8.unwrap_or_default(),
                 rate_limit,
+                idle_timeout_ms,
                 sinks,
             });
         }
@@ -619,7 +672,19 @@ impl Plan {
                     .unwrap_or(BATCH_LINGER_MS_DEFAULT),
             };
             if batch.max_records == 0 || batch.max_records > u32::MAX as usize {
-                return Err(invalid(key("batch.max_records"), "must be at least 1"));
+                return Err(invalid(
+                    key("batch.max_records"),
+                    format!("must be between 1 and {}", u32::MAX),
+                ));
+            }
+            if batch.linger_ms > BATCH_LINGER_MS_LIMIT {
+                return Err(invalid(
+                    key("batch.linger_ms"),
+                    format!(
+                        "must be at most {BATCH_LINGER_MS_LIMIT} (10 minutes), got {}",
+                        batch.linger_ms
+                    ),
+                ));
             }
             if batch.max_bytes < 64 || batch.max_bytes > 256 * 1024 * 1024 {
                 return Err(invalid(
@@ -633,6 +698,20 @@ impl Plan {
                 BufferKind::Memory => BUFFER_MAX_BYTES_DEFAULT,
                 BufferKind::Disk => 4 * BUFFER_MAX_BYTES_DEFAULT,
             });
+            let buffer_limit = match kind {
+                BufferKind::Memory => MEMORY_BUFFER_MAX_BYTES_LIMIT,
+                BufferKind::Disk => DISK_BUFFER_MAX_BYTES_LIMIT,
+            };
+            if buffer_max_bytes == 0 || buffer_max_bytes > buffer_limit {
+                return Err(invalid(
+                    key("buffer.max_bytes"),
+                    format!(
+                        "must be between 1 and {buffer_limit} ({} GiB) for a {} buffer, got {buffer_max_bytes}",
+                        buffer_limit >> 30,
+                        if kind == BufferKind::Memory { "memory" } else { "disk" }
+                    ),
+                ));
+            }
             let sync_interval_ms = buf
                 .and_then(|b| b.sync_interval_ms)
                 .unwrap_or(SYNC_INTERVAL_MS_DEFAULT);
@@ -642,10 +721,12 @@ impl Plan {
                     "only a disk buffer syncs; set buffer.type = \"disk\"",
                 ));
             }
-            if sync_interval_ms == 0 {
+            if sync_interval_ms == 0 || sync_interval_ms > SYNC_INTERVAL_MS_LIMIT {
                 return Err(invalid(
                     key("buffer.sync_interval_ms"),
-                    "must be at least 1",
+                    format!(
+                        "must be between 1 and {SYNC_INTERVAL_MS_LIMIT}, got {sync_interval_ms}"
+                    ),
                 ));
             }
             let per_shard = (buffer_max_bytes / shards) as u64;
@@ -689,6 +770,12 @@ impl Plan {
                     .and_then(|r| r.max_backoff_ms)
                     .unwrap_or(RETRY_MAX_BACKOFF_MS_DEFAULT),
             };
+            if retry.max_backoff_ms > RETRY_BACKOFF_MS_LIMIT {
+                return Err(invalid(
+                    key("retry.max_backoff_ms"),
+                    format!("must be at most {RETRY_BACKOFF_MS_LIMIT} (1 h)"),
+                ));
+            }
             if retry.max_backoff_ms < retry.initial_backoff_ms {
                 return Err(invalid(
                     key("retry.max_backoff_ms"),
@@ -711,16 +798,83 @@ impl Plan {
             }
         }
 
-        Ok(Plan {
+        let shutdown_timeout_ms = file
+            .shutdown_timeout_ms
+            .unwrap_or(SHUTDOWN_TIMEOUT_MS_DEFAULT);
+        if shutdown_timeout_ms > SHUTDOWN_TIMEOUT_MS_LIMIT {
+            return Err(invalid(
+                "shutdown_timeout_ms",
+                format!("must be at most {SHUTDOWN_TIMEOUT_MS_LIMIT} (1 h)"),
+            ));
+        }
+        let plan = Plan {
             shards,
             data_dir,
-            shutdown_timeout_ms: file
-                .shutdown_timeout_ms
-                .unwrap_or(SHUTDOWN_TIMEOUT_MS_DEFAULT),
+            shutdown_timeout_ms,
             metrics_address,
             sources,
             sinks,
-        })
+        };
+        plan.check_paths()?;
+        Ok(plan)
+    }
+
+    /// Whether anything writes under `data_dir` (a disk buffer, the http
+    /// sink's dead letters): then one collector locks it at start.
+    pub fn uses_data_dir(&self) -> bool {
+        self.sinks
+            .iter()
+            .any(|s| s.buffer.kind == BufferKind::Disk || matches!(s.target, SinkTarget::Http(_)))
+    }
+
+    /// Checks what can be checked before start of the paths the collector
+    /// writes: `data_dir` (when used) and each disk buffer's directories
+    /// exist as writable directories or can be created, and each file
+    /// sink's path is a writable file or can be created in a writable
+    /// directory (a directory that does not exist yet is allowed: the file
+    /// sink retries until it appears, and says so).
+    pub fn check_paths(&self) -> Result<(), ConfigError> {
+        if self.uses_data_dir() {
+            writable_dir("data_dir", &self.data_dir)?;
+        }
+        for s in &self.sinks {
+            let key = |x: &str| format!("sinks.{}.{x}", s.name);
+            if s.buffer.kind == BufferKind::Disk {
+                writable_dir(&key("buffer"), &s.buffer.dir)?;
+                for k in 0..self.shards {
+                    writable_dir(&key("buffer"), &s.buffer.dir.join(k.to_string()))?;
+                }
+            }
+            if let SinkTarget::File { path } = &s.target {
+                match std::fs::metadata(path) {
+                    Ok(m) if m.is_dir() => {
+                        return Err(invalid(
+                            key("path"),
+                            format!("{} is a directory, not a file", path.display()),
+                        ))
+                    }
+                    Ok(_) => may_write(&key("path"), path)?,
+                    Err(_) => {
+                        let parent = match path.parent() {
+                            Some(p) if !p.as_os_str().is_empty() => p,
+                            _ => Path::new("."),
+                        };
+                        match std::fs::metadata(parent) {
+                            Ok(m) if m.is_dir() => may_write(&key("path"), parent)?,
+                            Ok(_) => {
+                                return Err(invalid(
+                                    key("path"),
+                                    format!("{} is not a directory", parent.display()),
+                                ))
+                            }
+                            Err(_) => tracing::warn!(sink = %s.name, path = %path.display(),
+                                "the file sink's directory does not exist (yet): batches wait until it does"),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The largest record any source accepts: the size a batch's payload must
@@ -732,6 +886,54 @@ impl Plan {
             .max()
             .unwrap_or(MAX_RECORD_BYTES_DEFAULT)
     }
+}
+
+/// `path` is a directory this process may write in, or does not exist and
+/// its nearest existing ancestor is one (so it can be created).
+fn writable_dir(key: &str, path: &Path) -> Result<(), ConfigError> {
+    let mut p = path;
+    loop {
+        match std::fs::metadata(p) {
+            Ok(m) if m.is_dir() => return may_write(key, p),
+            Ok(_) if p == path => {
+                return Err(invalid(
+                    key,
+                    format!("{} exists and is not a directory", p.display()),
+                ))
+            }
+            Ok(_) => {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "cannot create {}: {} is not a directory",
+                        path.display(),
+                        p.display()
+                    ),
+                ))
+            }
+            Err(_) => match p.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => p = parent,
+                _ => return may_write(key, Path::new(".")),
+            },
+        }
+    }
+}
+
+/// `access(2)`: whether this process may write `path` (a read-only file
+/// system, a directory or file it has no write permission on).
+fn may_write(key: &str, path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| invalid(key, format!("{} contains a NUL byte", path.display())))?;
+    // SAFETY: access(2) reads a NUL-terminated path that outlives the call.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(invalid(
+            key,
+            format!("{} is not writable: {e}", path.display()),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

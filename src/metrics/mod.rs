@@ -5,7 +5,10 @@
 //! never touch each other's cache lines. The exporter thread reads every
 //! shard's counters on a scrape, sums them per source and sink, and renders
 //! Prometheus text with `prometheus-client`. It serves `/metrics`, `/health`
-//! and `/ready` with `tiny_http` on a thread of its own, off the hot path.
+//! and `/ready` from one thread of its own, off the hot path, with bounded
+//! connections, request size and time ([`server`]).
+
+mod server;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -74,10 +77,13 @@ pub enum DropReason {
     NoSink,
     /// Over the source's `rate_limit` (with `when_exceeded = "drop"`, or UDP).
     RateLimit,
+    /// A counted frame (octet counting, length prefix) cut short by the end
+    /// of its connection.
+    Truncated,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::Oversize,
         DropReason::Framing,
         DropReason::InvalidUtf8,
@@ -86,6 +92,7 @@ impl DropReason {
         DropReason::ReceiveBuffer,
         DropReason::NoSink,
         DropReason::RateLimit,
+        DropReason::Truncated,
     ];
 
     pub fn label(self) -> &'static str {
@@ -98,6 +105,7 @@ impl DropReason {
             DropReason::ReceiveBuffer => "receive_buffer",
             DropReason::NoSink => "no_sink",
             DropReason::RateLimit => "rate_limit",
+            DropReason::Truncated => "truncated",
         }
     }
 }
@@ -112,6 +120,11 @@ pub struct SourceCounters {
     pub connections_accepted: Counter,
     pub connections_rejected: Counter,
     pub connections_open: Gauge,
+    /// Connections closed because they sent nothing for `idle_timeout_ms`.
+    pub connections_idle_closed: Counter,
+    /// Idle connections closed to make room for a new one at
+    /// `max_connections`.
+    pub connections_evicted: Counter,
 }
 
 impl SourceCounters {
@@ -161,6 +174,10 @@ pub struct SinkCounters {
     pub wal_write_errors: Counter,
     pub wal_damaged_frames: Counter,
     pub wal_damaged_segments: Counter,
+    /// Disk buffer: segments whose torn tail (a write cut short) was
+    /// truncated at start, and the bytes cut.
+    pub wal_torn_tails: Counter,
+    pub wal_torn_bytes: Counter,
     pub wal_replayed_batches: Counter,
     /// Disk buffer: batches the sender read back from a segment (the rest
     /// were sent from the frame the writer kept in memory).
@@ -341,6 +358,20 @@ impl Collector for Exposition {
         )?;
         family(
             &mut enc,
+            "source_connections_idle_closed",
+            "TCP connections closed because they sent nothing for idle_timeout_ms.",
+            MetricType::Counter,
+            source_counter(|c| c.connections_idle_closed.get()),
+        )?;
+        family(
+            &mut enc,
+            "source_connections_evicted",
+            "Idle TCP connections closed to make room for a new one at max_connections.",
+            MetricType::Counter,
+            source_counter(|c| c.connections_evicted.get()),
+        )?;
+        family(
+            &mut enc,
             "source_connections_open",
             "TCP connections open now.",
             MetricType::Gauge,
@@ -495,6 +526,20 @@ impl Collector for Exposition {
         )?;
         family(
             &mut enc,
+            "sink_wal_torn_tails",
+            "Disk buffer: segments whose torn tail (a write cut short by a crash) was truncated at start; the records in it are lost.",
+            MetricType::Counter,
+            sink_counter(|c| c.wal_torn_tails.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_wal_torn_bytes",
+            "Disk buffer: bytes of torn tails truncated at start.",
+            MetricType::Counter,
+            sink_counter(|c| c.wal_torn_bytes.get() as i64),
+        )?;
+        family(
+            &mut enc,
             "sink_wal_replayed_batches",
             "Disk buffer: batches found after the checkpoint at start.",
             MetricType::Counter,
@@ -617,6 +662,13 @@ impl Collector for Exposition {
                 )
             }),
         )?;
+        family(
+            &mut enc,
+            "task_failures",
+            "Tasks that died (a panic) since start; /ready answers 503 once one has.",
+            MetricType::Counter,
+            [(Vec::new(), ConstCounter::new(crate::logging::panics()))],
+        )?;
         #[cfg(feature = "count-alloc")]
         {
             let (allocations, bytes) = crate::alloc_count::totals();
@@ -639,31 +691,37 @@ impl Collector for Exposition {
     }
 }
 
-/// Serves `/metrics`, `/health` and `/ready` on `address` from a thread of
-/// its own. Binding happens before this returns, so a bad address fails start.
+/// Serves `/metrics`, `/health` and `/ready` on `address` from one thread
+/// ([`server`]). Binding happens before this returns, so a bad address fails
+/// start.
 pub fn serve(address: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let server = tiny_http::Server::http(address).map_err(std::io::Error::other)?;
+    let listener = std::net::TcpListener::bind(address)?;
     std::thread::Builder::new()
         .name("updraft-metrics".into())
-        .spawn(move || {
-            for request in server.incoming_requests() {
-                let path = request.url().split('?').next().unwrap_or("");
-                let (status, body, ctype) = match path {
-                    "/metrics" => (200, metrics.render(), "text/plain; version=0.0.4"),
-                    "/health" => (200, "ok\n".to_string(), "text/plain"),
-                    "/ready" if metrics.ready.load(Relaxed) => {
-                        (200, "ready\n".to_string(), "text/plain")
-                    }
-                    "/ready" => (503, "starting\n".to_string(), "text/plain"),
-                    _ => (404, "not found\n".to_string(), "text/plain"),
-                };
-                let header = tiny_http::Header::from_bytes("Content-Type", ctype)
-                    .expect("static header is valid");
-                let response = tiny_http::Response::from_string(body)
-                    .with_status_code(status)
-                    .with_header(header);
-                let _ = request.respond(response);
-            }
-        })?;
+        .spawn(move || server::run(listener, |path| answer(&metrics, path)))?;
     Ok(())
+}
+
+/// The answer to a GET of `path`: status, content type, body.
+fn answer(metrics: &Arc<Metrics>, path: &str) -> (u16, &'static str, String) {
+    let text = "text/plain";
+    match path {
+        "/metrics" => (200, "text/plain; version=0.0.4", metrics.render()),
+        "/health" => (200, text, "ok\n".to_string()),
+        "/ready" => {
+            let died = crate::logging::panics();
+            if died > 0 {
+                (
+                    503,
+                    text,
+                    format!("failed: {died} task(s) died; see the log\n"),
+                )
+            } else if metrics.ready.load(Relaxed) {
+                (200, text, "ready\n".to_string())
+            } else {
+                (503, text, "starting\n".to_string())
+            }
+        }
+        _ => (404, text, "not found\n".to_string()),
+    }
 }

@@ -2,9 +2,12 @@
 //!
 //! This is the only module that starts threads. [`start`] checks that
 //! io_uring can be set up (and says exactly what to check when it cannot),
-//! binds every source's sockets up front (so a taken port fails the start, not
-//! a shard), builds the ring mesh and starts one pinned thread per shard, each
-//! running its own tokio-uring runtime. [`Running::stop`] tells every shard to
+//! locks `data_dir` (one collector per directory: [`lock_data_dir`]),
+//! refuses a source port another process listens on, binds every source's
+//! sockets up front (so a taken port fails the start, not a shard), recovers
+//! every disk buffer (a log that cannot be read fails the start with its
+//! path), builds the ring mesh and starts one pinned thread per shard, each
+//! running its own tokio-uring runtime; `/ready` turns true only then. [`Running::stop`] tells every shard to
 //! stop and waits, up to `shutdown_timeout_ms`, for them to drain.
 
 pub mod shard;
@@ -40,6 +43,109 @@ pub enum StartError {
     },
     #[error("cannot start shard thread {shard}: {error}")]
     Thread { shard: usize, error: std::io::Error },
+    #[error("data_dir {path}: another updraft uses it{holder} (lock file {lock}); give each collector its own data_dir")]
+    Locked {
+        path: std::path::PathBuf,
+        lock: std::path::PathBuf,
+        /// ` (pid N)` when the lock file names the holder.
+        holder: String,
+    },
+    #[error("data_dir {path}: {error}")]
+    DataDir {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    #[error("sources.{source_name}.address: {address} ({kind}) is already in use by another process; two collectors must not share a port")]
+    PortTaken {
+        source_name: String,
+        address: std::net::SocketAddr,
+        kind: &'static str,
+    },
+    #[error("sinks.{sink}: cannot open the disk buffer: {error}")]
+    Recovery { sink: String, error: std::io::Error },
+}
+
+/// The lock file in `data_dir` that one collector holds for its life.
+pub const LOCK_FILE: &str = "updraft.lock";
+
+/// Takes an exclusive `flock` on `data_dir/updraft.lock` (creating
+/// `data_dir`), and writes this process's PID in it. The lock lasts as long
+/// as the returned file is open, that is, the process's life; the kernel
+/// drops it when the process dies, however it dies.
+pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    let data_dir_error = |error| StartError::DataDir {
+        path: dir.to_owned(),
+        error,
+    };
+    std::fs::create_dir_all(dir).map_err(data_dir_error)?;
+    let lock = dir.join(LOCK_FILE);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock)
+        .map_err(data_dir_error)?;
+    // SAFETY: flock on a descriptor this File owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(data_dir_error(e));
+        }
+        let mut text = String::new();
+        let _ = f.read_to_string(&mut text);
+        let holder = match text.trim().parse::<u32>() {
+            Ok(pid) => format!(" (pid {pid})"),
+            Err(_) => String::new(),
+        };
+        return Err(StartError::Locked {
+            path: dir.to_owned(),
+            lock,
+            holder,
+        });
+    }
+    let written = f
+        .set_len(0)
+        .and_then(|_| f.rewind())
+        .and_then(|_| writeln!(f, "{}", std::process::id()));
+    written.map_err(data_dir_error)?;
+    Ok(f)
+}
+
+/// Fails when another process already has `src`'s port: a socket bound
+/// without `SO_REUSEPORT` cannot share the port, so this bind fails where
+/// another collector (or anything else) listens on it. Closed at once; the
+/// shards' sockets are bound with `SO_REUSEPORT` after it.
+fn check_port_free(src: &crate::config::SourcePlan) -> Result<(), StartError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    if src.address.port() == 0 {
+        return Ok(());
+    }
+    let (ty, proto, kind) = match src.kind {
+        SourceKind::Tcp => (Type::STREAM, Protocol::TCP, "tcp"),
+        SourceKind::Udp => (Type::DGRAM, Protocol::UDP, "udp"),
+    };
+    let bind_error = |error| StartError::Bind {
+        source_name: src.name.clone(),
+        address: src.address,
+        error,
+    };
+    let s = Socket::new(Domain::for_address(src.address), ty, Some(proto)).map_err(bind_error)?;
+    if src.kind == SourceKind::Tcp {
+        // TIME_WAIT leftovers of an earlier run are no conflict; a listener is.
+        s.set_reuse_address(true).map_err(bind_error)?;
+    }
+    match s.bind(&src.address.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => Err(StartError::PortTaken {
+            source_name: src.name.clone(),
+            address: src.address,
+            kind,
+        }),
+        Err(e) => Err(bind_error(e)),
+    }
 }
 
 /// What the shards share to stop in order.
@@ -77,6 +183,22 @@ pub fn probe_uring() -> Result<(), StartError> {
     }
 }
 
+/// Raises the open-file limit to its hard limit: every connection, segment
+/// and socket is a descriptor, and the usual soft limit (1024) is below
+/// what `max_connections` allows.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                tracing::debug!("could not raise the open-file limit");
+            }
+        }
+    }
+}
+
 /// The CPUs this process may run on, in order.
 fn allowed_cpus() -> Vec<usize> {
     // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it.
@@ -109,13 +231,24 @@ pub struct Running {
     shards: usize,
     timeout: Duration,
     pub metrics: Arc<Metrics>,
+    /// The `data_dir` lock, held until the process exits.
+    _lock: Option<std::fs::File>,
 }
 
 /// Starts the collector described by `plan`.
 pub fn start(plan: Plan) -> Result<Running, StartError> {
     probe_uring()?;
+    raise_fd_limit();
+    let lock = if plan.uses_data_dir() {
+        Some(lock_data_dir(&plan.data_dir)?)
+    } else {
+        None
+    };
     let plan = Arc::new(plan);
     let n = plan.shards;
+    for src in &plan.sources {
+        check_port_free(src)?;
+    }
 
     // Bind everything before any thread starts: errors name the source.
     let mut sockets: Vec<Vec<BoundSocket>> = (0..n).map(|_| Vec::new()).collect();
@@ -134,6 +267,10 @@ pub fn start(plan: Plan) -> Result<Running, StartError> {
             tracing::info!(source = %src.name, address = %src.address, shards = n, framing = ?src.framing, "listening (tcp)");
         }
     }
+
+    // Every disk buffer's log, read and mended before anything is served.
+    let recovered = crate::wal::driver::recover_all(&plan)
+        .map_err(|(sink, error)| StartError::Recovery { sink, error })?;
 
     let metrics = Arc::new(Metrics::new(
         plan.sources.iter().map(|s| s.name.clone()).collect(),
@@ -159,7 +296,7 @@ pub fn start(plan: Plan) -> Result<Running, StartError> {
     let cpus = allowed_cpus();
     let (done_tx, done) = mpsc::channel();
     let ends = Mesh::build(n);
-    for (ends, shard_sockets) in ends.into_iter().zip(sockets) {
+    for ((ends, shard_sockets), recovered) in ends.into_iter().zip(sockets).zip(recovered) {
         let k = ends.shard;
         let plan = plan.clone();
         let shard_metrics = metrics.shards[k].clone();
@@ -184,6 +321,7 @@ pub fn start(plan: Plan) -> Result<Running, StartError> {
                             shard_metrics,
                             life,
                             connections,
+                            recovered,
                         ));
                         shard
                             .run(move |s| crate::sources::start(s, shard_sockets))
@@ -200,12 +338,14 @@ pub fn start(plan: Plan) -> Result<Running, StartError> {
         shards: n,
         timeout: Duration::from_millis(plan.shutdown_timeout_ms),
         metrics,
+        _lock: lock,
     })
 }
 
 impl Running {
     /// Tells every shard to stop and waits for them to drain. Returns false
-    /// when the timeout passed first.
+    /// when the timeout passed first, or when a task had died (what it held
+    /// is lost).
     pub fn stop(self) -> bool {
         self.life.stopping.store(true, Ordering::Release);
         for n in &self.life.stop {
@@ -220,6 +360,6 @@ impl Running {
                 Err(_) => return false,
             }
         }
-        true
+        crate::logging::panics() == 0
     }
 }

@@ -78,6 +78,8 @@ pub struct Shard {
     sources_changed: Notify,
     /// Signalled once when the shard begins to stop.
     pub stop_sources: Notify,
+    /// Each disk buffer's log as recovered at start, until its sender takes it.
+    recovered: RefCell<Vec<Option<crate::wal::recovery::Recovery>>>,
 }
 
 impl Shard {
@@ -87,6 +89,7 @@ impl Shard {
         metrics: Arc<ShardMetrics>,
         life: Arc<Lifecycle>,
         connections: Arc<Vec<AtomicUsize>>,
+        recovered: Vec<Option<crate::wal::recovery::Recovery>>,
     ) -> Shard {
         let id = ends.shard;
         let shards = plan.shards;
@@ -150,6 +153,7 @@ impl Shard {
             active_sources: Cell::new(0),
             sources_changed: Notify::new(),
             stop_sources: Notify::new(),
+            recovered: RefCell::new(recovered),
             clock: quanta::Clock::new(),
             clock_base: Cell::new(None),
             rates: plan
@@ -472,7 +476,12 @@ impl Shard {
     pub async fn run(self: Rc<Self>, start_sources: impl FnOnce(&Rc<Shard>)) {
         let mut senders = Vec::new();
         for q in &self.sinks {
-            senders.push(crate::sinks::spawn_sender(self.clone(), q.clone()));
+            let rec = self
+                .recovered
+                .borrow_mut()
+                .get_mut(q.sink)
+                .and_then(Option::take);
+            senders.push(crate::sinks::spawn_sender(self.clone(), q.clone(), rec));
             let q2 = q.clone();
             tokio_uring::spawn(async move { q2.linger().await });
         }

@@ -5,7 +5,8 @@
 //! open or write (a missing directory, a full disk) is retried with backoff;
 //! the batch is kept until it is written.
 
-use super::util::{Backoff, LogEvery};
+use super::util::Backoff;
+use crate::logging::LogEvery;
 use crate::runtime::shard::Shard;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -41,11 +42,28 @@ impl FileOutput {
     }
 
     /// Appends `buf` whole, opening and retrying until it is written; gives
-    /// the buffer back.
-    pub async fn deliver<B: BoundedBuf>(&mut self, shard: &Shard, mut buf: B) -> B {
+    /// the buffer back (`Ok`). With `give_up` (shutdown), no open or write
+    /// starts after that instant (`Err`, unsent); one that started finishes.
+    pub async fn deliver<B: BoundedBuf>(
+        &mut self,
+        shard: &Shard,
+        mut buf: B,
+        give_up: Option<tokio::time::Instant>,
+    ) -> Result<B, B> {
         let name = shard.plan.sinks[self.sink].name.as_str();
         let counters = &shard.metrics.sinks[self.sink];
+        let pause = |delay: Duration| async move {
+            match give_up {
+                Some(t) => {
+                    tokio::time::sleep_until(t.min(tokio::time::Instant::now() + delay)).await
+                }
+                None => tokio::time::sleep(delay).await,
+            }
+        };
         loop {
+            if give_up.is_some_and(|t| tokio::time::Instant::now() >= t) {
+                return Err(buf);
+            }
             let Some(f) = self.file.as_ref() else {
                 match open(&self.path).await {
                     Ok(f) => {
@@ -58,11 +76,9 @@ impl FileOutput {
                             tracing::warn!(sink = name, path = %self.path.display(), error = %e,
                                 suppressed = held, "cannot open the sink's file; batches wait");
                         }
-                        counters
-                            .retry_backoff_ms
-                            .set(self.backoff.ceiling_ms() as i64);
                         let delay = self.backoff.next_delay();
-                        tokio::time::sleep(delay).await;
+                        counters.retry_backoff_ms.set(delay.as_millis() as i64);
+                        pause(delay).await;
                         counters.retries.add(1);
                     }
                 }
@@ -75,7 +91,7 @@ impl FileOutput {
                 Ok(()) => {
                     self.backoff.reset();
                     counters.retry_backoff_ms.set(0);
-                    return buf;
+                    return Ok(buf);
                 }
                 Err(e) => {
                     counters.send_errors.add(1);
@@ -88,7 +104,7 @@ impl FileOutput {
                     counters.connected.set(0);
                     let delay = self.backoff.next_delay();
                     counters.retry_backoff_ms.set(delay.as_millis() as i64);
-                    tokio::time::sleep(delay).await;
+                    pause(delay).await;
                     counters.retries.add(1);
                 }
             }

@@ -152,11 +152,28 @@ impl SinkQueue {
         st.sealed.is_empty() && !st.builder.is_open()
     }
 
+    /// Seals the open batch if it has lingered and nothing is queued: the
+    /// sender asks for work, and that batch is due. (While batches are
+    /// queued, a lingered batch goes on filling instead of being sealed
+    /// part-full: it could not leave sooner, and the queue's budget, counted
+    /// in batches, stays a budget of full batches.)
+    fn seal_lingered(&self, st: &mut QueueState) {
+        if st.sealed.is_empty()
+            && st
+                .builder
+                .deadline()
+                .is_some_and(|d| tokio::time::Instant::now() >= d)
+        {
+            self.seal(st);
+        }
+    }
+
     /// The next sealed batch, waiting for one; `None` once closed and empty.
     pub async fn next(&self) -> Option<Batch> {
         loop {
             {
                 let mut st = self.state.borrow_mut();
+                self.seal_lingered(&mut st);
                 if let Some(b) = st.sealed.pop_front() {
                     self.counters().queued_batches.set(st.sealed.len() as i64);
                     drop(st);
@@ -174,6 +191,7 @@ impl SinkQueue {
     /// The next sealed batch if one is queued, without waiting.
     pub fn try_next(&self) -> Option<Batch> {
         let mut st = self.state.borrow_mut();
+        self.seal_lingered(&mut st);
         let b = st.sealed.pop_front()?;
         self.counters().queued_batches.set(st.sealed.len() as i64);
         drop(st);
@@ -181,19 +199,29 @@ impl SinkQueue {
         Some(b)
     }
 
-    /// Seals each batch once it has lingered `batch.linger_ms`. Runs until
-    /// the queue closes.
+    /// Seals each batch once it has lingered `batch.linger_ms`, unless
+    /// sealed batches are waiting (the sender is behind: the open batch goes
+    /// on filling and the sender seals it when it asks for the next one).
+    /// Runs until the queue closes.
     pub async fn linger(&self) {
         loop {
-            let deadline = {
+            let (deadline, queued) = {
                 let st = self.state.borrow();
                 if st.closed {
                     return;
                 }
-                st.builder.deadline()
+                (st.builder.deadline(), !st.sealed.is_empty())
             };
             match deadline {
                 None => self.opened.notified().await,
+                Some(d) if queued && tokio::time::Instant::now() >= d => {
+                    let left = self.space.notified();
+                    tokio::pin!(left);
+                    left.as_mut().enable();
+                    if !self.state.borrow().sealed.is_empty() {
+                        left.await;
+                    }
+                }
                 Some(d) if tokio::time::Instant::now() >= d => {
                     if !self.seal_open() {
                         // The queue is full: try again a linger later.
@@ -234,13 +262,19 @@ impl Output {
     }
 
     /// Delivers newline-delimited records, retrying until they are taken;
-    /// gives the buffer back.
-    pub async fn deliver<B: tokio_uring::buf::BoundedBuf>(&mut self, shard: &Shard, buf: B) -> B {
+    /// gives the buffer back (`Ok`). With `give_up`, no attempt starts after
+    /// it (`Err`: not delivered); an attempt under way is never cut off.
+    pub async fn deliver<B: tokio_uring::buf::BoundedBuf>(
+        &mut self,
+        shard: &Shard,
+        buf: B,
+        give_up: Option<tokio::time::Instant>,
+    ) -> Result<B, B> {
         match self {
-            Output::Tcp(o) => o.deliver(shard, buf).await,
-            Output::File(o) => o.deliver(shard, buf).await,
+            Output::Tcp(o) => o.deliver(shard, buf, give_up).await,
+            Output::File(o) => o.deliver(shard, buf, give_up).await,
             Output::Http(_) => unreachable!("an http output takes batches through submit"),
-            Output::Blackhole => buf,
+            Output::Blackhole => Ok(buf),
         }
     }
 
@@ -275,7 +309,9 @@ async fn run_memory(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
         // The records as they lie in the batch's (aligned) buffer.
         let buf = FrameBuf(std::mem::take(&mut batch.payload).into_buffer());
         let end = HEADROOM + bytes;
-        let buf = out.deliver(&shard, buf.slice(HEADROOM..end)).await;
+        // A memory buffer holds nothing after the process: keep trying until
+        // the shutdown timeout ends the process.
+        let (Ok(buf) | Err(buf)) = out.deliver(&shard, buf.slice(HEADROOM..end), None).await;
         batch.payload = Payload::from_buffer(buf.into_inner().0);
         counters.records.add(batch.len() as u64);
         counters.bytes.add(bytes as u64);
@@ -285,12 +321,20 @@ async fn run_memory(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
     out.close(&shard).await;
 }
 
-/// Starts the sender of one sink on a shard.
-pub fn spawn_sender(shard: Rc<Shard>, queue: Rc<SinkQueue>) -> tokio::task::JoinHandle<()> {
-    match shard.plan.sinks[queue.sink].buffer.kind {
-        crate::config::BufferKind::Memory => tokio_uring::spawn(run_memory(shard, queue)),
-        crate::config::BufferKind::Disk => {
-            tokio_uring::spawn(crate::wal::driver::run(shard, queue))
+/// Starts the sender of one sink on a shard; a disk buffer starts from what
+/// recovery found in its log (`rec`).
+pub fn spawn_sender(
+    shard: Rc<Shard>,
+    queue: Rc<SinkQueue>,
+    rec: Option<crate::wal::recovery::Recovery>,
+) -> tokio::task::JoinHandle<()> {
+    match (shard.plan.sinks[queue.sink].buffer.kind, rec) {
+        (crate::config::BufferKind::Disk, Some(rec)) => {
+            tokio_uring::spawn(crate::wal::driver::run(shard, queue, rec))
         }
+        (crate::config::BufferKind::Disk, None) => {
+            unreachable!("a disk buffer is recovered before its shard starts")
+        }
+        (crate::config::BufferKind::Memory, _) => tokio_uring::spawn(run_memory(shard, queue)),
     }
 }

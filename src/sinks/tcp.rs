@@ -13,7 +13,8 @@
 //! not read when it *crashed* is lost with it: plain TCP carries no
 //! acknowledgement (the write-ahead log and acknowledged sinks address that).
 
-use super::util::{Backoff, LogEvery};
+use super::util::Backoff;
+use crate::logging::LogEvery;
 use crate::runtime::shard::Shard;
 use std::cell::Cell;
 use std::net::{Shutdown, SocketAddr};
@@ -90,19 +91,49 @@ impl TcpOutput {
     }
 
     /// Writes `buf` whole, connecting and retrying until it is written;
-    /// gives the buffer back.
-    pub async fn deliver<B: BoundedBuf>(&mut self, shard: &Shard, mut buf: B) -> B {
+    /// gives the buffer back (`Ok`). With `give_up` (shutdown), no connect
+    /// or write starts after that instant and the buffer comes back as
+    /// `Err`, unsent; a write that has started is never cut off, so the
+    /// peer never sees a torn batch.
+    pub async fn deliver<B: BoundedBuf>(
+        &mut self,
+        shard: &Shard,
+        mut buf: B,
+        give_up: Option<tokio::time::Instant>,
+    ) -> Result<B, B> {
         let name = shard.plan.sinks[self.sink].name.as_str();
         let counters = &shard.metrics.sinks[self.sink];
         let address = self.address;
+        let past =
+            |t: Option<tokio::time::Instant>| t.is_some_and(|t| tokio::time::Instant::now() >= t);
+        // Sleeps for a backoff, but not past `give_up`.
+        let pause = |delay: Duration| async move {
+            match give_up {
+                Some(t) => {
+                    tokio::time::sleep_until(t.min(tokio::time::Instant::now() + delay)).await
+                }
+                None => tokio::time::sleep(delay).await,
+            }
+        };
         loop {
+            if past(give_up) {
+                return Err(buf);
+            }
             if self.conn.as_ref().is_some_and(|c| c.peer_closed.get()) {
                 tracing::info!(sink = name, peer = %address, shard = self.shard, "peer closed the connection; reconnecting");
                 self.conn.take().expect("checked above").close(true);
                 counters.connected.set(0);
             }
             let Some(c) = self.conn.as_ref() else {
-                match TcpStream::connect(address).await {
+                let connect = TcpStream::connect(address);
+                let connected = match give_up {
+                    Some(t) => match tokio::time::timeout_at(t, connect).await {
+                        Ok(r) => r,
+                        Err(_) => return Err(buf),
+                    },
+                    None => connect.await,
+                };
+                match connected {
                     Ok(stream) => {
                         let _ = stream.set_nodelay(true);
                         if let Some(t) = self.down_since.take() {
@@ -119,11 +150,9 @@ impl TcpOutput {
                             tracing::warn!(sink = name, peer = %address, shard = self.shard, error = %e,
                                 suppressed = held, "cannot connect; batches wait in the sink's buffer");
                         }
-                        counters
-                            .retry_backoff_ms
-                            .set(self.backoff.ceiling_ms() as i64);
                         let delay = self.backoff.next_delay();
-                        tokio::time::sleep(delay).await;
+                        counters.retry_backoff_ms.set(delay.as_millis() as i64);
+                        pause(delay).await;
                         counters.retries.add(1);
                     }
                 }
@@ -135,7 +164,7 @@ impl TcpOutput {
                 Ok(()) => {
                     self.backoff.reset();
                     counters.retry_backoff_ms.set(0);
-                    return buf;
+                    return Ok(buf);
                 }
                 Err(e) => {
                     counters.send_errors.add(1);
@@ -148,7 +177,7 @@ impl TcpOutput {
                     self.conn.take().expect("in use above").close(false);
                     let delay = self.backoff.next_delay();
                     counters.retry_backoff_ms.set(delay.as_millis() as i64);
-                    tokio::time::sleep(delay).await;
+                    pause(delay).await;
                     counters.retries.add(1);
                 }
             }

@@ -11,10 +11,10 @@
 
 use crate::codec::datagram_record;
 use crate::config::{PartitionBy, Utf8Policy};
+use crate::logging::LogEvery;
 use crate::metrics::DropReason;
 use crate::route::{owner, peer_key};
 use crate::runtime::shard::Shard;
-use crate::sinks::util::LogEvery;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;

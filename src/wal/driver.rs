@@ -32,10 +32,11 @@ use super::format::{self, frame_bytes, CheckpointSlot, FRAME_HEADER_BYTES};
 use super::machine::{Append, BatchId, Full, Log, LogConfig};
 use super::recovery;
 use crate::config::WhenFull;
+use crate::logging::LogEvery;
 use crate::metrics::SinkCounters;
 use crate::record::FrameBuf;
 use crate::runtime::shard::Shard;
-use crate::sinks::util::{Backoff, LogEvery};
+use crate::sinks::util::Backoff;
 use crate::sinks::{Output, SinkQueue};
 use rkyv::util::AlignedVec;
 use std::cell::{Cell, RefCell};
@@ -100,7 +101,8 @@ struct Wal {
     /// since: retired segments are deleted, not kept as spares.
     disk_trouble: Cell<bool>,
     checkpoint_file: File,
-    /// Written, waiting for a sync (archive lengths, in log order).
+    /// Written, waiting for a sync, with each batch's record count (in log
+    /// order).
     written: RefCell<VecDeque<(Durable, u32)>>,
     /// Durable, waiting for the sender.
     to_send: RefCell<VecDeque<Durable>>,
@@ -161,28 +163,17 @@ async fn wait_until(notify: &Notify, ready: impl Fn() -> bool) {
 
 /// Runs the disk buffer of one sink on one shard until its queue closes and
 /// what it holds is synced (and, if the sink takes it in time, delivered).
-pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
+/// `rec` is what [`recovery::recover`] found at start, before the shards ran.
+pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>, rec: recovery::Recovery) {
     let sink = queue.sink;
     let plan = &shard.plan.sinks[sink];
     let dir = plan.buffer.dir.join(shard.id.to_string());
-    let cfg = LogConfig {
-        segment_bytes: plan.buffer.segment_bytes,
-        max_bytes: (plan.buffer.max_bytes / shard.shards) as u64,
-        sync_bytes: plan.buffer.sync_bytes,
-    };
-    let rec = loop {
-        match recovery::recover(&dir, cfg, &plan.name, shard.id) {
-            Ok(r) => break r,
-            Err(e) => {
-                tracing::error!(sink = %plan.name, dir = %dir.display(), error = %e,
-                    "cannot open the disk buffer; retrying in 1 s");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    };
+    let cfg = log_config(plan, shard.shards);
     let counters = &shard.metrics.sinks[sink];
     counters.wal_damaged_frames.add(rec.bad_frames);
     counters.wal_damaged_segments.add(rec.damaged_segments);
+    counters.wal_torn_tails.add(rec.torn_tails);
+    counters.wal_torn_bytes.add(rec.torn_bytes);
     counters.wal_replayed_batches.add(rec.replay.len() as u64);
     let mut files = HashMap::new();
     for id in &rec.segments {
@@ -285,6 +276,48 @@ pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
     wal.wake_keeper.notify_one();
     let _ = syncer.await;
     let _ = keeper.await;
+}
+
+/// The log's limits for one sink on one shard.
+pub fn log_config(plan: &crate::config::SinkPlan, shards: usize) -> LogConfig {
+    LogConfig {
+        segment_bytes: plan.buffer.segment_bytes,
+        max_bytes: (plan.buffer.max_bytes / shards) as u64,
+        sync_bytes: plan.buffer.sync_bytes,
+    }
+}
+
+/// Opens every disk buffer of `plan` (all sinks, all shards) before the
+/// shards start, one thread per shard: what a crash left is mended, and a
+/// log that cannot be read fails the start with its path named (rather than
+/// a shard retrying it forever while its records wait).
+pub fn recover_all(
+    plan: &crate::config::Plan,
+) -> Result<Vec<Vec<Option<recovery::Recovery>>>, (String, std::io::Error)> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..plan.shards)
+            .map(|k| {
+                scope.spawn(move || {
+                    plan.sinks
+                        .iter()
+                        .map(|s| {
+                            if s.buffer.kind != crate::config::BufferKind::Disk {
+                                return Ok(None);
+                            }
+                            let dir = s.buffer.dir.join(k.to_string());
+                            recovery::recover(&dir, log_config(s, plan.shards), &s.name, k)
+                                .map(Some)
+                                .map_err(|e| (s.name.clone(), e))
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("recovery does not panic"))
+            .collect()
+    })
 }
 
 /// A batch archived in its frame, waiting to be written.
@@ -585,9 +618,6 @@ async fn write_frames(
     (n, None, bufs)
 }
 
-/// Retired segment files kept for reuse at most, per sink and shard.
-pub const SPARE_SEGMENTS: usize = 2;
-
 fn header_block(id: u64, nonce: u32, reused: bool) -> FrameBuf {
     let mut header = FrameBuf::with_capacity(format::SEGMENT_HEADER_BYTES);
     header
@@ -817,7 +847,7 @@ async fn delete_segments(shard: &Shard, wal: &Wal, delete: Vec<u64>, recycle: bo
         let path = wal.segment_path(id);
         let spares = wal.spares.borrow().len() as u64;
         let room = wal.log.borrow().bytes() + (spares + 2) * wal.segment_bytes <= wal.max_bytes;
-        if recycle && !wal.disk_trouble.get() && spares < SPARE_SEGMENTS as u64 && room {
+        if recycle && !wal.disk_trouble.get() && spares < format::SPARE_SEGMENTS as u64 && room {
             let spare = wal.dir.join(format::spare_file_name(id));
             match tokio_uring::fs::rename(&path, &spare).await {
                 Ok(()) => {
@@ -847,6 +877,7 @@ async fn sender(shard: Rc<Shard>, wal: Rc<Wal>) {
     let mut buf = FrameBuf(shard.new_payload().into_buffer());
     let mut backoff = Backoff::new(plan.retry);
     let give_up = Duration::from_millis(shard.plan.shutdown_timeout_ms / 2);
+    let mut give_up_at: Option<tokio::time::Instant> = None;
     loop {
         let next = wal.to_send.borrow_mut().pop_front();
         let Some(d) = next else {
@@ -943,23 +974,21 @@ async fn sender(shard: Rc<Shard>, wal: Rc<Wal>) {
         let p = a.payload.as_slice();
         let start = p.as_ptr() as usize - buf.0.as_ptr() as usize;
         let (start, end, records) = (start, start + p.len(), a.entries.len());
+        // Stopping: no new write starts after the give-up time; one under
+        // way finishes (a write cut off would tear the batch upstream).
+        if give_up_at.is_none() && shard.stopping.get() && wal.writer_done.get() {
+            give_up_at = Some(tokio::time::Instant::now() + give_up);
+        }
         // The payload is sent as it lies in the read buffer.
-        let delivery = out.deliver(&shard, buf.slice(start..end));
-        let stopping = shard.stopping.get() && wal.writer_done.get();
-        let slice = if stopping {
-            match tokio::time::timeout(give_up, delivery).await {
-                Ok(s) => s,
-                Err(_) => {
-                    tracing::warn!(sink = %plan.name, shard = shard.id,
-                        "the sink did not take the disk buffer before shutdown; it is kept and replayed at the next start");
-                    buf = FrameBuf(AlignedVec::new());
-                    break;
-                }
+        match out.deliver(&shard, buf.slice(start..end), give_up_at).await {
+            Ok(slice) => buf = slice.into_inner(),
+            Err(_) => {
+                tracing::warn!(sink = %plan.name, shard = shard.id,
+                    "the sink did not take the disk buffer before shutdown; it is kept and replayed at the next start");
+                buf = FrameBuf(AlignedVec::new());
+                break;
             }
-        } else {
-            delivery.await
-        };
-        buf = slice.into_inner();
+        }
         counters.records.add(records as u64);
         counters.bytes.add((end - start) as u64);
         counters.batches.add(1);

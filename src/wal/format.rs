@@ -122,6 +122,9 @@ pub const fn frame_bytes(len: usize) -> usize {
     (FRAME_HEADER_BYTES + len).div_ceil(FRAME_ALIGN) * FRAME_ALIGN
 }
 
+/// Retired segment files kept for reuse at most, per sink and shard.
+pub const SPARE_SEGMENTS: usize = 2;
+
 /// The file name of segment `id`.
 pub fn segment_file_name(id: u64) -> String {
     format!("{id:020}.wal")

@@ -281,7 +281,18 @@ impl Log {
     /// can be freed): the next append starts a new segment, and the head is
     /// deleted as soon as it is wholly acknowledged; returned at once if it
     /// already is.
+    ///
+    /// A head with no frame in it stays open: the next append goes to that
+    /// same segment (its file is reused), so retrying on a full disk does
+    /// not leave a new empty segment behind each time.
     pub fn seal_head(&mut self) -> Vec<u64> {
+        if self
+            .segments
+            .back()
+            .is_some_and(|head| head.bytes == SEGMENT_HEADER_BYTES as u64)
+        {
+            return Vec::new();
+        }
         self.head_open = false;
         match self.segments.back() {
             Some(head) if self.segments.len() == 1 && head.unacked == 0 => {
@@ -561,6 +572,17 @@ mod tests {
         assert_eq!(log.bytes(), b);
         assert_eq!(log.seal_head(), vec![1]);
         assert_eq!(log.bytes(), 0);
+    }
+
+    #[test]
+    fn a_failed_first_write_keeps_its_empty_segment_for_the_retry() {
+        let mut log = Log::new(cfg());
+        let a = log.append(100).unwrap();
+        assert_eq!(a.create_segment, Some(0));
+        log.abandon(a);
+        assert!(log.seal_head().is_empty());
+        let again = log.append(100).unwrap();
+        assert_eq!((again.id, again.create_segment), (a.id, None));
     }
 
     #[test]

@@ -20,6 +20,11 @@ use super::machine::{BatchId, Log, LogConfig, Recovered};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// An I/O error with the path it happened on, so the message names it.
+fn at(path: &Path) -> impl Fn(std::io::Error) -> std::io::Error + '_ {
+    move |e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
 /// What recovery found and the log it rebuilt.
 pub struct Recovery {
     pub log: Log,
@@ -29,6 +34,10 @@ pub struct Recovery {
     pub segments: Vec<u64>,
     pub bad_frames: u64,
     pub damaged_segments: u64,
+    /// Segments whose tail was a write cut short (truncated), and the bytes
+    /// cut: their records are lost (a torn frame cannot say how many).
+    pub torn_tails: u64,
+    pub torn_bytes: u64,
     /// Retired segment files kept for reuse (at most `SPARE_SEGMENTS`).
     pub spares: Vec<std::path::PathBuf>,
     /// The nonce of each kept segment (frame headers are checked with it).
@@ -53,12 +62,19 @@ fn preallocate_checkpoint(path: &Path, len: usize) -> std::io::Result<()> {
 }
 
 pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io::Result<Recovery> {
-    std::fs::create_dir_all(dir)?;
-    let checkpoint_bytes = std::fs::read(dir.join("checkpoint")).unwrap_or_default();
-    preallocate_checkpoint(&dir.join("checkpoint"), checkpoint_bytes.len())?;
+    std::fs::create_dir_all(dir).map_err(at(dir))?;
+    let checkpoint_path = dir.join("checkpoint");
+    let checkpoint_bytes = match std::fs::read(&checkpoint_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(at(&checkpoint_path)(e)),
+    };
+    preallocate_checkpoint(&checkpoint_path, checkpoint_bytes.len())
+        .map_err(at(&checkpoint_path))?;
     let checkpoint = decode_checkpoint(&checkpoint_bytes);
     let never_acked = checkpoint_bytes.iter().all(|&b| b == 0);
-    let names: Vec<String> = std::fs::read_dir(dir)?
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(at(dir))?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
@@ -70,10 +86,11 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
     let mut spare_ids = Vec::new();
     for name in names.iter().filter(|n| format::is_spare_file_name(n)) {
         spare_ids.extend(name.split('.').next().and_then(|d| d.parse::<u64>().ok()));
-        if spares.len() < super::driver::SPARE_SEGMENTS {
-            spares.push(dir.join(name));
+        let path = dir.join(name);
+        if spares.len() < format::SPARE_SEGMENTS && path.is_file() {
+            spares.push(path);
         } else {
-            std::fs::remove_file(dir.join(name))?;
+            std::fs::remove_file(&path).map_err(at(&path))?;
         }
     }
     ids.sort_unstable();
@@ -85,9 +102,10 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
     let mut lens: HashMap<BatchId, u32> = HashMap::new();
     let mut nonces: HashMap<u64, u32> = HashMap::new();
     let (mut bad_frames, mut damaged_segments) = (0u64, 0u64);
+    let (mut torn_tails, mut torn_bytes) = (0u64, 0u64);
     for id in ids {
         let path = dir.join(format::segment_file_name(id));
-        let bytes = std::fs::read(&path)?;
+        let bytes = std::fs::read(&path).map_err(at(&path))?;
         let s = match scan(id, &bytes) {
             Ok(s) => s,
             Err(e) => {
@@ -95,7 +113,7 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
                 let aside = path.with_extension("wal.damaged");
                 tracing::error!(sink, shard, path = %path.display(), error = %e,
                     "segment unreadable: set aside as {}", aside.display());
-                std::fs::rename(&path, &aside)?;
+                std::fs::rename(&path, &aside).map_err(at(&path))?;
                 continue;
             }
         };
@@ -109,7 +127,7 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
             let aside = path.with_extension("wal.damaged-tail");
             tracing::error!(sink, shard, path = %path.display(), offset = at,
                 "framing lost: the rest of the segment is set aside as {}", aside.display());
-            std::fs::write(&aside, &bytes[at as usize..])?;
+            std::fs::write(&aside, &bytes[at as usize..]).map_err(self::at(&aside))?;
         }
         if s.end < bytes.len() as u64 {
             if s.stale_bytes > 0 {
@@ -117,11 +135,16 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
                     "reused segment: frames from its previous use cut off");
             } else if s.lost_at.is_none() {
                 tracing::warn!(sink, shard, path = %path.display(), bytes = s.torn_bytes,
-                    "torn tail (a write cut short by a crash): truncated");
+                    "torn tail (a write cut short by a crash): truncated; the records in it are lost (counted in updraft_sink_wal_torn_tails_total)");
+                torn_tails += 1;
+                torn_bytes += s.torn_bytes;
             }
-            let f = std::fs::OpenOptions::new().write(true).open(&path)?;
-            f.set_len(s.end)?;
-            f.sync_all()?;
+            let cut = || {
+                let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+                f.set_len(s.end)?;
+                f.sync_all()
+            };
+            cut().map_err(self::at(&path))?;
         }
         nonces.insert(id, s.nonce);
         for fr in &s.frames {
@@ -145,7 +168,8 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
         log.number_after(max);
     }
     for id in &delete {
-        std::fs::remove_file(dir.join(format::segment_file_name(*id)))?;
+        let path = dir.join(format::segment_file_name(*id));
+        std::fs::remove_file(&path).map_err(at(&path))?;
     }
     let mut segments: Vec<u64> = replay.iter().map(|b| b.segment).collect();
     segments.dedup();
@@ -155,6 +179,8 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
         segments,
         bad_frames,
         damaged_segments,
+        torn_tails,
+        torn_bytes,
         spares,
         nonces,
     })

@@ -1,6 +1,6 @@
 //! `updraft validate` and `run` refuse a bad config, naming the key.
 
-use crate::harness::UPDRAFT;
+use crate::harness::updraft;
 use std::process::Command;
 
 const GOOD: &str = r#"
@@ -20,7 +20,7 @@ fn check(subcommand: &str, text: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.toml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(UPDRAFT)
+    let out = Command::new(updraft())
         .args([subcommand, "--config"])
         .arg(&path)
         .output()
@@ -64,7 +64,7 @@ fn bad_keys_are_named_by_validate_and_run() {
 fn every_example_validates() {
     for e in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples")).unwrap() {
         let path = e.unwrap().path();
-        let out = Command::new(UPDRAFT)
+        let out = Command::new(updraft())
             .args(["validate", "--config"])
             .arg(&path)
             .env("CLOUD_TOKEN", "example-token")
@@ -75,6 +75,68 @@ fn every_example_validates() {
             "{}: {}",
             path.display(),
             String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn issue18_10_validation_gaps_are_closed() {
+    let two_sources = GOOD.replace(
+        "[sinks.up]",
+        "[sources.again]\ntype = \"tcp\"\naddress = \"127.0.0.1:5140\"\n[sinks.up]",
+    );
+    let cases = [
+        (two_sources, "sources.app.address", "also the address"),
+        (
+            GOOD.replace(
+                "max_records = 1000",
+                "max_records = 1000\nlinger_ms = 100000000000000",
+            ),
+            "sinks.up.batch.linger_ms",
+            "at most",
+        ),
+        (
+            GOOD.replace(
+                "[sinks.up.batch]",
+                "[sinks.up.buffer]\nmax_bytes = 1000000000000000\n[sinks.up.batch]",
+            ),
+            "sinks.up.buffer.max_bytes",
+            "between",
+        ),
+        (
+            GOOD.replace(
+                "address = \"127.0.0.1:5140\"",
+                "address = \"127.0.0.1:5140\"\nmax_connections = 1000000000000",
+            ),
+            "sources.app.max_connections",
+            "between",
+        ),
+        (
+            GOOD.replace(
+                "type = \"tcp\"\ninputs = [\"app\"]\naddress = \"127.0.0.1:16000\"",
+                "type = \"file\"\ninputs = [\"app\"]\npath = \"/dev/null/out.log\"",
+            ),
+            "sinks.up.path",
+            "not a directory",
+        ),
+        (
+            GOOD.replace(
+                "type = \"tcp\"\ninputs = [\"app\"]\naddress = \"127.0.0.1:16000\"",
+                "type = \"file\"\ninputs = [\"app\"]\npath = \"/tmp\"",
+            ),
+            "sinks.up.path",
+            "is a directory",
+        ),
+    ];
+    for (text, key, why) in cases {
+        let (ok, err) = check("validate", &text);
+        assert!(
+            !ok,
+            "validate accepted a config it must refuse ({key}):\n{text}"
+        );
+        assert!(
+            err.contains(key) && err.contains(why),
+            "{err:?} should name {key} ({why})"
         );
     }
 }

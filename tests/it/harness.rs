@@ -9,6 +9,12 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const UPDRAFT: &str = env!("CARGO_BIN_EXE_updraft");
+
+/// The collector under test: `UPDRAFT_BIN` when set (to check that a
+/// regression test fails on an older build), else the one cargo built.
+pub fn updraft() -> std::ffi::OsString {
+    std::env::var_os("UPDRAFT_BIN").unwrap_or_else(|| UPDRAFT.into())
+}
 pub const LOADGEN: &str = env!("CARGO_BIN_EXE_updraft-loadgen");
 
 /// A loopback address with a port nobody listens on right now.
@@ -29,6 +35,8 @@ pub struct Updraft {
     dir: tempfile::TempDir,
     log: PathBuf,
     config: PathBuf,
+    /// Start with stderr a pipe whose reader is gone.
+    stderr_closed: bool,
 }
 
 impl Updraft {
@@ -61,6 +69,31 @@ impl Updraft {
             dir,
             log,
             config: path,
+            stderr_closed: false,
+        };
+        u.spawn();
+        u
+    }
+
+    /// Like [`start`](Self::start), with stderr a pipe whose reader has
+    /// gone away (every log line fails with EPIPE).
+    pub fn start_stderr_closed(config: &str) -> Updraft {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = free_addr();
+        let path = dir.path().join("updraft.toml");
+        let text = format!(
+            "data_dir = \"{}\"\n{config}\n[metrics]\naddress = \"{metrics}\"\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(&path, text).unwrap();
+        let log = dir.path().join("updraft.log");
+        let mut u = Updraft {
+            child: None,
+            metrics,
+            dir,
+            log,
+            config: path,
+            stderr_closed: true,
         };
         u.spawn();
         u
@@ -77,14 +110,18 @@ impl Updraft {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(UPDRAFT)
-            .args(["run", "--config"])
+        let mut cmd = Command::new(updraft());
+        cmd.args(["run", "--config"])
             .arg(&self.config)
             .env("UPDRAFT_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .stdout(Stdio::null());
+        let child = if self.stderr_closed {
+            let mut c = cmd.stderr(Stdio::piped()).spawn().unwrap();
+            drop(c.stderr.take());
+            c
+        } else {
+            cmd.stderr(log).spawn().unwrap()
+        };
         self.child = Some(child);
         let metrics = self.metrics;
         let u = self;
@@ -172,6 +209,60 @@ impl Updraft {
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
+
+    /// Sends `signal` to the collector.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// Whether the collector has exited (and how).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().unwrap().try_wait().unwrap()
+    }
+
+    /// A line of `/proc/<pid>/status`, e.g. `VmRSS` or `Threads`, as its
+    /// number (kB for sizes).
+    pub fn proc_status(&self, field: &str) -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc status"))
+    }
+}
+
+/// Runs `updraft <args>` to its end (at most 20 s): exit code and stderr.
+pub fn run_to_end(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
+    let mut child = Command::new(updraft())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The status code of a GET of `path`, if it answered.
+pub fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.split(' ').nth(1)?.parse().ok()
 }
 
 impl Drop for Updraft {

@@ -491,7 +491,7 @@ fn header_secrets_come_from_the_environment_and_never_show() {
         ),
     )
     .unwrap();
-    let out = Command::new(UPDRAFT)
+    let out = Command::new(updraft())
         .args(["validate", "--config"])
         .arg(&cfg)
         .output()

@@ -6,6 +6,7 @@ mod harness;
 mod alloc;
 mod config;
 mod delivery;
+mod hostile;
 mod http;
 mod input;
 mod loadgen;

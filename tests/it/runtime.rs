@@ -167,7 +167,7 @@ fn io_uring_refused_is_one_clear_line_and_a_non_zero_exit() {
         ),
     )
     .unwrap();
-    let out = Command::new(UPDRAFT)
+    let out = Command::new(updraft())
         .args(["run", "--config"])
         .arg(&config)
         .output()
