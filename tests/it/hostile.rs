@@ -518,14 +518,22 @@ fn issue18_14_shutdown_never_tears_a_stream_write() {
     );
     let (mut conn, _) = upstream.accept().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    // Stop while a write is blocked, then read only after the give-up time
-    // (half of shutdown_timeout_ms) has passed.
+    // Stop while a write is blocked, then read slowly (about 6 MB/s), so
+    // that at the give-up time (half of shutdown_timeout_ms) a write is
+    // under way: it must be finished, not cut off.
     u_.signal(libc::SIGTERM);
-    std::thread::sleep(Duration::from_millis(2500));
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let mut got = Vec::new();
-    let _ = conn.read_to_end(&mut got);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let reading = Instant::now();
+    while let Ok(n) = conn.read(&mut chunk) {
+        if n == 0 || reading.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        got.extend_from_slice(&chunk[..n]);
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(s) = u_.exited() {
