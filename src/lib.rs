@@ -13,14 +13,15 @@
 //!    fixed-size [`record::Entry`] per record, taken from and returned to a
 //!    per-shard pool; its rkyv archive is the unit the write-ahead log stores.
 //! 5. [`sinks`] accumulate batches per sink (count, bytes, linger), hold them in
-//!    a bounded queue and write them out (TCP, file, blackhole). A full queue
+//!    a bounded queue and write them out (TCP, file, HTTP, blackhole). A full queue
 //!    stops TCP sources reading and makes UDP sources count drops.
 //!    With `buffer.type = "disk"`, sealed batches pass through the [`wal`]
 //!    (write-ahead log, group-committed) first and are sent once durable.
 //! 6. [`metrics`] sums per-shard counters into Prometheus text, off the hot path.
 //!
 //! [`config`] turns the user's TOML into a validated [`config::Plan`] and
-//! [`runtime`] starts one shard per core and stops them on a signal.
+//! [`runtime`] starts one shard per core and stops them on a signal;
+//! [`logging`] keeps log output from ever taking the collector down.
 
 pub mod codec;
 pub mod config;

@@ -157,8 +157,8 @@ pub struct SinkCounters {
     /// Times a source waited because this sink's queue was full.
     pub backpressure_waits: Counter,
     pub connected: Gauge,
-    /// The backoff ceiling of the current retry (the wait is drawn uniformly
-    /// below it), 0 when the sink is healthy.
+    /// The wait of the current retry (drawn with full jitter below the
+    /// backoff ceiling), 0 when the sink is healthy.
     pub retry_backoff_ms: Gauge,
     /// Records dropped by the sink's buffer (full, or a failing disk, with
     /// `when_full = "drop_newest"`).
@@ -423,7 +423,7 @@ impl Collector for Exposition {
         family(
             &mut enc,
             "sink_retry_backoff_ms",
-            "Backoff ceiling of the current retry (full jitter below it), the longest over shards; 0 when healthy.",
+            "The wait of the current retry (drawn with full jitter below the backoff ceiling), the longest over shards; 0 when healthy.",
             MetricType::Gauge,
             (0..n_sink).map(|i| {
                 let longest = m.shards.iter().map(|s| s.sinks[i].retry_backoff_ms.get()).max().unwrap_or(0);

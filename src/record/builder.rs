@@ -7,7 +7,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// The open batch of one destination (a sink on this shard, or a ring to
-/// another shard). Never allocates: batches come from the shard's pool.
+/// another shard). Batches come from the shard's pool, which allocates only
+/// when it is empty (at start, until it holds what its consumers keep).
 #[derive(Debug)]
 pub struct BatchBuilder {
     open: Option<Batch>,

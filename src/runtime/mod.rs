@@ -137,16 +137,31 @@ fn check_port_free(src: &crate::config::SourcePlan) -> Result<(), StartError> {
         // TIME_WAIT leftovers of an earlier run are no conflict; a listener is.
         s.set_reuse_address(true).map_err(bind_error)?;
     }
-    match s.bind(&src.address.into()) {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => Err(StartError::PortTaken {
-            source_name: src.name.clone(),
-            address: src.address,
-            kind,
-        }),
-        Err(e) => Err(bind_error(e)),
+    // A collector that just died (kill -9, a crash, a restart) can hold its
+    // listeners for a moment after it is gone: io_uring tears its ring (and
+    // the accepts in flight that reference them) down asynchronously. So a
+    // taken port is tried again for a while before it is an error.
+    let deadline = Instant::now() + PORT_RELEASE_WAIT;
+    loop {
+        match s.bind(&src.address.into()) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
+                if Instant::now() >= deadline {
+                    return Err(StartError::PortTaken {
+                        source_name: src.name.clone(),
+                        address: src.address,
+                        kind,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(bind_error(e)),
+        }
     }
 }
+
+/// How long a taken source port is tried again before the start fails.
+pub const PORT_RELEASE_WAIT: Duration = Duration::from_secs(3);
 
 /// What the shards share to stop in order.
 #[derive(Debug)]

@@ -5,8 +5,10 @@
 //!   that reads it back (torn tails, flipped bits, lost framing).
 //! - [`machine`]: the sans-I/O state machine: appends, group commit, out-of-
 //!   order acknowledgements, checkpoint, deletion, the size cap, recovery.
-//! - [`driver`]: the thin io_uring driver (writer, syncer, sender tasks).
-//! - [`recovery`]: opening the log at start and mending what a crash left.
+//! - [`driver`]: the thin io_uring driver (writer, syncer, keeper and sender
+//!   tasks).
+//! - [`recovery`]: opening the log at start (before the shards run) and
+//!   mending what a crash left.
 
 pub mod driver;
 pub mod format;
