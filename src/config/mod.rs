@@ -43,6 +43,10 @@ pub const MEMORY_BUFFER_MAX_BYTES_LIMIT: usize = 64 << 30;
 /// The most a disk buffer may hold, over all shards.
 pub const DISK_BUFFER_MAX_BYTES_LIMIT: usize = 64 << 40;
 pub const SYNC_INTERVAL_MS_LIMIT: u64 = 60_000;
+/// The share of a sink's queue that only sources that cannot wait (udp) may
+/// fill: tcp senders are held back before the queue is full.
+pub const HEADROOM_PERCENT_DEFAULT: u64 = 25;
+pub const HEADROOM_PERCENT_LIMIT: u64 = 90;
 pub const RETRY_BACKOFF_MS_LIMIT: u64 = 3_600_000;
 pub const SHUTDOWN_TIMEOUT_MS_LIMIT: u64 = 3_600_000;
 pub const RETRY_INITIAL_BACKOFF_MS_DEFAULT: u64 = 50;
@@ -230,6 +234,7 @@ pub struct BufferConfig {
     pub max_bytes: Option<usize>,
     pub when_full: Option<WhenFull>,
     pub sync_interval_ms: Option<u64>,
+    pub headroom_percent: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
@@ -288,6 +293,9 @@ pub struct SourcePlan {
     pub receive_buffer_bytes: Option<usize>,
     pub utf8: Utf8Policy,
     pub rate_limit: Option<RateLimitPlan>,
+    /// Whether the source can be held back (tcp: it stops reading) rather
+    /// than drop what it cannot hand on (udp).
+    pub can_wait: bool,
     /// tcp: a connection that sends nothing for this long is closed.
     pub idle_timeout_ms: u64,
     /// Ids of the sinks that list this source in `inputs`.
@@ -312,6 +320,9 @@ pub struct SinkPlan {
     /// Sealed batches a sink may queue on one shard before sources wait
     /// (for a disk buffer: before the log's writer takes them).
     pub queue_batches: usize,
+    /// Of those, how many sources that can wait (tcp) may fill before they
+    /// are held back; the rest is headroom for those that cannot (udp).
+    pub wait_batches: usize,
     pub buffer: BufferPlan,
     pub retry: RetryPlan,
 }
@@ -548,6 +559,7 @@ impl Plan {
                 receive_buffer_bytes: s.receive_buffer_bytes,
                 utf8: s.utf8.unwrap_or_default(),
                 rate_limit,
+                can_wait: s.kind == SourceKind::Tcp,
                 idle_timeout_ms,
                 sinks,
             });
@@ -751,6 +763,24 @@ impl Plan {
                 BufferKind::Memory => (buffer_max_bytes / shards / batch.max_bytes).max(2),
                 BufferKind::Disk => 4,
             };
+            let headroom_percent = buf
+                .and_then(|b| b.headroom_percent)
+                .unwrap_or(HEADROOM_PERCENT_DEFAULT);
+            if headroom_percent > HEADROOM_PERCENT_LIMIT {
+                return Err(invalid(
+                    key("buffer.headroom_percent"),
+                    format!(
+                        "must be between 0 and {HEADROOM_PERCENT_LIMIT}, got {headroom_percent}"
+                    ),
+                ));
+            }
+            // At least one batch of headroom when any is asked for, and at
+            // least one batch that waiting sources may fill.
+            let headroom = match headroom_percent {
+                0 => 0,
+                p => ((queue_batches as u64 * p / 100) as usize).max(1),
+            };
+            let wait_batches = queue_batches.saturating_sub(headroom).max(1);
             let buffer = BufferPlan {
                 kind,
                 when_full: buf.and_then(|b| b.when_full).unwrap_or_default(),
@@ -788,6 +818,7 @@ impl Plan {
                 inputs,
                 batch,
                 queue_batches,
+                wait_batches,
                 buffer,
                 retry,
             });

@@ -261,16 +261,18 @@ impl Shard {
         record: &[u8],
     ) -> Result<(), Blocked> {
         if dest == self.id {
-            let sinks = &self.plan.sources[source].sinks;
-            for &s in sinks {
-                if !self.sinks[s].drops_when_full && !self.sinks[s].has_room(record.len()) {
+            let src = &self.plan.sources[source];
+            for &s in &src.sinks {
+                let q = &self.sinks[s];
+                if !q.drops_when_full && !q.has_room(record.len(), src.can_wait) {
                     return Err(Blocked::Sink(s));
                 }
             }
             let mut pool = self.pool.borrow_mut();
-            for &s in sinks {
+            for &s in &src.sinks {
                 let q = &self.sinks[s];
-                if q.has_room(record.len()) {
+                // drop_newest: nobody waits, so no headroom is kept either.
+                if q.has_room(record.len(), src.can_wait && !q.drops_when_full) {
                     q.append(&mut pool, ts_ns, key_hash, source as u16, record);
                 } else {
                     // when_full = "drop_newest" on a memory buffer.

@@ -41,6 +41,9 @@ pub struct SinkQueue {
     /// Signalled when a record opens a batch (the linger task waits).
     opened: Notify,
     capacity: usize,
+    /// Sealed batches past which sources that can wait are held back
+    /// (`capacity` less the headroom kept for those that cannot).
+    wait_capacity: usize,
     counters: Arc<crate::metrics::ShardMetrics>,
     /// A memory buffer with `when_full = "drop_newest"`: a record that finds
     /// the queue full is dropped and counted instead of waiting.
@@ -73,6 +76,7 @@ impl SinkQueue {
             space: Notify::new(),
             opened: Notify::new(),
             capacity: plan.queue_batches,
+            wait_capacity: plan.wait_batches,
             counters,
             drops_when_full: plan.buffer.kind == crate::config::BufferKind::Memory
                 && plan.buffer.when_full == crate::config::WhenFull::DropNewest,
@@ -84,11 +88,19 @@ impl SinkQueue {
         &self.counters.sinks[self.sink]
     }
 
-    /// Whether a record of `len` bytes can be appended now.
+    /// Whether a record of `len` bytes can be appended now. A source that
+    /// can wait (`can_wait`: tcp) is held back once `wait_capacity` batches
+    /// are sealed, even with room in the open batch, so that what it adds
+    /// per batch sent is one batch at most and the rest of the queue stays
+    /// headroom for sources that cannot wait (udp), which may fill it all.
     #[inline]
-    pub fn has_room(&self, len: usize) -> bool {
+    pub fn has_room(&self, len: usize, can_wait: bool) -> bool {
         let st = self.state.borrow();
-        st.builder.fits(len) || st.sealed.len() < self.capacity
+        if can_wait {
+            st.sealed.len() < self.wait_capacity
+        } else {
+            st.builder.fits(len) || st.sealed.len() < self.capacity
+        }
     }
 
     /// Appends a record; the caller checked [`has_room`](Self::has_room).

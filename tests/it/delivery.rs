@@ -232,3 +232,69 @@ path = "{}"
         .iter()
         .all(|l| l.len() == 79 && l.starts_with("stream=")));
 }
+
+/// Issue 11 (fair admission): TCP senders flooding a sink whose upstream is
+/// slower than they are are held back before the sink's queue is full; the
+/// rest is headroom that keeps a modest UDP sensor stream flowing.
+#[test]
+fn held_back_tcp_senders_leave_headroom_for_a_udp_stream() {
+    let (tcp, udp, sink) = (free_addr(), free_addr(), free_addr());
+    let u_ = Updraft::start(&format!(
+        r#"
+shards = 2
+[sources.app]
+type = "tcp"
+address = "{tcp}"
+[sources.sensors]
+type = "udp"
+address = "{udp}"
+receive_buffer_bytes = 8388608
+[sinks.up]
+type = "tcp"
+inputs = ["app", "sensors"]
+address = "{sink}"
+"#
+    ));
+    // Each of the sink's two connections (one per shard) is read at
+    // 12 MB/s: far slower than four senders flat out.
+    let rx = Receiver::start(sink, 1_100_000, 120, &["--read-bytes-per-sec", "12000000"]);
+    let mut flood = spawn_send(
+        tcp,
+        &["--connections", "4", "--count", "1000000", "--size", "256"],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let sensors = send(
+        udp,
+        &[
+            "--proto",
+            "udp",
+            "--connections",
+            "1",
+            "--count",
+            "100000",
+            "--size",
+            "256",
+            "--rate",
+            "20000",
+            "--stream-base",
+            "100",
+        ],
+    );
+    assert_eq!(u(&sensors, "sent"), 100_000);
+    assert!(
+        flood.try_wait().unwrap().is_none(),
+        "the tcp senders must still be held back while the sensors send"
+    );
+    assert!(flood.wait().unwrap().success());
+    let (r, ok) = rx.finish();
+    let full =
+        u_.metric(r#"updraft_source_dropped_records_total{source="sensors",reason="sink_full"}"#);
+    assert_eq!(full, 0.0, "udp datagrams dropped for a full sink: {r}");
+    assert!(ok, "{r}\n{}", u_.log_text());
+    assert_eq!(u(&r, "unique"), 1_100_000, "{r}");
+    assert_eq!(u(&r, "duplicates"), 0, "{r}");
+    assert!(
+        u_.metric(r#"updraft_sink_backpressure_waits_total{sink="up",type="tcp"}"#) > 0.0,
+        "the tcp senders were held back"
+    );
+}
