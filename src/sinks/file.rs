@@ -52,14 +52,6 @@ impl FileOutput {
     ) -> Result<B, B> {
         let name = shard.plan.sinks[self.sink].name.as_str();
         let counters = &shard.metrics.sinks[self.sink];
-        let pause = |delay: Duration| async move {
-            match give_up {
-                Some(t) => {
-                    tokio::time::sleep_until(t.min(tokio::time::Instant::now() + delay)).await
-                }
-                None => tokio::time::sleep(delay).await,
-            }
-        };
         loop {
             if give_up.is_some_and(|t| tokio::time::Instant::now() >= t) {
                 return Err(buf);
@@ -78,7 +70,7 @@ impl FileOutput {
                         }
                         let delay = self.backoff.next_delay();
                         counters.retry_backoff_ms.set(delay.as_millis() as i64);
-                        pause(delay).await;
+                        super::util::pause(delay, give_up).await;
                         counters.retries.add(1);
                     }
                 }
@@ -104,7 +96,7 @@ impl FileOutput {
                     counters.connected.set(0);
                     let delay = self.backoff.next_delay();
                     counters.retry_backoff_ms.set(delay.as_millis() as i64);
-                    pause(delay).await;
+                    super::util::pause(delay, give_up).await;
                     counters.retries.add(1);
                 }
             }

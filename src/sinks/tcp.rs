@@ -106,15 +106,6 @@ impl TcpOutput {
         let address = self.address;
         let past =
             |t: Option<tokio::time::Instant>| t.is_some_and(|t| tokio::time::Instant::now() >= t);
-        // Sleeps for a backoff, but not past `give_up`.
-        let pause = |delay: Duration| async move {
-            match give_up {
-                Some(t) => {
-                    tokio::time::sleep_until(t.min(tokio::time::Instant::now() + delay)).await
-                }
-                None => tokio::time::sleep(delay).await,
-            }
-        };
         loop {
             if past(give_up) {
                 return Err(buf);
@@ -152,7 +143,7 @@ impl TcpOutput {
                         }
                         let delay = self.backoff.next_delay();
                         counters.retry_backoff_ms.set(delay.as_millis() as i64);
-                        pause(delay).await;
+                        super::util::pause(delay, give_up).await;
                         counters.retries.add(1);
                     }
                 }
@@ -177,7 +168,7 @@ impl TcpOutput {
                     self.conn.take().expect("in use above").close(false);
                     let delay = self.backoff.next_delay();
                     counters.retry_backoff_ms.set(delay.as_millis() as i64);
-                    pause(delay).await;
+                    super::util::pause(delay, give_up).await;
                     counters.retries.add(1);
                 }
             }

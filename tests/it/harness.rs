@@ -43,15 +43,15 @@ impl Updraft {
     /// Starts `updraft run` on `config` (a `[metrics]` table is added) and
     /// waits until it answers on `/health`.
     pub fn start(config: &str) -> Updraft {
-        Updraft::start_with(config, true)
+        Updraft::start_with(config, true, false)
     }
 
     /// Like [`start`](Self::start), but the config sets `data_dir` itself.
     pub fn start_raw(config: &str) -> Updraft {
-        Updraft::start_with(config, false)
+        Updraft::start_with(config, false, false)
     }
 
-    fn start_with(config: &str, set_data_dir: bool) -> Updraft {
+    fn start_with(config: &str, set_data_dir: bool, stderr_closed: bool) -> Updraft {
         let dir = tempfile::tempdir().unwrap();
         let metrics = free_addr();
         let path = dir.path().join("updraft.toml");
@@ -69,7 +69,7 @@ impl Updraft {
             dir,
             log,
             config: path,
-            stderr_closed: false,
+            stderr_closed,
         };
         u.spawn();
         u
@@ -78,25 +78,7 @@ impl Updraft {
     /// Like [`start`](Self::start), with stderr a pipe whose reader has
     /// gone away (every log line fails with EPIPE).
     pub fn start_stderr_closed(config: &str) -> Updraft {
-        let dir = tempfile::tempdir().unwrap();
-        let metrics = free_addr();
-        let path = dir.path().join("updraft.toml");
-        let text = format!(
-            "data_dir = \"{}\"\n{config}\n[metrics]\naddress = \"{metrics}\"\n",
-            dir.path().join("data").display()
-        );
-        std::fs::write(&path, text).unwrap();
-        let log = dir.path().join("updraft.log");
-        let mut u = Updraft {
-            child: None,
-            metrics,
-            dir,
-            log,
-            config: path,
-            stderr_closed: true,
-        };
-        u.spawn();
-        u
+        Updraft::start_with(config, true, true)
     }
 
     /// `data_dir` of this collector.

@@ -3,3 +3,11 @@
 
 mod backoff;
 pub use backoff::Backoff;
+
+/// Sleeps for a retry's `delay`, but not past `give_up` (shutdown).
+pub async fn pause(delay: std::time::Duration, give_up: Option<tokio::time::Instant>) {
+    match give_up {
+        Some(t) => tokio::time::sleep_until(t.min(tokio::time::Instant::now() + delay)).await,
+        None => tokio::time::sleep(delay).await,
+    }
+}
