@@ -28,6 +28,7 @@ pub mod config;
 pub mod limiter;
 pub mod logging;
 pub mod metrics;
+pub mod pipeline;
 pub mod record;
 pub mod route;
 pub mod runtime;

@@ -55,13 +55,11 @@ pub struct Shard {
     pub life: Arc<Lifecycle>,
     /// Open connections per source, over all shards (`max_connections`).
     pub connections: Arc<Vec<AtomicUsize>>,
-    pub clock: quanta::Clock,
     /// Each source's ingress rate on this shard (`rate_limit`), if set.
     rates: Vec<RefCell<Option<crate::limiter::IngressRate>>>,
-    /// A raw reading of `clock` and the Unix time it stood for.
-    clock_base: Cell<Option<(u64, u64)>>,
     pub sinks: Vec<Rc<SinkQueue>>,
-    pool: RefCell<BatchPool>,
+    /// What the shard's sinks may use of it (plan, counters, clock, pool).
+    pub ctx: Rc<crate::pipeline::SinkCtx>,
     out: Vec<Option<OutLane>>,
     inbound: RefCell<Vec<Option<Consumer<Batch>>>>,
     returns_out: RefCell<Vec<Option<Producer<Batch>>>>,
@@ -69,7 +67,7 @@ pub struct Shard {
     wakes: Arc<Vec<ShardWake>>,
     inbound_busy: Cell<bool>,
     /// Set when the shard begins to stop; sources finish their reads.
-    pub stopping: Cell<bool>,
+    pub stopping: Rc<Cell<bool>>,
     /// Sockets to shut down for reading when the shard stops.
     open_fds: RefCell<HashMap<u64, RawFd>>,
     next_fd_key: Cell<u64>,
@@ -136,26 +134,32 @@ impl Shard {
                 })
             })
             .collect();
+        let stopping = Rc::new(Cell::new(false));
+        let ctx = Rc::new(crate::pipeline::SinkCtx::new(
+            id,
+            plan.clone(),
+            metrics.clone(),
+            stopping.clone(),
+            BatchPool::new(batch_records, batch_bytes, keep),
+        ));
         Shard {
+            ctx,
             id,
             shards,
             sinks,
-            pool: RefCell::new(BatchPool::new(batch_records, batch_bytes, keep)),
             out,
             inbound: RefCell::new(ends.inbound),
             returns_out: RefCell::new(ends.returns_out),
             returns_in: RefCell::new(ends.returns_in),
             wakes: ends.wakes,
             inbound_busy: Cell::new(false),
-            stopping: Cell::new(false),
+            stopping: stopping.clone(),
             open_fds: RefCell::new(HashMap::new()),
             next_fd_key: Cell::new(0),
             active_sources: Cell::new(0),
             sources_changed: Notify::new(),
             stop_sources: Notify::new(),
             recovered: RefCell::new(recovered),
-            clock: quanta::Clock::new(),
-            clock_base: Cell::new(None),
             rates: plan
                 .sources
                 .iter()
@@ -173,24 +177,10 @@ impl Shard {
         }
     }
 
-    /// Wall-clock time, nanoseconds since the Unix epoch: read once from
-    /// the system clock, then advanced by the shard's cheap monotonic clock
-    /// (quanta), so records' times stay meaningful after a restart (the
-    /// write-ahead log replays them) and never go backwards on a shard.
+    /// Wall-clock time, nanoseconds since the Unix epoch ([`SinkCtx::now_ns`](crate::pipeline::SinkCtx::now_ns)).
     #[inline]
     pub fn now_ns(&self) -> u64 {
-        let raw = self.clock.raw();
-        let (raw0, unix0) = match self.clock_base.get() {
-            Some(b) => b,
-            None => {
-                let unix = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos() as u64);
-                self.clock_base.set(Some((raw, unix)));
-                (raw, unix)
-            }
-        };
-        unix0 + self.clock.delta_as_nanos(raw0, raw)
+        self.ctx.now_ns()
     }
 
     /// Whether `source`'s rate limit admits one more record now (always,
@@ -199,7 +189,7 @@ impl Shard {
     pub fn rate_admit(&self, source: usize) -> bool {
         match &mut *self.rates[source].borrow_mut() {
             None => true,
-            Some(r) => r.try_take(self.clock.delta_as_nanos(0, self.clock.raw())),
+            Some(r) => r.try_take(self.ctx.clock.delta_as_nanos(0, self.ctx.clock.raw())),
         }
     }
 
@@ -210,7 +200,7 @@ impl Shard {
             let wait = match &mut *self.rates[source].borrow_mut() {
                 None => return,
                 Some(r) => {
-                    let now = self.clock.delta_as_nanos(0, self.clock.raw());
+                    let now = self.ctx.clock.delta_as_nanos(0, self.ctx.clock.raw());
                     if r.try_take(now) {
                         return;
                     }
@@ -221,28 +211,10 @@ impl Shard {
         }
     }
 
-    /// An empty payload buffer sized like the pool's batches (for the
-    /// write-ahead log, which swaps one into each batch it keeps the buffer of).
-    pub fn new_payload(&self) -> crate::record::Payload {
-        self.pool.borrow().new_payload()
-    }
-
-    /// Bytes of each buffer `new_payload` gives.
-    pub fn payload_buffer_bytes(&self) -> usize {
-        self.pool.borrow().buffer_bytes()
-    }
-
-    /// Gives a sent batch back to the pool.
-    pub fn recycle(&self, batch: Batch) {
-        let mut pool = self.pool.borrow_mut();
-        pool.give(batch);
-        self.metrics.pool_batches_made.set(pool.made() as i64);
-    }
-
     /// Takes back this shard's batches that other shards have emptied.
     fn reclaim(&self) {
         let mut returns = self.returns_in.borrow_mut();
-        let mut pool = self.pool.borrow_mut();
+        let mut pool = self.ctx.pool.borrow_mut();
         for c in returns.iter_mut().flatten() {
             while let Ok(b) = c.pop() {
                 pool.give(b);
@@ -268,7 +240,7 @@ impl Shard {
                     return Err(Blocked::Sink(s));
                 }
             }
-            let mut pool = self.pool.borrow_mut();
+            let mut pool = self.ctx.pool.borrow_mut();
             for &s in &src.sinks {
                 let q = &self.sinks[s];
                 // drop_newest: nobody waits, so no headroom is kept either.
@@ -293,7 +265,7 @@ impl Shard {
             self.cross(builder, ring, dest);
         }
         let opened = {
-            let mut pool = self.pool.borrow_mut();
+            let mut pool = self.ctx.pool.borrow_mut();
             builder.push(&mut pool, ts_ns, key_hash, source as u16, record)
         };
         if opened {
@@ -483,7 +455,7 @@ impl Shard {
                 .borrow_mut()
                 .get_mut(q.sink)
                 .and_then(Option::take);
-            senders.push(crate::sinks::spawn_sender(self.clone(), q.clone(), rec));
+            senders.push(crate::sinks::spawn_sender(self.ctx.clone(), q.clone(), rec));
             let q2 = q.clone();
             tokio_uring::spawn(async move { q2.linger().await });
         }

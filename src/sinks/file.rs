@@ -7,7 +7,7 @@
 
 use super::util::Backoff;
 use crate::logging::LogEvery;
-use crate::runtime::shard::Shard;
+use crate::pipeline::SinkCtx;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio_uring::buf::BoundedBuf;
@@ -31,7 +31,7 @@ pub struct FileOutput {
 }
 
 impl FileOutput {
-    pub fn new(shard: &Shard, sink: usize, path: PathBuf) -> FileOutput {
+    pub fn new(shard: &SinkCtx, sink: usize, path: PathBuf) -> FileOutput {
         FileOutput {
             sink,
             path,
@@ -46,7 +46,7 @@ impl FileOutput {
     /// starts after that instant (`Err`, unsent); one that started finishes.
     pub async fn deliver<B: BoundedBuf>(
         &mut self,
-        shard: &Shard,
+        shard: &SinkCtx,
         mut buf: B,
         give_up: Option<tokio::time::Instant>,
     ) -> Result<B, B> {
@@ -103,7 +103,7 @@ impl FileOutput {
         }
     }
 
-    pub async fn close(&mut self, shard: &Shard) {
+    pub async fn close(&mut self, shard: &SinkCtx) {
         if let Some(f) = self.file.take() {
             let _ = f.close().await;
         }

@@ -21,8 +21,8 @@ pub mod util;
 
 use crate::config::{SinkPlan, SinkTarget};
 use crate::metrics::SinkCounters;
+use crate::pipeline::SinkCtx;
 use crate::record::{Batch, BatchBuilder, BatchPool, BatchView, FrameBuf, Payload, HEADROOM};
-use crate::runtime::shard::Shard;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -264,7 +264,7 @@ pub enum Output {
 impl Output {
     /// `ack` is called with a batch's id once an http request delivered it
     /// (disk buffers); stream outputs are acknowledged by their caller.
-    pub fn new(shard: &Rc<Shard>, sink: usize, ack: Option<http::Ack>) -> Output {
+    pub fn new(shard: &Rc<SinkCtx>, sink: usize, ack: Option<http::Ack>) -> Output {
         match shard.plan.sinks[sink].target.clone() {
             SinkTarget::Tcp { address } => Output::Tcp(tcp::TcpOutput::new(shard, sink, address)),
             SinkTarget::File { path } => Output::File(file::FileOutput::new(shard, sink, path)),
@@ -278,7 +278,7 @@ impl Output {
     /// it (`Err`: not delivered); an attempt under way is never cut off.
     pub async fn deliver<B: tokio_uring::buf::BoundedBuf>(
         &mut self,
-        shard: &Shard,
+        shard: &SinkCtx,
         buf: B,
         give_up: Option<tokio::time::Instant>,
     ) -> Result<B, B> {
@@ -290,7 +290,7 @@ impl Output {
         }
     }
 
-    pub async fn close(&mut self, shard: &Shard) {
+    pub async fn close(&mut self, shard: &SinkCtx) {
         match self {
             Output::Tcp(o) => o.close(shard),
             Output::File(o) => o.close(shard).await,
@@ -307,7 +307,7 @@ impl Output {
 
 /// Sends a memory buffer's batches: each payload is delivered whole, then
 /// the batch goes back to the pool.
-async fn run_memory(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
+async fn run_memory(shard: Rc<SinkCtx>, queue: Rc<SinkQueue>) {
     let mut out = Output::new(&shard, queue.sink, None);
     let counters = &shard.metrics.sinks[queue.sink];
     while let Some(mut batch) = queue.next().await {
@@ -336,7 +336,7 @@ async fn run_memory(shard: Rc<Shard>, queue: Rc<SinkQueue>) {
 /// Starts the sender of one sink on a shard; a disk buffer starts from what
 /// recovery found in its log (`rec`).
 pub fn spawn_sender(
-    shard: Rc<Shard>,
+    shard: Rc<SinkCtx>,
     queue: Rc<SinkQueue>,
     rec: Option<crate::wal::recovery::Recovery>,
 ) -> tokio::task::JoinHandle<()> {

@@ -15,7 +15,7 @@
 
 use super::util::Backoff;
 use crate::logging::LogEvery;
-use crate::runtime::shard::Shard;
+use crate::pipeline::SinkCtx;
 use std::cell::Cell;
 use std::net::{Shutdown, SocketAddr};
 use std::rc::Rc;
@@ -78,7 +78,7 @@ pub struct TcpOutput {
 }
 
 impl TcpOutput {
-    pub fn new(shard: &Shard, sink: usize, address: SocketAddr) -> TcpOutput {
+    pub fn new(shard: &SinkCtx, sink: usize, address: SocketAddr) -> TcpOutput {
         TcpOutput {
             sink,
             shard: shard.id,
@@ -97,7 +97,7 @@ impl TcpOutput {
     /// peer never sees a torn batch.
     pub async fn deliver<B: BoundedBuf>(
         &mut self,
-        shard: &Shard,
+        shard: &SinkCtx,
         mut buf: B,
         give_up: Option<tokio::time::Instant>,
     ) -> Result<B, B> {
@@ -176,7 +176,7 @@ impl TcpOutput {
     }
 
     /// Closes the connection so that the peer reads all that was written.
-    pub fn close(&mut self, shard: &Shard) {
+    pub fn close(&mut self, shard: &SinkCtx) {
         if let Some(c) = self.conn.take() {
             c.close(true);
         }

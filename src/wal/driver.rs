@@ -34,8 +34,8 @@ use super::recovery;
 use crate::config::WhenFull;
 use crate::logging::LogEvery;
 use crate::metrics::SinkCounters;
+use crate::pipeline::SinkCtx;
 use crate::record::FrameBuf;
-use crate::runtime::shard::Shard;
 use crate::sinks::util::Backoff;
 use crate::sinks::{Output, SinkQueue};
 use rkyv::util::AlignedVec;
@@ -164,7 +164,7 @@ async fn wait_until(notify: &Notify, ready: impl Fn() -> bool) {
 /// Runs the disk buffer of one sink on one shard until its queue closes and
 /// what it holds is synced (and, if the sink takes it in time, delivered).
 /// `rec` is what [`recovery::recover`] found at start, before the shards ran.
-pub async fn run(shard: Rc<Shard>, queue: Rc<SinkQueue>, rec: recovery::Recovery) {
+pub async fn run(shard: Rc<SinkCtx>, queue: Rc<SinkQueue>, rec: recovery::Recovery) {
     let sink = queue.sink;
     let plan = &shard.plan.sinks[sink];
     let dir = plan.buffer.dir.join(shard.id.to_string());
@@ -349,7 +349,7 @@ fn frame_batch(
     Ok((FrameBuf(v), archive_len))
 }
 
-async fn writer(shard: &Shard, wal: &Wal, queue: &SinkQueue) {
+async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
     let plan = &shard.plan.sinks[wal.sink];
     let counters = &shard.metrics.sinks[wal.sink];
     // A buffer for the batch whose own buffer becomes a frame; new ones are
@@ -699,7 +699,7 @@ async fn remove_spares(wal: &Wal) {
     }
 }
 
-async fn syncer(shard: Rc<Shard>, wal: Rc<Wal>) {
+async fn syncer(shard: Rc<SinkCtx>, wal: Rc<Wal>) {
     let plan = &shard.plan.sinks[wal.sink];
     let counters = &shard.metrics.sinks[wal.sink];
     let interval = Duration::from_millis(plan.buffer.sync_interval_ms);
@@ -761,7 +761,7 @@ async fn syncer(shard: Rc<Shard>, wal: Rc<Wal>) {
 /// how soon batches are sent, checkpoints only how much is replayed after a
 /// crash. A checkpoint is written at most once per `sync_interval_ms`
 /// (sooner when the writer waits for space).
-async fn keeper(shard: Rc<Shard>, wal: Rc<Wal>) {
+async fn keeper(shard: Rc<SinkCtx>, wal: Rc<Wal>) {
     let plan = &shard.plan.sinks[wal.sink];
     let interval = Duration::from_millis(plan.buffer.sync_interval_ms);
     loop {
@@ -837,7 +837,7 @@ async fn persist_checkpoint(wal: &Wal, c: CheckpointSlot) {
 /// Retires segments whose batches were all acknowledged: each is kept as a
 /// spare for a later segment while fewer than SPARE_SEGMENTS are and the
 /// cap leaves room for them (`recycle`), else deleted.
-async fn delete_segments(shard: &Shard, wal: &Wal, delete: Vec<u64>, recycle: bool) {
+async fn delete_segments(shard: &SinkCtx, wal: &Wal, delete: Vec<u64>, recycle: bool) {
     if delete.is_empty() {
         return;
     }
@@ -869,7 +869,7 @@ async fn delete_segments(shard: &Shard, wal: &Wal, delete: Vec<u64>, recycle: bo
     wal.space.notify_waiters();
 }
 
-async fn sender(shard: Rc<Shard>, wal: Rc<Wal>) {
+async fn sender(shard: Rc<SinkCtx>, wal: Rc<Wal>) {
     let plan = &shard.plan.sinks[wal.sink];
     let counters = &shard.metrics.sinks[wal.sink];
     let acks = wal.clone();

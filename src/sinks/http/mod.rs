@@ -38,8 +38,8 @@ use crate::config::{Concurrency, HttpTarget};
 use crate::limiter::{AdaptiveLimit, Outcome};
 use crate::logging::LogEvery;
 use crate::metrics::SinkCounters;
+use crate::pipeline::SinkCtx;
 use crate::record::BatchView;
-use crate::runtime::shard::Shard;
 use crate::wal::machine::BatchId;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -85,7 +85,7 @@ struct Meta {
 }
 
 struct Inner {
-    shard: Rc<Shard>,
+    shard: Rc<SinkCtx>,
     sink: usize,
     target: HttpTarget,
     head: RequestHead,
@@ -115,7 +115,12 @@ pub struct HttpOutput {
 }
 
 impl HttpOutput {
-    pub fn new(shard: &Rc<Shard>, sink: usize, target: HttpTarget, ack: Option<Ack>) -> HttpOutput {
+    pub fn new(
+        shard: &Rc<SinkCtx>,
+        sink: usize,
+        target: HttpTarget,
+        ack: Option<Ack>,
+    ) -> HttpOutput {
         let now_ns = shard.now_ns();
         let limit = match target.concurrency {
             Concurrency::Fixed(n) => Limit::Fixed(n),

@@ -1,0 +1,98 @@
+//! What a sink's sender (and the disk buffer in front of it) may use of the
+//! shard it runs on: the narrow handle [`SinkCtx`].
+//!
+//! A sink knows nothing of the shard's sources, lanes, rings or lifecycle;
+//! it gets the plan, its shard's counters, the shard's clock, whether the
+//! shard is stopping, and the batch pool to borrow buffers from and give
+//! batches back to. The shard ([`crate::runtime::shard::Shard`]) owns one
+//! `SinkCtx` and shares it with every sink it runs, so the dependency points
+//! one way: runtime → sinks, wal → pipeline, never back into the runtime.
+//!
+//! This is the first step of the output boundary (issue 11): the per-batch
+//! contract (a `Sink` trait, buffers yielding batches with their acks) is
+//! still to come.
+
+use crate::config::Plan;
+use crate::metrics::ShardMetrics;
+use crate::record::{Batch, BatchPool, Payload};
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// One shard's handle for its sinks. Lives on the shard's thread.
+pub struct SinkCtx {
+    /// The shard's id.
+    pub id: usize,
+    /// How many shards run.
+    pub shards: usize,
+    pub plan: Arc<Plan>,
+    /// The shard's counters (each sink writes its own `sinks[sink]`).
+    pub metrics: Arc<ShardMetrics>,
+    /// Set when the shard begins to stop.
+    pub stopping: Rc<Cell<bool>>,
+    /// The shard's cheap monotonic clock.
+    pub clock: quanta::Clock,
+    /// A raw reading of `clock` and the Unix time it stood for.
+    clock_base: Cell<Option<(u64, u64)>>,
+    /// The shard's batch pool (the shard's sources fill batches from it).
+    pub(crate) pool: RefCell<BatchPool>,
+}
+
+impl SinkCtx {
+    pub fn new(
+        id: usize,
+        plan: Arc<Plan>,
+        metrics: Arc<ShardMetrics>,
+        stopping: Rc<Cell<bool>>,
+        pool: BatchPool,
+    ) -> SinkCtx {
+        SinkCtx {
+            id,
+            shards: plan.shards,
+            plan,
+            metrics,
+            stopping,
+            clock: quanta::Clock::new(),
+            clock_base: Cell::new(None),
+            pool: RefCell::new(pool),
+        }
+    }
+
+    /// Wall-clock time, nanoseconds since the Unix epoch: read once from
+    /// the system clock, then advanced by the shard's cheap monotonic clock
+    /// (quanta), so records' times stay meaningful after a restart (the
+    /// write-ahead log replays them) and never go backwards on a shard.
+    #[inline]
+    pub fn now_ns(&self) -> u64 {
+        let raw = self.clock.raw();
+        let (raw0, unix0) = match self.clock_base.get() {
+            Some(b) => b,
+            None => {
+                let unix = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                self.clock_base.set(Some((raw, unix)));
+                (raw, unix)
+            }
+        };
+        unix0 + self.clock.delta_as_nanos(raw0, raw)
+    }
+
+    /// An empty payload buffer sized like the pool's batches (for the
+    /// write-ahead log, which swaps one into each batch it keeps the buffer of).
+    pub fn new_payload(&self) -> Payload {
+        self.pool.borrow().new_payload()
+    }
+
+    /// Bytes of each buffer `new_payload` gives.
+    pub fn payload_buffer_bytes(&self) -> usize {
+        self.pool.borrow().buffer_bytes()
+    }
+
+    /// Gives a sent batch back to the pool.
+    pub fn recycle(&self, batch: Batch) {
+        let mut pool = self.pool.borrow_mut();
+        pool.give(batch);
+        self.metrics.pool_batches_made.set(pool.made() as i64);
+    }
+}
