@@ -10,10 +10,10 @@
 
 use crate::config::{BatchLimits, Plan};
 use crate::metrics::ShardMetrics;
+use crate::pipeline::SinkQueue;
 use crate::record::{Batch, BatchBuilder, BatchPool};
 use crate::route::{ShardEnds, ShardWake};
 use crate::runtime::Lifecycle;
-use crate::sinks::SinkQueue;
 use rtrb::{Consumer, Producer};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;

@@ -35,9 +35,9 @@ use crate::config::WhenFull;
 use crate::logging::LogEvery;
 use crate::metrics::SinkCounters;
 use crate::pipeline::SinkCtx;
+use crate::pipeline::{Ack, Deliver, SinkQueue};
 use crate::record::FrameBuf;
 use crate::sinks::util::Backoff;
-use crate::sinks::{Output, SinkQueue};
 use rkyv::util::AlignedVec;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -164,7 +164,14 @@ async fn wait_until(notify: &Notify, ready: impl Fn() -> bool) {
 /// Runs the disk buffer of one sink on one shard until its queue closes and
 /// what it holds is synced (and, if the sink takes it in time, delivered).
 /// `rec` is what [`recovery::recover`] found at start, before the shards ran.
-pub async fn run(shard: Rc<SinkCtx>, queue: Rc<SinkQueue>, rec: recovery::Recovery) {
+/// `output` builds the sink's output; it is given the [`Ack`] through which
+/// a batch output acknowledges what it delivered.
+pub async fn run<O: Deliver + 'static>(
+    shard: Rc<SinkCtx>,
+    queue: Rc<SinkQueue>,
+    rec: recovery::Recovery,
+    output: impl FnOnce(Ack) -> O,
+) {
     let sink = queue.sink;
     let plan = &shard.plan.sinks[sink];
     let dir = plan.buffer.dir.join(shard.id.to_string());
@@ -266,7 +273,9 @@ pub async fn run(shard: Rc<SinkCtx>, queue: Rc<SinkQueue>, rec: recovery::Recove
     counters.wal_bytes.set(wal.log.borrow().bytes() as i64);
     let syncer = tokio_uring::spawn(syncer(shard.clone(), wal.clone()));
     let keeper = tokio_uring::spawn(keeper(shard.clone(), wal.clone()));
-    let sender = tokio_uring::spawn(sender(shard.clone(), wal.clone()));
+    let acks = wal.clone();
+    let out = output(Rc::new(move |id| ack(&acks, id)));
+    let sender = tokio_uring::spawn(sender(shard.clone(), wal.clone(), out));
     writer(&shard, &wal, &queue).await;
     wal.writer_done.set(true);
     wal.wake_syncer.notify_one();
@@ -869,11 +878,9 @@ async fn delete_segments(shard: &SinkCtx, wal: &Wal, delete: Vec<u64>, recycle: 
     wal.space.notify_waiters();
 }
 
-async fn sender(shard: Rc<SinkCtx>, wal: Rc<Wal>) {
+async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
     let plan = &shard.plan.sinks[wal.sink];
     let counters = &shard.metrics.sinks[wal.sink];
-    let acks = wal.clone();
-    let mut out = Output::new(&shard, wal.sink, Some(Rc::new(move |id| ack(&acks, id))));
     let mut buf = FrameBuf(shard.new_payload().into_buffer());
     let mut backoff = Backoff::new(plan.retry);
     let give_up = Duration::from_millis(shard.plan.shutdown_timeout_ms / 2);
@@ -956,10 +963,10 @@ async fn sender(shard: Rc<SinkCtx>, wal: Rc<Wal>) {
             ack(&wal, id);
             continue;
         };
-        if let Output::Http(h) = &mut out {
+        if out.takes_batches() {
             // The request encodes the archive in place; the http output
             // acknowledges the batch when its request succeeds.
-            let submit = h.submit(crate::record::BatchView::Archived(a), Some(id));
+            let submit = out.submit(crate::record::BatchView::Archived(a), Some(id));
             if shard.stopping.get() && wal.writer_done.get() {
                 if tokio::time::timeout(give_up, submit).await.is_err() {
                     tracing::warn!(sink = %plan.name, shard = shard.id,

@@ -18,11 +18,7 @@ use super::format::{frame_bytes, CheckpointSlot, SEGMENT_HEADER_BYTES};
 use std::collections::VecDeque;
 
 /// Where a batch lies in the log, and its stable id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct BatchId {
-    pub segment: u64,
-    pub offset: u64,
-}
+pub use crate::pipeline::BatchId;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogConfig {

@@ -9,6 +9,7 @@ mod delivery;
 mod hostile;
 mod http;
 mod input;
+mod layout;
 mod loadgen;
 mod runtime;
 mod wal;

@@ -38,9 +38,9 @@ use crate::config::{Concurrency, HttpTarget};
 use crate::limiter::{AdaptiveLimit, Outcome};
 use crate::logging::LogEvery;
 use crate::metrics::SinkCounters;
+use crate::pipeline::BatchId;
 use crate::pipeline::SinkCtx;
 use crate::record::BatchView;
-use crate::wal::machine::BatchId;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -59,7 +59,7 @@ const KEY_BYTES_MAX: usize = 128;
 const _: () = assert!(crate::config::SINK_NAME_BYTES_MAX + 4 * 21 <= KEY_BYTES_MAX);
 
 /// Acknowledges a delivered (or dead-lettered) batch to the buffer.
-pub type Ack = Rc<dyn Fn(BatchId)>;
+pub use crate::pipeline::Ack;
 
 enum Limit {
     Fixed(u32),

@@ -4,17 +4,24 @@
 //! A sink knows nothing of the shard's sources, lanes, rings or lifecycle;
 //! it gets the plan, its shard's counters, the shard's clock, whether the
 //! shard is stopping, and the batch pool to borrow buffers from and give
-//! batches back to. The shard ([`crate::runtime::shard::Shard`]) owns one
+//! batches back to. The shard (`runtime::shard::Shard`) owns one
 //! `SinkCtx` and shares it with every sink it runs, so the dependency points
 //! one way: runtime → sinks, wal → pipeline, never back into the runtime.
 //!
-//! This is the first step of the output boundary (issue 11): the per-batch
-//! contract (a `Sink` trait, buffers yielding batches with their acks) is
-//! still to come.
+//! Around it, what the shard, the sinks and the disk buffer share without
+//! depending on each other: the per-sink [`SinkQueue`] ([`queue`]), a
+//! batch's stable [`BatchId`], the [`Ack`] an acknowledging output calls,
+//! and [`Deliver`], the contract by which a buffer hands batches to an
+//! output. (The first steps of the output boundary, issue 11: the generic
+//! retry, dead-letter and metrics layer is still to come.)
+
+pub mod queue;
+
+pub use queue::SinkQueue;
 
 use crate::config::Plan;
 use crate::metrics::ShardMetrics;
-use crate::record::{Batch, BatchPool, Payload};
+use crate::record::{Batch, BatchPool, BatchView, Payload};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -95,4 +102,38 @@ impl SinkCtx {
         pool.give(batch);
         self.metrics.pool_batches_made.set(pool.made() as i64);
     }
+}
+
+/// Where a batch lies in its sink's log (with a memory buffer: a sequence
+/// of the shard's), and its stable id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BatchId {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+/// Called with a batch's id once an acknowledging output delivered it.
+pub type Ack = Rc<dyn Fn(BatchId)>;
+
+/// An output as a buffer sees it: stream outputs take a batch's
+/// newline-delimited payload ([`deliver`](Deliver::deliver)) and are done
+/// with it when that returns; batch outputs ([`takes_batches`](Deliver::takes_batches))
+/// take the batch itself ([`submit`](Deliver::submit)), keep several in
+/// flight and acknowledge each through the [`Ack`] they were built with.
+pub trait Deliver {
+    fn takes_batches(&self) -> bool;
+    /// Writes `buf` whole, retrying; `Err` (unsent) only past `give_up`.
+    fn deliver<B: tokio_uring::buf::BoundedBuf>(
+        &mut self,
+        cx: &SinkCtx,
+        buf: B,
+        give_up: Option<tokio::time::Instant>,
+    ) -> impl std::future::Future<Output = Result<B, B>>;
+    /// Takes a batch (a batch output only).
+    fn submit(
+        &mut self,
+        batch: BatchView<'_>,
+        id: Option<BatchId>,
+    ) -> impl std::future::Future<Output = ()>;
+    fn close(&mut self, cx: &SinkCtx) -> impl std::future::Future<Output = ()>;
 }

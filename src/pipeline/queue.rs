@@ -1,0 +1,236 @@
+//! One sink's queue on one shard: the open batch and the sealed batches
+//! waiting for the sink's sender (memory buffer) or the write-ahead log's
+//! writer (disk buffer). Sources and the shard's inbound rings append
+//! records; the sender takes sealed batches; a linger task seals a batch
+//! that has waited `batch.linger_ms`. When the queue is full, appends are
+//! refused and the caller waits on [`SinkQueue::space`] (TCP) or counts a
+//! drop (UDP): memory stays bounded by `queue_batches` batches per sink and
+//! shard. A batch is sealed part-full by its linger only when nothing is
+//! queued before it, so a queue that backs up holds full batches and
+//! `buffer.max_bytes` is the budget a user gets. Sources that can wait are
+//! held back before the queue is full (`buffer.headroom_percent`).
+
+use crate::config::SinkPlan;
+use crate::metrics::SinkCounters;
+use crate::record::{Batch, BatchBuilder, BatchPool};
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// One sink's batches on one shard.
+pub struct SinkQueue {
+    pub sink: usize,
+    state: RefCell<QueueState>,
+    /// Signalled when a batch is sealed or the queue closes (the sender waits).
+    work: Notify,
+    /// Signalled when a sealed batch leaves the queue (sources wait).
+    pub space: Notify,
+    /// Signalled when a record opens a batch (the linger task waits).
+    opened: Notify,
+    capacity: usize,
+    /// Sealed batches past which sources that can wait are held back
+    /// (`capacity` less the headroom kept for those that cannot).
+    wait_capacity: usize,
+    counters: Arc<crate::metrics::ShardMetrics>,
+    /// A memory buffer with `when_full = "drop_newest"`: a record that finds
+    /// the queue full is dropped and counted instead of waiting.
+    pub drops_when_full: bool,
+    /// A disk buffer: payloads are checksummed as they fill, while the
+    /// records just appended are still in the cache (the log frames them).
+    checksum: bool,
+}
+
+struct QueueState {
+    builder: BatchBuilder,
+    sealed: VecDeque<Batch>,
+    closed: bool,
+}
+
+impl SinkQueue {
+    pub fn new(
+        plan: &SinkPlan,
+        sink: usize,
+        counters: Arc<crate::metrics::ShardMetrics>,
+    ) -> SinkQueue {
+        SinkQueue {
+            sink,
+            state: RefCell::new(QueueState {
+                builder: BatchBuilder::new(plan.batch),
+                sealed: VecDeque::with_capacity(plan.queue_batches),
+                closed: false,
+            }),
+            work: Notify::new(),
+            space: Notify::new(),
+            opened: Notify::new(),
+            capacity: plan.queue_batches,
+            wait_capacity: plan.wait_batches,
+            counters,
+            drops_when_full: plan.buffer.kind == crate::config::BufferKind::Memory
+                && plan.buffer.when_full == crate::config::WhenFull::DropNewest,
+            checksum: plan.buffer.kind == crate::config::BufferKind::Disk,
+        }
+    }
+
+    fn counters(&self) -> &SinkCounters {
+        &self.counters.sinks[self.sink]
+    }
+
+    /// Whether a record of `len` bytes can be appended now. A source that
+    /// can wait (`can_wait`: tcp) is held back once `wait_capacity` batches
+    /// are sealed, even with room in the open batch, so that what it adds
+    /// per batch sent is one batch at most and the rest of the queue stays
+    /// headroom for sources that cannot wait (udp), which may fill it all.
+    #[inline]
+    pub fn has_room(&self, len: usize, can_wait: bool) -> bool {
+        let st = self.state.borrow();
+        if can_wait {
+            st.sealed.len() < self.wait_capacity
+        } else {
+            st.builder.fits(len) || st.sealed.len() < self.capacity
+        }
+    }
+
+    /// Appends a record; the caller checked [`has_room`](Self::has_room).
+    #[inline]
+    pub fn append(
+        &self,
+        pool: &mut BatchPool,
+        ts_ns: u64,
+        key_hash: u32,
+        source: u16,
+        record: &[u8],
+    ) {
+        let mut st = self.state.borrow_mut();
+        if !st.builder.fits(record.len()) {
+            self.seal(&mut st);
+        }
+        if st.builder.push(pool, ts_ns, key_hash, source, record) {
+            self.opened.notify_one();
+        }
+        if self.checksum {
+            st.builder.checksum_ahead();
+        }
+        if st.builder.is_full() && st.sealed.len() < self.capacity {
+            self.seal(&mut st);
+        }
+    }
+
+    fn seal(&self, st: &mut QueueState) {
+        debug_assert!(st.sealed.len() < self.capacity || st.closed);
+        if let Some(b) = st.builder.seal() {
+            st.sealed.push_back(b);
+            self.counters().queued_batches.set(st.sealed.len() as i64);
+            self.work.notify_one();
+        }
+    }
+
+    /// Seals the open batch if the queue has room; false if it had to wait.
+    pub fn seal_open(&self) -> bool {
+        let mut st = self.state.borrow_mut();
+        if !st.builder.is_open() {
+            return true;
+        }
+        if st.sealed.len() < self.capacity {
+            self.seal(&mut st);
+            return true;
+        }
+        false
+    }
+
+    /// Closes the queue: the open batch is sealed and the sender drains what
+    /// is queued, then stops.
+    pub fn close(&self) {
+        let mut st = self.state.borrow_mut();
+        st.closed = true;
+        self.seal(&mut st);
+        self.work.notify_one();
+    }
+
+    pub fn is_idle(&self) -> bool {
+        let st = self.state.borrow();
+        st.sealed.is_empty() && !st.builder.is_open()
+    }
+
+    /// Seals the open batch if it has lingered and nothing is queued: the
+    /// sender asks for work, and that batch is due. (While batches are
+    /// queued, a lingered batch goes on filling instead of being sealed
+    /// part-full: it could not leave sooner, and the queue's budget, counted
+    /// in batches, stays a budget of full batches.)
+    fn seal_lingered(&self, st: &mut QueueState) {
+        if st.sealed.is_empty()
+            && st
+                .builder
+                .deadline()
+                .is_some_and(|d| tokio::time::Instant::now() >= d)
+        {
+            self.seal(st);
+        }
+    }
+
+    /// The next sealed batch, waiting for one; `None` once closed and empty.
+    pub async fn next(&self) -> Option<Batch> {
+        loop {
+            {
+                let mut st = self.state.borrow_mut();
+                self.seal_lingered(&mut st);
+                if let Some(b) = st.sealed.pop_front() {
+                    self.counters().queued_batches.set(st.sealed.len() as i64);
+                    drop(st);
+                    self.space.notify_waiters();
+                    return Some(b);
+                }
+                if st.closed {
+                    return None;
+                }
+            }
+            self.work.notified().await;
+        }
+    }
+
+    /// The next sealed batch if one is queued, without waiting.
+    pub fn try_next(&self) -> Option<Batch> {
+        let mut st = self.state.borrow_mut();
+        self.seal_lingered(&mut st);
+        let b = st.sealed.pop_front()?;
+        self.counters().queued_batches.set(st.sealed.len() as i64);
+        drop(st);
+        self.space.notify_waiters();
+        Some(b)
+    }
+
+    /// Seals each batch once it has lingered `batch.linger_ms`, unless
+    /// sealed batches are waiting (the sender is behind: the open batch goes
+    /// on filling and the sender seals it when it asks for the next one).
+    /// Runs until the queue closes.
+    pub async fn linger(&self) {
+        loop {
+            let (deadline, queued) = {
+                let st = self.state.borrow();
+                if st.closed {
+                    return;
+                }
+                (st.builder.deadline(), !st.sealed.is_empty())
+            };
+            match deadline {
+                None => self.opened.notified().await,
+                Some(d) if queued && tokio::time::Instant::now() >= d => {
+                    let left = self.space.notified();
+                    tokio::pin!(left);
+                    left.as_mut().enable();
+                    if !self.state.borrow().sealed.is_empty() {
+                        left.await;
+                    }
+                }
+                Some(d) if tokio::time::Instant::now() >= d => {
+                    if !self.seal_open() {
+                        // The queue is full: try again a linger later.
+                        let linger = self.state.borrow().builder.limits().linger_ms;
+                        tokio::time::sleep(std::time::Duration::from_millis(linger.max(1))).await;
+                    }
+                }
+                Some(d) => tokio::time::sleep_until(d).await,
+            }
+        }
+    }
+}
