@@ -15,8 +15,10 @@
 //! output. (The first steps of the output boundary, issue 11: the generic
 //! retry, dead-letter and metrics layer is still to come.)
 
+mod backoff;
 pub mod queue;
 
+pub use backoff::Backoff;
 pub use queue::SinkQueue;
 
 use crate::config::Plan;

@@ -1,8 +1,8 @@
-//! What every sink shares: retry timing (rate-limited logging is
+//! What every sink shares: retry timing ([`Backoff`], shared with the disk
+//! buffer, lives in [`crate::pipeline`]; rate-limited logging is
 //! [`crate::logging::LogEvery`]).
 
-mod backoff;
-pub use backoff::Backoff;
+pub use crate::pipeline::Backoff;
 
 /// Sleeps for a retry's `delay`, but not past `give_up` (shutdown).
 pub async fn pause(delay: std::time::Duration, give_up: Option<tokio::time::Instant>) {
