@@ -317,8 +317,10 @@ fn frames(seg: &[u8]) -> Vec<(usize, usize)> {
     out
 }
 
-#[test]
-fn a_flipped_byte_and_a_torn_tail_cost_only_their_batches() {
+/// One shard's disk buffer holding `records` durable records in batches of
+/// 1000, killed with -9: the collector (stopped), its sink's address and the
+/// path of its one segment.
+fn durable_then_killed(records: u64) -> (Updraft, SocketAddr, std::path::PathBuf) {
     let (src, sink) = (free_addr(), free_addr());
     let mut u_ = Updraft::start(&disk_config(
         src,
@@ -329,13 +331,28 @@ fn a_flipped_byte_and_a_torn_tail_cost_only_their_batches() {
     ));
     send(
         src,
-        &["--connections", "1", "--count", "100000", "--size", "128"],
+        &[
+            "--connections",
+            "1",
+            "--count",
+            &records.to_string(),
+            "--size",
+            "128",
+        ],
     );
-    u_.wait_metric(DURABLE, 100_000.0, Duration::from_secs(30));
+    u_.wait_metric(DURABLE, records as f64, Duration::from_secs(30));
     u_.kill9();
+    let seg_path = u_
+        .data_dir()
+        .join("up")
+        .join("0")
+        .join("00000000000000000000.wal");
+    (u_, sink, seg_path)
+}
 
-    let dir = u_.data_dir().join("up").join("0");
-    let seg_path = dir.join("00000000000000000000.wal");
+#[test]
+fn a_flipped_byte_and_a_torn_tail_cost_only_their_batches() {
+    let (mut u_, sink, seg_path) = durable_then_killed(100_000);
     let mut seg = std::fs::read(&seg_path).unwrap();
     let fr = frames(&seg);
     assert_eq!(fr.len(), 100, "100 batches of 1000 records");
@@ -367,25 +384,7 @@ fn a_flipped_byte_and_a_torn_tail_cost_only_their_batches() {
 
 #[test]
 fn issue18_12_a_torn_tail_truncated_at_start_is_counted() {
-    let (src, sink) = (free_addr(), free_addr());
-    let mut u_ = Updraft::start(&disk_config(
-        src,
-        sink,
-        1,
-        "",
-        "max_records = 1000\nlinger_ms = 1000",
-    ));
-    send(
-        src,
-        &["--connections", "1", "--count", "10000", "--size", "128"],
-    );
-    u_.wait_metric(DURABLE, 10_000.0, Duration::from_secs(30));
-    u_.kill9();
-    let seg_path = u_
-        .data_dir()
-        .join("up")
-        .join("0")
-        .join("00000000000000000000.wal");
+    let (mut u_, sink, seg_path) = durable_then_killed(10_000);
     let mut seg = std::fs::read(&seg_path).unwrap();
     let fr = frames(&seg);
     assert_eq!(fr.len(), 10);
