@@ -4,9 +4,10 @@
 //! A sink knows nothing of the shard's sources, lanes, rings or lifecycle;
 //! it gets the plan, its shard's counters, the shard's clock, whether the
 //! shard is stopping, and the batch pool to borrow buffers from and give
-//! batches back to. The shard (`runtime::shard::Shard`) owns one
-//! `SinkCtx` and shares it with every sink it runs, so the dependency points
+//! batches back to. The shard's [`ingest::Ingest`] owns one `SinkCtx` and
+//! the runtime shares it with every sink it runs, so the dependency points
 //! one way: runtime → sinks, wal → pipeline, never back into the runtime.
+//! Sources offer records through [`ingest::Ingest`] and know no sink.
 //!
 //! Around it, what the shard, the sinks and the disk buffer share without
 //! depending on each other: the per-sink [`SinkQueue`] ([`queue`]), a
@@ -16,6 +17,7 @@
 //! retry, dead-letter and metrics layer is still to come.)
 
 mod backoff;
+pub mod ingest;
 pub mod queue;
 
 pub use backoff::Backoff;

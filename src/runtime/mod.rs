@@ -330,14 +330,14 @@ pub fn start(plan: Plan) -> Result<Running, StartError> {
                 tokio_uring::builder()
                     .entries(URING_ENTRIES)
                     .start(async move {
-                        let shard = std::rc::Rc::new(shard::Shard::new(
+                        let shard = shard::Shard::new(
                             plan,
                             ends,
                             shard_metrics,
                             life,
                             connections,
                             recovered,
-                        ));
+                        );
                         shard
                             .run(move |s| crate::sources::start(s, shard_sockets))
                             .await;

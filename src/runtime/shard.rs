@@ -1,81 +1,25 @@
-//! One shard: what a thread owns and how records move through it.
+//! One shard's life: what a thread starts and how it drains when told to stop.
 //!
-//! A [`Shard`] holds the shard's batch pool, one [`SinkQueue`] per sink, one
-//! outbound lane (a [`BatchBuilder`] and a ring producer) per other shard, and
-//! the inbound ring consumers. Sources call [`Shard::offer`] for each record;
-//! it appends to the owning shard's sink queues (here) or to the lane toward
-//! the owner (there), and waits only when the destination is full. Nothing in
-//! it is shared with another thread except the ring ends, the wake-ups and
-//! the counters, so all of it lives in `Rc`/`RefCell` and never locks.
+//! The records' path through the shard (sink queues, lanes, rings) is the
+//! shard's [`Ingest`](crate::pipeline::ingest::Ingest); the runtime adds the
+//! sinks' senders (each fed by its memory or disk buffer), the sources, and
+//! the stop order.
 
-use crate::config::{BatchLimits, Plan};
+use crate::config::Plan;
 use crate::metrics::ShardMetrics;
-use crate::pipeline::SinkQueue;
-use crate::record::{Batch, BatchBuilder, BatchPool};
-use crate::route::{ShardEnds, ShardWake};
+use crate::pipeline::ingest::Ingest;
+use crate::route::ShardEnds;
 use crate::runtime::Lifecycle;
-use rtrb::{Consumer, Producer};
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
-use std::os::fd::RawFd;
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Notify;
-
-/// Limits of the batches that cross from one shard to another. Small enough
-/// that a crossing adds little latency, large enough to pay per batch.
-pub const CROSSING_BATCH: BatchLimits = BatchLimits {
-    max_records: 1024,
-    max_bytes: 256 * 1024,
-    linger_ms: 1,
-};
-
-/// Why a record could not be taken now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Blocked {
-    /// The queue of this sink (on this shard) is full.
-    Sink(usize),
-    /// The ring to this shard is full.
-    Ring(usize),
-}
-
-/// The batch being filled for another shard and the ring that carries it.
-struct OutLane {
-    state: RefCell<(BatchBuilder, Producer<Batch>)>,
-    opened: Notify,
-}
 
 pub struct Shard {
     pub id: usize,
-    pub shards: usize,
-    pub plan: Arc<Plan>,
-    pub metrics: Arc<ShardMetrics>,
-    pub life: Arc<Lifecycle>,
-    /// Open connections per source, over all shards (`max_connections`).
-    pub connections: Arc<Vec<AtomicUsize>>,
-    /// Each source's ingress rate on this shard (`rate_limit`), if set.
-    rates: Vec<RefCell<Option<crate::limiter::IngressRate>>>,
-    pub sinks: Vec<Rc<SinkQueue>>,
-    /// What the shard's sinks may use of it (plan, counters, clock, pool).
-    pub ctx: Rc<crate::pipeline::SinkCtx>,
-    out: Vec<Option<OutLane>>,
-    inbound: RefCell<Vec<Option<Consumer<Batch>>>>,
-    returns_out: RefCell<Vec<Option<Producer<Batch>>>>,
-    returns_in: RefCell<Vec<Option<Consumer<Batch>>>>,
-    wakes: Arc<Vec<ShardWake>>,
-    inbound_busy: Cell<bool>,
-    /// Set when the shard begins to stop; sources finish their reads.
-    pub stopping: Rc<Cell<bool>>,
-    /// Sockets to shut down for reading when the shard stops.
-    open_fds: RefCell<HashMap<u64, RawFd>>,
-    next_fd_key: Cell<u64>,
-    /// Source tasks (listeners, connections, datagram loops) still running.
-    active_sources: Cell<usize>,
-    sources_changed: Notify,
-    /// Signalled once when the shard begins to stop.
-    pub stop_sources: Notify,
+    pub ingest: Rc<Ingest>,
+    life: Arc<Lifecycle>,
     /// Each disk buffer's log as recovered at start, until its sender takes it.
     recovered: RefCell<Vec<Option<crate::wal::recovery::Recovery>>>,
 }
@@ -89,383 +33,34 @@ impl Shard {
         connections: Arc<Vec<AtomicUsize>>,
         recovered: Vec<Option<crate::wal::recovery::Recovery>>,
     ) -> Shard {
-        let id = ends.shard;
-        let shards = plan.shards;
-        let sinks: Vec<Rc<SinkQueue>> = plan
-            .sinks
-            .iter()
-            .enumerate()
-            .map(|(i, s)| Rc::new(SinkQueue::new(s, i, metrics.clone())))
-            .collect();
-        // Pool: a batch must take the largest record in one piece.
-        let record_bytes = plan.max_record_bytes() + 1;
-        let batch_bytes = plan
-            .sinks
-            .iter()
-            .map(|s| s.batch.max_bytes)
-            .chain([CROSSING_BATCH.max_bytes])
-            .max()
-            .unwrap_or(0)
-            .max(record_bytes);
-        let batch_records = plan
-            .sinks
-            .iter()
-            .map(|s| s.batch.max_records)
-            .chain([CROSSING_BATCH.max_records])
-            .max()
-            .unwrap_or(0)
-            .min(1 << 16);
-        // What the pool keeps is the sum of its consumers: per sink, its queue
-        // plus the open batch and the one being sent; per outbound lane, the
-        // open batch plus a full ring.
-        let keep = plan
-            .sinks
-            .iter()
-            .map(|s| s.queue_batches + 2)
-            .sum::<usize>()
-            + (shards - 1) * (crate::route::RING_BATCHES + 1);
-        let out = ends
-            .out
-            .into_iter()
-            .map(|p| {
-                p.map(|p| OutLane {
-                    state: RefCell::new((BatchBuilder::new(CROSSING_BATCH), p)),
-                    opened: Notify::new(),
-                })
-            })
-            .collect();
-        let stopping = Rc::new(Cell::new(false));
-        let ctx = Rc::new(crate::pipeline::SinkCtx::new(
-            id,
-            plan.clone(),
-            metrics.clone(),
-            stopping.clone(),
-            BatchPool::new(batch_records, batch_bytes, keep),
-        ));
+        let ingest = Rc::new(Ingest::new(plan, ends, metrics, connections));
         Shard {
-            ctx,
-            id,
-            shards,
-            sinks,
-            out,
-            inbound: RefCell::new(ends.inbound),
-            returns_out: RefCell::new(ends.returns_out),
-            returns_in: RefCell::new(ends.returns_in),
-            wakes: ends.wakes,
-            inbound_busy: Cell::new(false),
-            stopping: stopping.clone(),
-            open_fds: RefCell::new(HashMap::new()),
-            next_fd_key: Cell::new(0),
-            active_sources: Cell::new(0),
-            sources_changed: Notify::new(),
-            stop_sources: Notify::new(),
-            recovered: RefCell::new(recovered),
-            rates: plan
-                .sources
-                .iter()
-                .map(|s| {
-                    RefCell::new(
-                        s.rate_limit
-                            .map(|r| crate::limiter::IngressRate::new(r.per_shard_per_sec, 0)),
-                    )
-                })
-                .collect(),
-            plan,
-            metrics,
+            id: ingest.id,
+            ingest,
             life,
-            connections,
+            recovered: RefCell::new(recovered),
         }
-    }
-
-    /// Wall-clock time, nanoseconds since the Unix epoch ([`SinkCtx::now_ns`](crate::pipeline::SinkCtx::now_ns)).
-    #[inline]
-    pub fn now_ns(&self) -> u64 {
-        self.ctx.now_ns()
-    }
-
-    /// Whether `source`'s rate limit admits one more record now (always,
-    /// without a limit).
-    #[inline]
-    pub fn rate_admit(&self, source: usize) -> bool {
-        match &mut *self.rates[source].borrow_mut() {
-            None => true,
-            Some(r) => r.try_take(self.ctx.clock.delta_as_nanos(0, self.ctx.clock.raw())),
-        }
-    }
-
-    /// Waits until `source`'s rate limit admits a record, then takes it
-    /// (`when_exceeded = "block"`: the connection is not read meanwhile).
-    pub async fn rate_wait(&self, source: usize) {
-        loop {
-            let wait = match &mut *self.rates[source].borrow_mut() {
-                None => return,
-                Some(r) => {
-                    let now = self.ctx.clock.delta_as_nanos(0, self.ctx.clock.raw());
-                    if r.try_take(now) {
-                        return;
-                    }
-                    r.wait_ns(now)
-                }
-            };
-            tokio::time::sleep(std::time::Duration::from_nanos(wait.max(1_000_000))).await;
-        }
-    }
-
-    /// Takes back this shard's batches that other shards have emptied.
-    fn reclaim(&self) {
-        let mut returns = self.returns_in.borrow_mut();
-        let mut pool = self.ctx.pool.borrow_mut();
-        for c in returns.iter_mut().flatten() {
-            while let Ok(b) = c.pop() {
-                pool.give(b);
-            }
-        }
-    }
-
-    /// Appends a record bound for shard `dest` without waiting.
-    #[inline]
-    pub fn try_offer(
-        &self,
-        source: usize,
-        dest: usize,
-        ts_ns: u64,
-        key_hash: u32,
-        record: &[u8],
-    ) -> Result<(), Blocked> {
-        if dest == self.id {
-            let src = &self.plan.sources[source];
-            for &s in &src.sinks {
-                let q = &self.sinks[s];
-                if !q.drops_when_full && !q.has_room(record.len(), src.can_wait) {
-                    return Err(Blocked::Sink(s));
-                }
-            }
-            let mut pool = self.ctx.pool.borrow_mut();
-            for &s in &src.sinks {
-                let q = &self.sinks[s];
-                // drop_newest: nobody waits, so no headroom is kept either.
-                if q.has_room(record.len(), src.can_wait && !q.drops_when_full) {
-                    q.append(&mut pool, ts_ns, key_hash, source as u16, record);
-                } else {
-                    // when_full = "drop_newest" on a memory buffer.
-                    self.metrics.sinks[s].buffer_dropped.add(1);
-                }
-            }
-            return Ok(());
-        }
-        let lane = self.out[dest]
-            .as_ref()
-            .expect("a lane to every other shard");
-        let mut st = lane.state.borrow_mut();
-        let (builder, ring) = &mut *st;
-        if !builder.fits(record.len()) {
-            if ring.is_full() {
-                return Err(Blocked::Ring(dest));
-            }
-            self.cross(builder, ring, dest);
-        }
-        let opened = {
-            let mut pool = self.ctx.pool.borrow_mut();
-            builder.push(&mut pool, ts_ns, key_hash, source as u16, record)
-        };
-        if opened {
-            lane.opened.notify_one();
-        }
-        if builder.is_full() && !ring.is_full() {
-            self.cross(builder, ring, dest);
-        }
-        Ok(())
-    }
-
-    /// Seals the lane's open batch into the ring to `dest` (which has room).
-    fn cross(&self, builder: &mut BatchBuilder, ring: &mut Producer<Batch>, dest: usize) {
-        if let Some(b) = builder.seal() {
-            if ring.push(b).is_err() {
-                unreachable!("the caller checked the ring has room");
-            }
-            self.wakes[dest].data.notify_one();
-            self.reclaim();
-        }
-    }
-
-    /// Appends a record bound for shard `dest`, waiting while it is full.
-    #[inline]
-    pub async fn offer(
-        &self,
-        source: usize,
-        dest: usize,
-        ts_ns: u64,
-        key_hash: u32,
-        record: &[u8],
-    ) {
-        loop {
-            let blocked = match self.try_offer(source, dest, ts_ns, key_hash, record) {
-                Ok(()) => return,
-                Err(b) => b,
-            };
-            let notify = match blocked {
-                Blocked::Sink(s) => {
-                    self.metrics.sinks[s].backpressure_waits.add(1);
-                    &self.sinks[s].space
-                }
-                Blocked::Ring(_) => &self.wakes[self.id].space,
-            };
-            let wait = notify.notified();
-            tokio::pin!(wait);
-            wait.as_mut().enable();
-            if self
-                .try_offer(source, dest, ts_ns, key_hash, record)
-                .is_ok()
-            {
-                return;
-            }
-            wait.await;
-        }
-    }
-
-    /// Seals a lane's open batch once it has lingered; runs for the shard's
-    /// life.
-    async fn lane_linger(self: Rc<Self>, dest: usize) {
-        let lane = self.out[dest].as_ref().expect("lane exists");
-        loop {
-            let deadline = lane.state.borrow().0.deadline();
-            match deadline {
-                None => lane.opened.notified().await,
-                Some(d) if tokio::time::Instant::now() >= d => {
-                    if !self.flush_lane(dest) {
-                        let wait = self.wakes[self.id].space.notified();
-                        tokio::pin!(wait);
-                        wait.as_mut().enable();
-                        if !self.flush_lane(dest) {
-                            wait.await;
-                        }
-                    }
-                }
-                Some(d) => tokio::time::sleep_until(d).await,
-            }
-        }
-    }
-
-    /// Sends the lane's open batch if the ring has room; false if full.
-    fn flush_lane(&self, dest: usize) -> bool {
-        let lane = self.out[dest].as_ref().expect("lane exists");
-        let mut st = lane.state.borrow_mut();
-        let (builder, ring) = &mut *st;
-        if !builder.is_open() {
-            return true;
-        }
-        if ring.is_full() {
-            return false;
-        }
-        self.cross(builder, ring, dest);
-        true
-    }
-
-    fn inbound_pending(&self) -> bool {
-        self.inbound
-            .borrow()
-            .iter()
-            .flatten()
-            .any(|c| !c.is_empty())
-    }
-
-    /// Takes batches from the rings into this shard's sinks; runs for the
-    /// shard's life, parked while the rings are empty.
-    async fn inbound(self: Rc<Self>) {
-        loop {
-            let mut got = false;
-            for k in 0..self.shards {
-                loop {
-                    let popped = match self.inbound.borrow_mut()[k].as_mut() {
-                        Some(c) => c.pop().ok(),
-                        None => None,
-                    };
-                    let Some(mut batch) = popped else { break };
-                    got = true;
-                    self.inbound_busy.set(true);
-                    self.wakes[k].space.notify_waiters();
-                    for (e, rec) in batch.iter() {
-                        self.offer(e.source as usize, self.id, e.ts_ns, e.key_hash, rec)
-                            .await;
-                    }
-                    batch.clear();
-                    if let Some(p) = self.returns_out.borrow_mut()[k].as_mut() {
-                        // A full return ring cannot happen (it holds more than
-                        // can be in flight); if it did, the batch is freed.
-                        let _ = p.push(batch);
-                    }
-                }
-            }
-            let waiting: usize = self
-                .inbound
-                .borrow()
-                .iter()
-                .flatten()
-                .map(|c| c.slots())
-                .sum();
-            self.metrics.ring_batches.set(waiting as i64);
-            if got {
-                continue;
-            }
-            self.inbound_busy.set(false);
-            let wait = self.wakes[self.id].data.notified();
-            tokio::pin!(wait);
-            wait.as_mut().enable();
-            if self.inbound_pending() {
-                continue;
-            }
-            wait.await;
-        }
-    }
-
-    /// Registers a socket to shut down when the shard stops; returns its key.
-    pub fn watch_fd(&self, fd: RawFd) -> u64 {
-        let key = self.next_fd_key.get();
-        self.next_fd_key.set(key + 1);
-        self.open_fds.borrow_mut().insert(key, fd);
-        if self.stopping.get() {
-            // SAFETY: shutdown(2) on a descriptor the caller owns and keeps open.
-            unsafe { libc::shutdown(fd, libc::SHUT_RD) };
-        }
-        key
-    }
-
-    pub fn unwatch_fd(&self, key: u64) {
-        self.open_fds.borrow_mut().remove(&key);
-    }
-
-    /// Runs a source task, counting it so that stopping can wait for it.
-    pub fn spawn_source<F: std::future::Future<Output = ()> + 'static>(self: &Rc<Self>, task: F) {
-        self.active_sources.set(self.active_sources.get() + 1);
-        let shard = self.clone();
-        tokio_uring::spawn(async move {
-            task.await;
-            shard.active_sources.set(shard.active_sources.get() - 1);
-            shard.sources_changed.notify_waiters();
-        });
     }
 
     /// Runs the shard until it is told to stop, then drains it: sources end
     /// their reads, lanes cross, rings empty, sinks send what they hold.
-    pub async fn run(self: Rc<Self>, start_sources: impl FnOnce(&Rc<Shard>)) {
+    pub async fn run(self, start_sources: impl FnOnce(&Rc<Ingest>)) {
+        let ingest = &self.ingest;
         let mut senders = Vec::new();
-        for q in &self.sinks {
+        for q in &ingest.sinks {
             let rec = self
                 .recovered
                 .borrow_mut()
                 .get_mut(q.sink)
                 .and_then(Option::take);
-            senders.push(crate::sinks::spawn_sender(self.ctx.clone(), q.clone(), rec));
-            let q2 = q.clone();
-            tokio_uring::spawn(async move { q2.linger().await });
+            senders.push(crate::sinks::spawn_sender(
+                ingest.ctx.clone(),
+                q.clone(),
+                rec,
+            ));
         }
-        for dest in 0..self.shards {
-            if dest != self.id {
-                tokio_uring::spawn(self.clone().lane_linger(dest));
-            }
-        }
-        tokio_uring::spawn(self.clone().inbound());
-        start_sources(&self);
+        ingest.start();
+        start_sources(ingest);
 
         // Wait to be told to stop.
         loop {
@@ -479,48 +74,27 @@ impl Shard {
         }
 
         // 1. Sources: no new connections; every read in flight completes.
-        self.stopping.set(true);
-        self.stop_sources.notify_waiters();
-        for fd in self.open_fds.borrow().values() {
-            // SAFETY: the fds are open sockets owned by live source tasks.
-            unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
-        }
-        while self.active_sources.get() > 0 {
-            let wait = self.sources_changed.notified();
-            tokio::pin!(wait);
-            wait.as_mut().enable();
-            if self.active_sources.get() == 0 {
-                break;
-            }
-            wait.await;
-        }
+        ingest.stop_sources().await;
         // 2. Lanes: what is batched for other shards crosses.
-        for dest in 0..self.shards {
-            if dest == self.id {
-                continue;
-            }
-            while !self.flush_lane(dest) {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
+        ingest.flush_lanes().await;
         self.life.sources_done.fetch_add(1, Ordering::AcqRel);
 
         // 3. Rings: take everything the other shards send until they are done.
         loop {
-            let all_done = self.life.sources_done.load(Ordering::Acquire) == self.shards;
-            if all_done && !self.inbound_pending() && !self.inbound_busy.get() {
+            let all_done = self.life.sources_done.load(Ordering::Acquire) == ingest.shards;
+            if all_done && ingest.inbound_idle() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
 
         // 4. Sinks: seal and send what they hold, then stop.
-        for q in &self.sinks {
+        for q in &ingest.sinks {
             q.close();
         }
         for s in senders {
             let _ = s.await;
         }
-        debug_assert!(self.sinks.iter().all(|q| q.is_idle()));
+        debug_assert!(ingest.sinks.iter().all(|q| q.is_idle()));
     }
 }

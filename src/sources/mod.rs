@@ -1,4 +1,4 @@
-//! Sources: sockets in, records out to [`Shard::offer`].
+//! Sources: sockets in, records out to [`Ingest::offer`](crate::pipeline::ingest::Ingest::offer).
 //!
 //! Every shard binds its own socket per source with `SO_REUSEPORT`, so the
 //! kernel spreads peers over shards with no hand-off between threads.
@@ -10,7 +10,7 @@ pub mod tcp;
 pub mod udp;
 
 use crate::config::{SourceKind, SourcePlan};
-use crate::runtime::shard::Shard;
+use crate::pipeline::ingest::Ingest;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::rc::Rc;
 
@@ -93,7 +93,7 @@ fn set_receive_buffer(s: &Socket, bytes: usize) {
 }
 
 /// Starts the source tasks of one shard.
-pub fn start(shard: &Rc<Shard>, sockets: Vec<BoundSocket>) {
+pub fn start(shard: &Rc<Ingest>, sockets: Vec<BoundSocket>) {
     for s in sockets {
         match s {
             BoundSocket::Tcp { source, listener } => {

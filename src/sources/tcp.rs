@@ -19,11 +19,10 @@
 //! shard, naming the peer.
 
 use crate::codec::{Decoded, Decoder, End};
-use crate::config::{PartitionBy, SourcePlan, Utf8Policy, WhenExceeded};
+use crate::config::WhenExceeded;
 use crate::logging::LogEvery;
 use crate::metrics::{DropReason, SourceCounters};
-use crate::route::{owner, peer_key};
-use crate::runtime::shard::Shard;
+use crate::pipeline::ingest::Ingest;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -126,7 +125,7 @@ async fn sweep(conns: Rc<Conns>, idle_timeout: Duration) {
     }
 }
 
-pub async fn accept_loop(shard: Rc<Shard>, source: usize, listener: TcpListener) {
+pub async fn accept_loop(shard: Rc<Ingest>, source: usize, listener: TcpListener) {
     let plan = &shard.plan.sources[source];
     let counters = &shard.metrics.sources[source];
     let fd_key = shard.watch_fd(listener.as_raw_fd());
@@ -241,22 +240,8 @@ impl Dropped {
     }
 }
 
-/// Why a record cannot be taken, whatever the sinks' state.
-#[inline]
-fn refuse(plan: &SourcePlan, check_utf8: bool, record: &[u8]) -> Option<DropReason> {
-    if record.is_empty() {
-        Some(DropReason::Empty)
-    } else if check_utf8 && std::str::from_utf8(record).is_err() {
-        Some(DropReason::InvalidUtf8)
-    } else if plan.sinks.is_empty() {
-        Some(DropReason::NoSink)
-    } else {
-        None
-    }
-}
-
 async fn connection(
-    shard: &Rc<Shard>,
+    shard: &Rc<Ingest>,
     source: usize,
     stream: &TcpStream,
     peer: SocketAddr,
@@ -271,14 +256,7 @@ async fn connection(
     let mut capacity = IDLE_READ_BYTES.min(busy_capacity);
     let mut buf: Vec<u8> = Vec::with_capacity(capacity);
     let mut small_reads = 0u32;
-    let (key, dest) = match plan.partition_by {
-        PartitionBy::None => (0, shard.id),
-        PartitionBy::Peer => {
-            let k = peer_key(&peer);
-            (k, owner(k, shard.shards))
-        }
-    };
-    let check_utf8 = plan.utf8 == Utf8Policy::Drop;
+    let (key, dest) = shard.owner(source, &peer);
     let mut dropped = Dropped::default();
     let mut start = 0usize;
     let mut close_reason: Option<String> = None;
@@ -338,7 +316,7 @@ async fn connection(
                 Decoded::Record { record, consumed } => {
                     let from = start;
                     start += consumed;
-                    match refuse(plan, check_utf8, record) {
+                    match shard.refuse(source, record) {
                         None => {}
                         Some(DropReason::Empty) => {
                             dropped.empty += 1;
@@ -407,7 +385,7 @@ async fn connection(
                     start,
                 );
             }
-            End::Record(record) => match refuse(plan, check_utf8, record) {
+            End::Record(record) => match shard.refuse(source, record) {
                 None => {
                     let ts = shard.now_ns();
                     shard.offer(source, dest, ts, key, record).await;

@@ -10,11 +10,9 @@
 //! (`receive_buffer_bytes`).
 
 use crate::codec::datagram_record;
-use crate::config::{PartitionBy, Utf8Policy};
 use crate::logging::LogEvery;
 use crate::metrics::DropReason;
-use crate::route::{owner, peer_key};
-use crate::runtime::shard::Shard;
+use crate::pipeline::ingest::Ingest;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
@@ -137,9 +135,8 @@ impl Drain {
 
 /// What a source does with each datagram.
 struct Take<'a> {
-    shard: &'a Rc<Shard>,
+    shard: &'a Rc<Ingest>,
     source: usize,
-    check_utf8: bool,
     log_bad: LogEvery,
     log_full: LogEvery,
 }
@@ -152,16 +149,10 @@ impl Take<'_> {
         let counters = &shard.metrics.sources[self.source];
         counters.bytes.add(datagram.len() as u64);
         let record = datagram_record(datagram);
-        let reason = if record.is_empty() {
-            Some(DropReason::Empty)
-        } else if truncated || record.len() > plan.max_record_bytes {
+        let reason = if !record.is_empty() && (truncated || record.len() > plan.max_record_bytes) {
             Some(DropReason::Oversize)
-        } else if self.check_utf8 && std::str::from_utf8(record).is_err() {
-            Some(DropReason::InvalidUtf8)
-        } else if plan.sinks.is_empty() {
-            Some(DropReason::NoSink)
         } else {
-            None
+            shard.refuse(self.source, record)
         };
         if let Some(reason) = reason {
             counters.drop(reason, 1);
@@ -173,13 +164,7 @@ impl Take<'_> {
             }
             return;
         }
-        let (key, dest) = match plan.partition_by {
-            PartitionBy::None => (0, shard.id),
-            PartitionBy::Peer => {
-                let k = peer_key(&peer);
-                (k, owner(k, shard.shards))
-            }
-        };
+        let (key, dest) = shard.owner(self.source, &peer);
         if plan.rate_limit.is_some() && !shard.rate_admit(self.source) {
             // A datagram cannot wait: over the rate it is dropped, whatever
             // `when_exceeded` says.
@@ -204,7 +189,7 @@ impl Take<'_> {
     }
 }
 
-pub async fn receive_loop(shard: Rc<Shard>, source: usize, socket: std::net::UdpSocket) {
+pub async fn receive_loop(shard: Rc<Ingest>, source: usize, socket: std::net::UdpSocket) {
     let socket = tokio_uring::net::UdpSocket::from_std(socket);
     let fd = socket.as_raw_fd();
     let plan = &shard.plan.sources[source];
@@ -227,7 +212,6 @@ pub async fn receive_loop(shard: Rc<Shard>, source: usize, socket: std::net::Udp
     let mut take = Take {
         shard: &shard,
         source,
-        check_utf8: plan.utf8 == Utf8Policy::Drop,
         log_bad: LogEvery::new(Duration::from_secs(10)),
         log_full: LogEvery::new(Duration::from_secs(10)),
     };
@@ -237,7 +221,7 @@ pub async fn receive_loop(shard: Rc<Shard>, source: usize, socket: std::net::Udp
     // Stopping drops the receive in flight (tokio-uring cannot complete a
     // datagram receive that a shutdown(2) ended). A datagram that arrives in
     // that instant stays in the kernel buffer and dies with the socket.
-    let stop = shard.stop_sources.notified();
+    let stop = shard.stop_signal.notified();
     tokio::pin!(stop);
     stop.as_mut().enable();
     loop {

@@ -1,0 +1,527 @@
+//! The one handle every source offers its records through, per shard.
+//!
+//! An [`Ingest`] holds the shard's batch pool (through its [`SinkCtx`]), one
+//! [`SinkQueue`] per sink, one outbound lane (a [`BatchBuilder`] and a ring
+//! producer) per other shard, and the inbound ring consumers. A source checks
+//! a record with [`Ingest::refuse`] (the admission every source shares),
+//! picks its owner with [`Ingest::owner`], and calls [`Ingest::try_offer`]
+//! ("taken", or [`Blocked`]: a source that cannot wait drops and counts it)
+//! or [`Ingest::offer`] (waits while the destination is full). The record is
+//! appended to the owning shard's sink queues (here) or to the lane toward
+//! the owner (there). Nothing in it is shared with another thread except the
+//! ring ends, the wake-ups and the counters, so all of it lives in
+//! `Rc`/`RefCell` and never locks. The runtime's shard owns one and drives
+//! its lifecycle; sources see nothing of the runtime.
+
+use super::{SinkCtx, SinkQueue};
+use crate::config::{BatchLimits, PartitionBy, Plan, Utf8Policy};
+use crate::metrics::DropReason;
+use crate::metrics::ShardMetrics;
+use crate::record::{Batch, BatchBuilder, BatchPool};
+use crate::route::{ShardEnds, ShardWake};
+use rtrb::{Consumer, Producer};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Limits of the batches that cross from one shard to another. Small enough
+/// that a crossing adds little latency, large enough to pay per batch.
+pub const CROSSING_BATCH: BatchLimits = BatchLimits {
+    max_records: 1024,
+    max_bytes: 256 * 1024,
+    linger_ms: 1,
+};
+
+/// Why a record could not be taken now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blocked {
+    /// The queue of this sink (on this shard) is full.
+    Sink(usize),
+    /// The ring to this shard is full.
+    Ring(usize),
+}
+
+/// The batch being filled for another shard and the ring that carries it.
+struct OutLane {
+    state: RefCell<(BatchBuilder, Producer<Batch>)>,
+    opened: Notify,
+}
+
+pub struct Ingest {
+    pub id: usize,
+    pub shards: usize,
+    pub plan: Arc<Plan>,
+    pub metrics: Arc<ShardMetrics>,
+    /// Open connections per source, over all shards (`max_connections`).
+    pub connections: Arc<Vec<AtomicUsize>>,
+    /// Each source's ingress rate on this shard (`rate_limit`), if set.
+    rates: Vec<RefCell<Option<crate::limiter::IngressRate>>>,
+    pub sinks: Vec<Rc<SinkQueue>>,
+    /// What the shard's sinks may use of it (plan, counters, clock, pool).
+    pub ctx: Rc<SinkCtx>,
+    out: Vec<Option<OutLane>>,
+    inbound: RefCell<Vec<Option<Consumer<Batch>>>>,
+    returns_out: RefCell<Vec<Option<Producer<Batch>>>>,
+    returns_in: RefCell<Vec<Option<Consumer<Batch>>>>,
+    wakes: Arc<Vec<ShardWake>>,
+    inbound_busy: Cell<bool>,
+    /// Set when the shard begins to stop; sources finish their reads.
+    pub stopping: Rc<Cell<bool>>,
+    /// Sockets to shut down for reading when the shard stops.
+    open_fds: RefCell<HashMap<u64, RawFd>>,
+    next_fd_key: Cell<u64>,
+    /// Source tasks (listeners, connections, datagram loops) still running.
+    active_sources: Cell<usize>,
+    sources_changed: Notify,
+    /// Signalled once when the shard begins to stop.
+    pub stop_signal: Notify,
+}
+
+impl Ingest {
+    pub fn new(
+        plan: Arc<Plan>,
+        ends: ShardEnds,
+        metrics: Arc<ShardMetrics>,
+        connections: Arc<Vec<AtomicUsize>>,
+    ) -> Ingest {
+        let id = ends.shard;
+        let shards = plan.shards;
+        let sinks: Vec<Rc<SinkQueue>> = plan
+            .sinks
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Rc::new(SinkQueue::new(s, i, metrics.clone())))
+            .collect();
+        // Pool: a batch must take the largest record in one piece.
+        let record_bytes = plan.max_record_bytes() + 1;
+        let batch_bytes = plan
+            .sinks
+            .iter()
+            .map(|s| s.batch.max_bytes)
+            .chain([CROSSING_BATCH.max_bytes])
+            .max()
+            .unwrap_or(0)
+            .max(record_bytes);
+        let batch_records = plan
+            .sinks
+            .iter()
+            .map(|s| s.batch.max_records)
+            .chain([CROSSING_BATCH.max_records])
+            .max()
+            .unwrap_or(0)
+            .min(1 << 16);
+        // What the pool keeps is the sum of its consumers: per sink, its queue
+        // plus the open batch and the one being sent; per outbound lane, the
+        // open batch plus a full ring.
+        let keep = plan
+            .sinks
+            .iter()
+            .map(|s| s.queue_batches + 2)
+            .sum::<usize>()
+            + (shards - 1) * (crate::route::RING_BATCHES + 1);
+        let out = ends
+            .out
+            .into_iter()
+            .map(|p| {
+                p.map(|p| OutLane {
+                    state: RefCell::new((BatchBuilder::new(CROSSING_BATCH), p)),
+                    opened: Notify::new(),
+                })
+            })
+            .collect();
+        let stopping = Rc::new(Cell::new(false));
+        let ctx = Rc::new(SinkCtx::new(
+            id,
+            plan.clone(),
+            metrics.clone(),
+            stopping.clone(),
+            BatchPool::new(batch_records, batch_bytes, keep),
+        ));
+        Ingest {
+            ctx,
+            id,
+            shards,
+            sinks,
+            out,
+            inbound: RefCell::new(ends.inbound),
+            returns_out: RefCell::new(ends.returns_out),
+            returns_in: RefCell::new(ends.returns_in),
+            wakes: ends.wakes,
+            inbound_busy: Cell::new(false),
+            stopping: stopping.clone(),
+            open_fds: RefCell::new(HashMap::new()),
+            next_fd_key: Cell::new(0),
+            active_sources: Cell::new(0),
+            sources_changed: Notify::new(),
+            stop_signal: Notify::new(),
+            rates: plan
+                .sources
+                .iter()
+                .map(|s| {
+                    RefCell::new(
+                        s.rate_limit
+                            .map(|r| crate::limiter::IngressRate::new(r.per_shard_per_sec, 0)),
+                    )
+                })
+                .collect(),
+            plan,
+            metrics,
+            connections,
+        }
+    }
+
+    /// Wall-clock time, nanoseconds since the Unix epoch ([`SinkCtx::now_ns`](SinkCtx::now_ns)).
+    #[inline]
+    pub fn now_ns(&self) -> u64 {
+        self.ctx.now_ns()
+    }
+
+    /// Whether `source`'s rate limit admits one more record now (always,
+    /// without a limit).
+    #[inline]
+    pub fn rate_admit(&self, source: usize) -> bool {
+        match &mut *self.rates[source].borrow_mut() {
+            None => true,
+            Some(r) => r.try_take(self.ctx.clock.delta_as_nanos(0, self.ctx.clock.raw())),
+        }
+    }
+
+    /// Waits until `source`'s rate limit admits a record, then takes it
+    /// (`when_exceeded = "block"`: the connection is not read meanwhile).
+    pub async fn rate_wait(&self, source: usize) {
+        loop {
+            let wait = match &mut *self.rates[source].borrow_mut() {
+                None => return,
+                Some(r) => {
+                    let now = self.ctx.clock.delta_as_nanos(0, self.ctx.clock.raw());
+                    if r.try_take(now) {
+                        return;
+                    }
+                    r.wait_ns(now)
+                }
+            };
+            tokio::time::sleep(std::time::Duration::from_nanos(wait.max(1_000_000))).await;
+        }
+    }
+
+    /// Why `source` cannot take `record` whatever the sinks' state (the
+    /// admission every source shares): empty, not UTF-8 when the source
+    /// drops such records, or no sink reads the source.
+    #[inline]
+    pub fn refuse(&self, source: usize, record: &[u8]) -> Option<DropReason> {
+        let plan = &self.plan.sources[source];
+        if record.is_empty() {
+            Some(DropReason::Empty)
+        } else if plan.utf8 == Utf8Policy::Drop && std::str::from_utf8(record).is_err() {
+            Some(DropReason::InvalidUtf8)
+        } else if plan.sinks.is_empty() {
+            Some(DropReason::NoSink)
+        } else {
+            None
+        }
+    }
+
+    /// The partition key of records from `peer` and the shard that owns
+    /// them (`partition_by`).
+    #[inline]
+    pub fn owner(&self, source: usize, peer: &std::net::SocketAddr) -> (u32, usize) {
+        match self.plan.sources[source].partition_by {
+            PartitionBy::None => (0, self.id),
+            PartitionBy::Peer => {
+                let k = crate::route::peer_key(peer);
+                (k, crate::route::owner(k, self.shards))
+            }
+        }
+    }
+
+    /// Starts what moves records on this shard for its life: each sink
+    /// queue's linger, each outbound lane's linger, the inbound rings.
+    pub fn start(self: &Rc<Self>) {
+        for q in &self.sinks {
+            let q = q.clone();
+            tokio_uring::spawn(async move { q.linger().await });
+        }
+        for dest in 0..self.shards {
+            if dest != self.id {
+                tokio_uring::spawn(self.clone().lane_linger(dest));
+            }
+        }
+        tokio_uring::spawn(self.clone().inbound());
+    }
+
+    /// Stops the sources: no new connections; every read in flight
+    /// completes. Returns when every source task has ended.
+    pub async fn stop_sources(&self) {
+        self.stopping.set(true);
+        self.stop_signal.notify_waiters();
+        for fd in self.open_fds.borrow().values() {
+            // SAFETY: the fds are open sockets owned by live source tasks.
+            unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
+        }
+        while self.active_sources.get() > 0 {
+            let wait = self.sources_changed.notified();
+            tokio::pin!(wait);
+            wait.as_mut().enable();
+            if self.active_sources.get() == 0 {
+                break;
+            }
+            wait.await;
+        }
+    }
+
+    /// Sends every outbound lane's open batch across (waiting for room).
+    pub async fn flush_lanes(&self) {
+        for dest in 0..self.shards {
+            if dest == self.id {
+                continue;
+            }
+            while !self.flush_lane(dest) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+
+    /// Whether nothing waits in, or is being taken from, the inbound rings.
+    pub fn inbound_idle(&self) -> bool {
+        !self.inbound_pending() && !self.inbound_busy.get()
+    }
+
+    /// Takes back this shard's batches that other shards have emptied.
+    fn reclaim(&self) {
+        let mut returns = self.returns_in.borrow_mut();
+        let mut pool = self.ctx.pool.borrow_mut();
+        for c in returns.iter_mut().flatten() {
+            while let Ok(b) = c.pop() {
+                pool.give(b);
+            }
+        }
+    }
+
+    /// Appends a record bound for shard `dest` without waiting.
+    #[inline]
+    pub fn try_offer(
+        &self,
+        source: usize,
+        dest: usize,
+        ts_ns: u64,
+        key_hash: u32,
+        record: &[u8],
+    ) -> Result<(), Blocked> {
+        if dest == self.id {
+            let src = &self.plan.sources[source];
+            for &s in &src.sinks {
+                let q = &self.sinks[s];
+                if !q.drops_when_full && !q.has_room(record.len(), src.can_wait) {
+                    return Err(Blocked::Sink(s));
+                }
+            }
+            let mut pool = self.ctx.pool.borrow_mut();
+            for &s in &src.sinks {
+                let q = &self.sinks[s];
+                // drop_newest: nobody waits, so no headroom is kept either.
+                if q.has_room(record.len(), src.can_wait && !q.drops_when_full) {
+                    q.append(&mut pool, ts_ns, key_hash, source as u16, record);
+                } else {
+                    // when_full = "drop_newest" on a memory buffer.
+                    self.metrics.sinks[s].buffer_dropped.add(1);
+                }
+            }
+            return Ok(());
+        }
+        let lane = self.out[dest]
+            .as_ref()
+            .expect("a lane to every other shard");
+        let mut st = lane.state.borrow_mut();
+        let (builder, ring) = &mut *st;
+        if !builder.fits(record.len()) {
+            if ring.is_full() {
+                return Err(Blocked::Ring(dest));
+            }
+            self.cross(builder, ring, dest);
+        }
+        let opened = {
+            let mut pool = self.ctx.pool.borrow_mut();
+            builder.push(&mut pool, ts_ns, key_hash, source as u16, record)
+        };
+        if opened {
+            lane.opened.notify_one();
+        }
+        if builder.is_full() && !ring.is_full() {
+            self.cross(builder, ring, dest);
+        }
+        Ok(())
+    }
+
+    /// Seals the lane's open batch into the ring to `dest` (which has room).
+    fn cross(&self, builder: &mut BatchBuilder, ring: &mut Producer<Batch>, dest: usize) {
+        if let Some(b) = builder.seal() {
+            if ring.push(b).is_err() {
+                unreachable!("the caller checked the ring has room");
+            }
+            self.wakes[dest].data.notify_one();
+            self.reclaim();
+        }
+    }
+
+    /// Appends a record bound for shard `dest`, waiting while it is full.
+    #[inline]
+    pub async fn offer(
+        &self,
+        source: usize,
+        dest: usize,
+        ts_ns: u64,
+        key_hash: u32,
+        record: &[u8],
+    ) {
+        loop {
+            let blocked = match self.try_offer(source, dest, ts_ns, key_hash, record) {
+                Ok(()) => return,
+                Err(b) => b,
+            };
+            let notify = match blocked {
+                Blocked::Sink(s) => {
+                    self.metrics.sinks[s].backpressure_waits.add(1);
+                    &self.sinks[s].space
+                }
+                Blocked::Ring(_) => &self.wakes[self.id].space,
+            };
+            let wait = notify.notified();
+            tokio::pin!(wait);
+            wait.as_mut().enable();
+            if self
+                .try_offer(source, dest, ts_ns, key_hash, record)
+                .is_ok()
+            {
+                return;
+            }
+            wait.await;
+        }
+    }
+
+    /// Seals a lane's open batch once it has lingered; runs for the shard's
+    /// life.
+    async fn lane_linger(self: Rc<Self>, dest: usize) {
+        let lane = self.out[dest].as_ref().expect("lane exists");
+        loop {
+            let deadline = lane.state.borrow().0.deadline();
+            match deadline {
+                None => lane.opened.notified().await,
+                Some(d) if tokio::time::Instant::now() >= d => {
+                    if !self.flush_lane(dest) {
+                        let wait = self.wakes[self.id].space.notified();
+                        tokio::pin!(wait);
+                        wait.as_mut().enable();
+                        if !self.flush_lane(dest) {
+                            wait.await;
+                        }
+                    }
+                }
+                Some(d) => tokio::time::sleep_until(d).await,
+            }
+        }
+    }
+
+    /// Sends the lane's open batch if the ring has room; false if full.
+    fn flush_lane(&self, dest: usize) -> bool {
+        let lane = self.out[dest].as_ref().expect("lane exists");
+        let mut st = lane.state.borrow_mut();
+        let (builder, ring) = &mut *st;
+        if !builder.is_open() {
+            return true;
+        }
+        if ring.is_full() {
+            return false;
+        }
+        self.cross(builder, ring, dest);
+        true
+    }
+
+    fn inbound_pending(&self) -> bool {
+        self.inbound
+            .borrow()
+            .iter()
+            .flatten()
+            .any(|c| !c.is_empty())
+    }
+
+    /// Takes batches from the rings into this shard's sinks; runs for the
+    /// shard's life, parked while the rings are empty.
+    async fn inbound(self: Rc<Self>) {
+        loop {
+            let mut got = false;
+            for k in 0..self.shards {
+                loop {
+                    let popped = match self.inbound.borrow_mut()[k].as_mut() {
+                        Some(c) => c.pop().ok(),
+                        None => None,
+                    };
+                    let Some(mut batch) = popped else { break };
+                    got = true;
+                    self.inbound_busy.set(true);
+                    self.wakes[k].space.notify_waiters();
+                    for (e, rec) in batch.iter() {
+                        self.offer(e.source as usize, self.id, e.ts_ns, e.key_hash, rec)
+                            .await;
+                    }
+                    batch.clear();
+                    if let Some(p) = self.returns_out.borrow_mut()[k].as_mut() {
+                        // A full return ring cannot happen (it holds more than
+                        // can be in flight); if it did, the batch is freed.
+                        let _ = p.push(batch);
+                    }
+                }
+            }
+            let waiting: usize = self
+                .inbound
+                .borrow()
+                .iter()
+                .flatten()
+                .map(|c| c.slots())
+                .sum();
+            self.metrics.ring_batches.set(waiting as i64);
+            if got {
+                continue;
+            }
+            self.inbound_busy.set(false);
+            let wait = self.wakes[self.id].data.notified();
+            tokio::pin!(wait);
+            wait.as_mut().enable();
+            if self.inbound_pending() {
+                continue;
+            }
+            wait.await;
+        }
+    }
+
+    /// Registers a socket to shut down when the shard stops; returns its key.
+    pub fn watch_fd(&self, fd: RawFd) -> u64 {
+        let key = self.next_fd_key.get();
+        self.next_fd_key.set(key + 1);
+        self.open_fds.borrow_mut().insert(key, fd);
+        if self.stopping.get() {
+            // SAFETY: shutdown(2) on a descriptor the caller owns and keeps open.
+            unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+        }
+        key
+    }
+
+    pub fn unwatch_fd(&self, key: u64) {
+        self.open_fds.borrow_mut().remove(&key);
+    }
+
+    /// Runs a source task, counting it so that stopping can wait for it.
+    pub fn spawn_source<F: std::future::Future<Output = ()> + 'static>(self: &Rc<Self>, task: F) {
+        self.active_sources.set(self.active_sources.get() + 1);
+        let shard = self.clone();
+        tokio_uring::spawn(async move {
+            task.await;
+            shard.active_sources.set(shard.active_sources.get() - 1);
+            shard.sources_changed.notify_waiters();
+        });
+    }
+}
