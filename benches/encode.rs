@@ -8,9 +8,9 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
-use updraft::config::{Compression, Encoding};
 use updraft::limiter::{AdaptiveLimit, AdaptiveParams, Outcome};
 use updraft::record::{Batch, BatchView};
+use updraft::sinks::http::config::{Compression, Encoding};
 use updraft::sinks::http::encode::Encoder;
 
 const RECORDS: usize = 4096;

@@ -433,15 +433,16 @@ def updraft_tcp_counted(tmp, sink_kind, size, conns, shards, n):
     return row(f"tcp->{sink_kind}", "updraft", size, conns, shards, delivered / took, None, cpu, rss, n, n - delivered)
 
 
-def updraft_tcp_http(tmp, size, conns, shards, n, compression):
+def updraft_tcp_http(tmp, size, conns, shards, n, compression, buffer=""):
     """tcp -> http (raw lines, one batch per POST) -> loadgen's HTTP endpoint."""
     sink = free_port()
     rx = receiver(sink, n, 120, "http")
-    c, src = updraft(tmp, shards, "tcp", ("http", sink, compression))
+    c, src = updraft(tmp, shards, "tcp", ("http", sink, compression), buffer)
     send(src, "tcp", conns, n, size)
     r = finish(rx)
     cpu, rss = c.usage()
     c.stop()
+    shutil.rmtree(os.path.join(tmp, "data"), ignore_errors=True)
     h = r["http"]
     ratio = h["plain_bytes"] / h["body_bytes"] if h["body_bytes"] else 0
     out = row(f"tcp->http ({compression})", "updraft", size, conns, shards, r["records_per_sec"], r["latency_us"],
@@ -665,6 +666,72 @@ def plot(rows, out_dir):
     fig.savefig(os.path.join(out_dir, "latency.png"), dpi=110)
 
 
+# --- two builds side by side ---------------------------------------------------
+
+def against(a, tmp):
+    """tcp->tcp and tcp->http, memory and disk buffers, this build against
+    another (--against BIN), in alternating pairs (the order flips each pair,
+    so drift on a shared machine falls on both); per scenario the median of
+    each build and every pair's ratio, which shows the run-to-run noise."""
+    global UPDRAFT
+    builds = [("before", os.path.abspath(a.against)), ("after", UPDRAFT)]
+    n = a.count or count_for(256, a.quick)
+    disk = '[sinks.out.buffer]\ntype = "disk"'
+    scenarios = [
+        ("tcp->tcp memory", lambda: updraft_tcp_forward(tmp, 256, 4, 2, n)),
+        ("tcp->tcp disk", lambda: updraft_tcp_disk(tmp, 256, 4, 2, n)),
+        ("tcp->http memory", lambda: updraft_tcp_http(tmp, 256, 4, 2, n, "none")),
+        ("tcp->http disk", lambda: updraft_tcp_http(tmp, 256, 4, 2, n, "none", disk)),
+    ]
+    table = []
+    for name, run in scenarios:
+        runs = {"before": [], "after": []}
+        for k in range(a.pairs):
+            order = builds if k % 2 == 0 else builds[::-1]
+            for who, binary in order:
+                UPDRAFT = binary
+                r = run()
+                runs[who].append(r)
+                print(f"  {name:17} {who:6} {r['records_per_sec']:>12,.0f} rec/s "
+                      f"cpu {r['cpu_s_per_million'] or 0:.3f} s/M rss {r['peak_rss_mib'] or 0:.0f} MiB "
+                      f"lost {r['lost']} dup {r['duplicates']}", flush=True)
+        UPDRAFT = builds[1][1]
+        med = lambda xs, key: sorted(x[key] or 0 for x in xs)[len(xs) // 2]
+        ratios = [y["records_per_sec"] / x["records_per_sec"] for x, y in zip(runs["before"], runs["after"])]
+        cpu_ratios = [(y["cpu_s_per_million"] or 0) / (x["cpu_s_per_million"] or 1)
+                      for x, y in zip(runs["before"], runs["after"])]
+        table.append({
+            "scenario": name,
+            "before_rps": med(runs["before"], "records_per_sec"), "after_rps": med(runs["after"], "records_per_sec"),
+            "before_cpu": med(runs["before"], "cpu_s_per_million"), "after_cpu": med(runs["after"], "cpu_s_per_million"),
+            "before_rss": med(runs["before"], "peak_rss_mib"), "after_rss": med(runs["after"], "peak_rss_mib"),
+            "ratios": ratios, "cpu_ratios": cpu_ratios,
+            "lost": sum(x["lost"] for v in runs.values() for x in v),
+            "dup": sum(x["duplicates"] for v in runs.values() for x in v),
+            "runs": runs,
+        })
+    lines = [f"# {builds[1][1]} against {builds[0][1]}", "",
+             f"{a.pairs} alternating pairs per scenario, 256 B x 4 connections, 2 shards, {n} records per run, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs", "",
+             "| scenario | before rec/s | after rec/s | after/before (median of pairs) | pair ratios | "
+             "CPU s/M before | after | CPU after/before (median) | RSS MiB before | after | lost | dup |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for t in table:
+        r = sorted(t["ratios"])[len(t["ratios"]) // 2]
+        c = sorted(t["cpu_ratios"])[len(t["cpu_ratios"]) // 2]
+        lines.append(f"| {t['scenario']} | {t['before_rps']:,.0f} | {t['after_rps']:,.0f} | {r:.2f} | "
+                     + ", ".join(f"{x:.2f}" for x in t["ratios"])
+                     + f" | {t['before_cpu']:.3f} | {t['after_cpu']:.3f} | {c:.2f} | "
+                     f"{t['before_rss']:.0f} | {t['after_rss']:.0f} | {t['lost']} | {t['dup']} |")
+    md = "\n".join(lines) + "\n"
+    with open(os.path.join(a.out, "against.json"), "w") as f:
+        json.dump(table, f, indent=1)
+    with open(os.path.join(a.out, "against.md"), "w") as f:
+        f.write(md)
+    print(md)
+    print(f"written: {a.out}/against.json, against.md")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="about a minute: 256 B, 4 connections")
@@ -675,8 +742,19 @@ def main():
                          "longer runs show steady state rather than start-up")
     ap.add_argument("--only", choices=["all", "http", "disk"], default="all",
                     help="http or disk: only 256 B x 4 connections, the ceilings, memory mode and that scenario")
+    ap.add_argument("--against", metavar="BIN",
+                    help="compare with another updraft binary: tcp->tcp and tcp->http, memory and disk, "
+                         "in alternating pairs (writes against.md and against.json)")
+    ap.add_argument("--pairs", type=int, default=5, help="pairs per scenario with --against")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
+    if a.against:
+        tmp = tempfile.mkdtemp(prefix="updraft-bench-")
+        try:
+            against(a, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     if a.replot:
         with open(os.path.join(a.out, "results.json")) as f:
             plot(json.load(f)["rows"], a.out)

@@ -5,7 +5,9 @@
 # not). `scripts/bench.sh --quick` takes about a minute; without it, about ten;
 # `--only http` or `--only disk`: 256 B x 4 connections, ceilings, memory mode
 # and that scenario, full length (a few minutes; disk beside memory as 3
-# alternating pairs, rows the median run).
+# alternating pairs, rows the median run). `--against OLD_BIN [--pairs N]`:
+# this build against another, tcp->tcp and tcp->http, memory and disk, in
+# alternating pairs (bench-results/against.md).
 # Results: bench-results/{results.json,results.md,throughput.png,latency.png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -6,22 +6,33 @@
 //!    `SO_REUSEPORT`, so the kernel spreads peers over shards.
 //! 2. [`codec`] cuts the bytes into records (newline, octet counting,
 //!    length-prefixed, one per datagram) without copying or allocating.
-//! 3. [`route`] picks the shard that owns each record (`partition_by`); records
-//!    for another shard travel in whole batches through an `rtrb` SPSC ring of
-//!    the N×N mesh.
+//! 3. Every source offers its records through one handle, the shard's
+//!    [`pipeline::ingest::Ingest`]: the shared admission checks, the owner
+//!    shard ([`route`], `partition_by`), and the offer — taken, or blocked
+//!    (a source that can wait is held back; one that cannot counts a drop).
+//!    Records for another shard travel in whole batches through an `rtrb`
+//!    SPSC ring of the N×N mesh.
 //! 4. [`record`] holds them in a [`record::Batch`]: one payload buffer and one
 //!    fixed-size [`record::Entry`] per record, taken from and returned to a
 //!    per-shard pool; its rkyv archive is the unit the write-ahead log stores.
-//! 5. [`sinks`] accumulate batches per sink (count, bytes, linger), hold them in
-//!    a bounded queue and write them out (TCP, file, HTTP, blackhole). A full queue
-//!    stops TCP sources reading and makes UDP sources count drops.
-//!    With `buffer.type = "disk"`, sealed batches pass through the [`wal`]
+//! 5. Each sink accumulates batches per shard in a bounded
+//!    [`pipeline::SinkQueue`] (count, bytes, linger; headroom kept for sources
+//!    that cannot wait). A memory buffer hands sealed batches straight to the
+//!    sink's output; with `buffer.type = "disk"` they pass through the [`wal`]
 //!    (write-ahead log, group-committed) first and are sent once durable.
+//!    Either buffer sees an output only through [`pipeline::Deliver`]; the
+//!    outputs ([`sinks`]: TCP, file, HTTP, blackhole) are one folder per kind,
+//!    registered in one line each.
 //! 6. [`metrics`] sums per-shard counters into Prometheus text, off the hot path.
 //!
-//! [`config`] turns the user's TOML into a validated [`config::Plan`] and
-//! [`runtime`] starts one shard per core and stops them on a signal;
+//! [`config`] turns the user's TOML into a validated [`config::Plan`] (each
+//! sink kind reads its own keys) and [`runtime`] starts one shard per core,
+//! runs its sinks' senders and sources, and stops them in order on a signal;
 //! [`logging`] keeps log output from ever taking the collector down.
+//!
+//! Layering (kept by `tests/it/layout.rs`): sources and sinks meet only in
+//! [`pipeline`]; neither they nor the [`wal`] import the [`runtime`]; the
+//! [`wal`] imports no sink; [`pipeline`] imports none of them.
 
 pub mod codec;
 pub mod config;

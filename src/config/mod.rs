@@ -4,15 +4,19 @@
 //! Parsing rejects unknown keys; validation rejects bad addresses, inputs that
 //! name no source and keys that do not belong to a component's type. Every
 //! error names the key it is about (`sinks.up.batch.max_records`), because a
-//! user fixing a config file needs nothing else. Beyond reading the file, the
-//! I/O here is what a plan must check before it can work: the http sink
-//! resolves its host and reads its CA file ([`http`]), and the directories
-//! and files the collector will write are checked to exist (or be creatable)
-//! and be writable ([`Plan::check_paths`]).
+//! user fixing a config file needs nothing else.
+//!
+//! The keys every sink takes (`type`, `inputs`, `batch`, `buffer`, `retry`)
+//! are read here; the rest of a `[sinks.X]` table belongs to its kind and is
+//! handed to [`crate::sinks::plan`], which finds the kind in the sinks'
+//! registration (the one place config knows of sink kinds; each kind reads
+//! and checks its own keys in its folder). Beyond reading the file, the I/O
+//! here is what a plan must check before it can work: the http sink
+//! resolves its host and reads its CA file, and the directories and files
+//! the collector will write are checked to exist (or be creatable) and be
+//! writable ([`Plan::check_paths`]).
 
-pub mod http;
-
-pub use http::{Compression, Concurrency, Encoding, HttpTarget};
+use crate::sinks::{PlanCx, Target};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -84,7 +88,8 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
-fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+/// An error in the value of `key`.
+pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         message: message.into(),
@@ -189,33 +194,18 @@ pub struct RateLimitPlan {
     pub when_exceeded: WhenExceeded,
 }
 
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum SinkKind {
-    Tcp,
-    File,
-    Http,
-    Blackhole,
-}
-
+/// A `[sinks.X]` table: the keys every sink takes, and the kind's own
+/// (`options`, read by the kind: unknown ones are refused there).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SinkConfig {
     #[serde(rename = "type")]
-    pub kind: SinkKind,
+    pub kind: String,
     pub inputs: Vec<String>,
-    pub address: Option<String>,
-    pub path: Option<PathBuf>,
-    pub uri: Option<String>,
-    pub encoding: Option<Encoding>,
-    pub compression: Option<Compression>,
-    pub headers: Option<BTreeMap<String, String>>,
-    pub idempotency_header: Option<String>,
-    pub request: Option<http::RequestConfig>,
-    pub tls: Option<http::TlsConfig>,
     pub batch: Option<BatchConfig>,
     pub buffer: Option<BufferConfig>,
     pub retry: Option<RetryConfig>,
+    #[serde(flatten)]
+    pub options: toml::Table,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -303,17 +293,10 @@ pub struct SourcePlan {
 }
 
 #[derive(Debug, Clone)]
-pub enum SinkTarget {
-    Tcp { address: SocketAddr },
-    File { path: PathBuf },
-    Http(Box<HttpTarget>),
-    Blackhole,
-}
-
-#[derive(Debug, Clone)]
 pub struct SinkPlan {
     pub name: String,
-    pub target: SinkTarget,
+    /// The kind and its resolved keys.
+    pub target: Target,
     /// Ids of the sources this sink takes.
     pub inputs: Vec<usize>,
     pub batch: BatchLimits,
@@ -357,18 +340,8 @@ pub struct RetryPlan {
     pub max_backoff_ms: u64,
 }
 
-impl SinkTarget {
-    pub fn kind_name(&self) -> &'static str {
-        match self {
-            SinkTarget::Tcp { .. } => "tcp",
-            SinkTarget::File { .. } => "file",
-            SinkTarget::Http(_) => "http",
-            SinkTarget::Blackhole => "blackhole",
-        }
-    }
-}
-
-fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+/// An `IP:PORT` address, or an error naming `key`.
+pub fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     value.parse().map_err(|_| {
         invalid(
             key,
@@ -580,81 +553,14 @@ impl Plan {
                     format!("a sink's name is 1 to {SINK_NAME_BYTES_MAX} letters, digits, '_', '-' or '.', not starting with '.' (it names a directory)"),
                 ));
             }
-            let target = match k.kind {
-                SinkKind::Tcp => {
-                    let a = k.address.as_deref().ok_or_else(|| {
-                        invalid(key("address"), "a tcp sink needs an address (IP:PORT)")
-                    })?;
-                    if k.path.is_some() {
-                        return Err(invalid(
-                            key("path"),
-                            "a tcp sink takes an address, not a path",
-                        ));
-                    }
-                    SinkTarget::Tcp {
-                        address: parse_addr(&key("address"), a)?,
-                    }
-                }
-                SinkKind::File => {
-                    let p = k
-                        .path
-                        .clone()
-                        .ok_or_else(|| invalid(key("path"), "a file sink needs a path"))?;
-                    if k.address.is_some() {
-                        return Err(invalid(
-                            key("address"),
-                            "a file sink takes a path, not an address",
-                        ));
-                    }
-                    SinkTarget::File { path: p }
-                }
-                SinkKind::Http => {
-                    if k.address.is_some() || k.path.is_some() {
-                        return Err(invalid(
-                            key(if k.address.is_some() {
-                                "address"
-                            } else {
-                                "path"
-                            }),
-                            "an http sink takes a uri, not an address or path",
-                        ));
-                    }
-                    SinkTarget::Http(Box::new(http::plan(
-                        name,
-                        k.uri.as_deref(),
-                        k.encoding,
-                        k.compression,
-                        k.headers.as_ref(),
-                        k.idempotency_header.as_deref(),
-                        k.request.as_ref(),
-                        k.tls.as_ref(),
-                        &data_dir,
-                    )?))
-                }
-                SinkKind::Blackhole => {
-                    if k.address.is_some() || k.path.is_some() {
-                        return Err(invalid(
-                            key("type"),
-                            "a blackhole sink takes neither address nor path",
-                        ));
-                    }
-                    SinkTarget::Blackhole
-                }
-            };
-            if k.kind != SinkKind::Http {
-                let http_only = [
-                    ("uri", k.uri.is_some()),
-                    ("encoding", k.encoding.is_some()),
-                    ("compression", k.compression.is_some()),
-                    ("headers", k.headers.is_some()),
-                    ("idempotency_header", k.idempotency_header.is_some()),
-                    ("request", k.request.is_some()),
-                    ("tls", k.tls.is_some()),
-                ];
-                if let Some((x, _)) = http_only.iter().find(|(_, set)| *set) {
-                    return Err(invalid(key(x), "only an http sink takes this key"));
-                }
-            }
+            let target = crate::sinks::plan(
+                &k.kind,
+                k.options.clone(),
+                &PlanCx {
+                    name,
+                    data_dir: &data_dir,
+                },
+            )?;
             if k.inputs.is_empty() {
                 return Err(invalid(key("inputs"), "list at least one source"));
             }
@@ -855,7 +761,7 @@ impl Plan {
     pub fn uses_data_dir(&self) -> bool {
         self.sinks
             .iter()
-            .any(|s| s.buffer.kind == BufferKind::Disk || matches!(s.target, SinkTarget::Http(_)))
+            .any(|s| s.buffer.kind == BufferKind::Disk || s.target.uses_data_dir())
     }
 
     /// Checks what can be checked before start of the paths the collector
@@ -876,34 +782,10 @@ impl Plan {
                     writable_dir(&key("buffer"), &s.buffer.dir.join(k.to_string()))?;
                 }
             }
-            if let SinkTarget::File { path } = &s.target {
-                match std::fs::metadata(path) {
-                    Ok(m) if m.is_dir() => {
-                        return Err(invalid(
-                            key("path"),
-                            format!("{} is a directory, not a file", path.display()),
-                        ))
-                    }
-                    Ok(_) => may_write(&key("path"), path)?,
-                    Err(_) => {
-                        let parent = match path.parent() {
-                            Some(p) if !p.as_os_str().is_empty() => p,
-                            _ => Path::new("."),
-                        };
-                        match std::fs::metadata(parent) {
-                            Ok(m) if m.is_dir() => may_write(&key("path"), parent)?,
-                            Ok(_) => {
-                                return Err(invalid(
-                                    key("path"),
-                                    format!("{} is not a directory", parent.display()),
-                                ))
-                            }
-                            Err(_) => tracing::warn!(sink = %s.name, path = %path.display(),
-                                "the file sink's directory does not exist (yet): batches wait until it does"),
-                        }
-                    }
-                }
-            }
+            s.target.check(&PlanCx {
+                name: &s.name,
+                data_dir: &self.data_dir,
+            })?;
         }
         Ok(())
     }
@@ -952,7 +834,7 @@ fn writable_dir(key: &str, path: &Path) -> Result<(), ConfigError> {
 
 /// `access(2)`: whether this process may write `path` (a read-only file
 /// system, a directory or file it has no write permission on).
-fn may_write(key: &str, path: &Path) -> Result<(), ConfigError> {
+pub fn may_write(key: &str, path: &Path) -> Result<(), ConfigError> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| invalid(key, format!("{} contains a NUL byte", path.display())))?;

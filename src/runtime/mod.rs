@@ -291,7 +291,7 @@ pub fn start(plan: Plan) -> Result<Running, StartError> {
         plan.sources.iter().map(|s| s.name.clone()).collect(),
         plan.sinks
             .iter()
-            .map(|s| (s.name.clone(), s.target.kind_name()))
+            .map(|s| (s.name.clone(), s.target.kind()))
             .collect(),
         n,
     ));

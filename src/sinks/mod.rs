@@ -1,108 +1,207 @@
 //! Sinks: where batches leave the collector.
 //!
-//! Each sink has one [`SinkQueue`] per shard (in [`crate::pipeline`]): the
-//! batch being filled and a bounded queue of sealed batches. The sink's
-//! sender takes sealed batches and hands them to its [`Output`], which
-//! implements [`Deliver`]: stream outputs ([`tcp`], [`file`], blackhole)
-//! keep a batch until it is written, retrying with [`util::Backoff`]; the
-//! [`http`] output takes whole batches and acknowledges each. With a memory
-//! buffer a sent batch goes back to the shard's pool; with a disk buffer
-//! ([`crate::wal::driver`], which knows only the [`Deliver`] contract)
-//! batches pass through the write-ahead log first and the output sends
-//! them from there.
+//! Every sink kind is one folder here and one line in the [`sinks!`]
+//! registration at the bottom of this file. A folder provides a type that
+//! implements [`Kind`]: its own keys (`Config`, with unknown keys refused),
+//! what they become once resolved and checked at start (`Target`), and its
+//! per-shard `Output`, which implements [`Deliver`] (the contract in
+//! [`crate::pipeline`]). The registration turns that into the closed set the
+//! rest of the collector sees: [`Target`] (inside each
+//! [`SinkPlan`](crate::config::SinkPlan)), [`plan`] (the config asks it to
+//! resolve a `[sinks.X]` table by its `type`) and [`Output`] (one enum, so
+//! the per-batch call is a static match, never a virtual call).
+//!
+//! Around the outputs, written once: the sink queue and batching
+//! ([`crate::pipeline::SinkQueue`]), the memory buffer's sender
+//! ([`run_memory`]), the disk buffer ([`crate::wal::driver`], which knows
+//! only [`Deliver`]), the connect–write–retry loop of stream outputs
+//! ([`util::stream`]) and retry timing ([`util::Backoff`]).
 
-pub mod file;
-pub mod http;
-pub mod tcp;
 pub mod util;
 
-use crate::config::SinkTarget;
-use crate::pipeline::{BatchId, Deliver, SinkCtx, SinkQueue};
+use crate::config::{ConfigError, SinkPlan};
+use crate::pipeline::{Ack, BatchId, Deliver, SinkCtx, SinkQueue};
 use crate::record::{BatchView, FrameBuf, Payload, HEADROOM};
+use std::path::Path;
 use std::rc::Rc;
 use tokio_uring::buf::BoundedBuf;
 
-/// Where one sink's batches go from one shard.
-///
-/// Stream outputs (tcp, file, blackhole) take a batch's newline-delimited
-/// payload with [`deliver`](Output::deliver) and are done with it when that
-/// returns. The http output takes the batch itself ([`http::HttpOutput::submit`])
-/// because it encodes it, keeps several requests in flight, and acknowledges
-/// each batch (through `ack`) when its request succeeds.
-pub enum Output {
-    Tcp(tcp::TcpOutput),
-    File(file::FileOutput),
-    Http(http::HttpOutput),
-    Blackhole,
-}
+/// What a sink kind's folder provides.
+pub trait Kind {
+    /// The value of `type` that picks this kind.
+    const NAME: &'static str;
+    /// The kind's own keys of a `[sinks.X]` table (beside `type`, `inputs`,
+    /// `batch`, `buffer` and `retry`, which every sink takes); unknown keys
+    /// are refused (`#[serde(deny_unknown_fields)]`).
+    type Config: serde::de::DeserializeOwned;
+    /// The keys resolved and checked, once, at start.
+    type Target: std::fmt::Debug + Clone + Send + Sync;
+    /// One shard's output.
+    type Output: Deliver;
 
-impl Output {
-    /// `ack` is called with a batch's id once an http request delivered it
-    /// (disk buffers); stream outputs are acknowledged by their caller.
-    pub fn new(shard: &Rc<SinkCtx>, sink: usize, ack: Option<http::Ack>) -> Output {
-        match shard.plan.sinks[sink].target.clone() {
-            SinkTarget::Tcp { address } => Output::Tcp(tcp::TcpOutput::new(shard, sink, address)),
-            SinkTarget::File { path } => Output::File(file::FileOutput::new(shard, sink, path)),
-            SinkTarget::Http(t) => Output::Http(http::HttpOutput::new(shard, sink, *t, ack)),
-            SinkTarget::Blackhole => Output::Blackhole,
-        }
+    fn plan(config: Self::Config, cx: &PlanCx<'_>) -> Result<Self::Target, ConfigError>;
+    /// Builds a shard's output; `ack` is given to batch outputs under a
+    /// disk buffer (called with each batch's id once delivered).
+    fn output(
+        cx: &Rc<SinkCtx>,
+        sink: usize,
+        target: &Self::Target,
+        ack: Option<Ack>,
+    ) -> Self::Output;
+    /// Whether the sink writes under `data_dir` (then the collector locks it).
+    fn uses_data_dir(_target: &Self::Target) -> bool {
+        false
+    }
+    /// Checks what can be checked before start on this machine (paths).
+    fn check(_target: &Self::Target, _cx: &PlanCx<'_>) -> Result<(), ConfigError> {
+        Ok(())
     }
 }
 
-impl Deliver for Output {
-    fn takes_batches(&self) -> bool {
-        matches!(self, Output::Http(_))
-    }
+/// What a sink's plan may know of the rest of the config.
+pub struct PlanCx<'a> {
+    /// The sink's name (`[sinks.<name>]`).
+    pub name: &'a str,
+    pub data_dir: &'a Path,
+}
 
-    /// Delivers newline-delimited records, retrying until they are taken;
-    /// gives the buffer back (`Ok`). With `give_up`, no attempt starts after
-    /// it (`Err`: not delivered); an attempt under way is never cut off.
-    async fn deliver<B: tokio_uring::buf::BoundedBuf>(
-        &mut self,
-        shard: &SinkCtx,
-        buf: B,
-        give_up: Option<tokio::time::Instant>,
-    ) -> Result<B, B> {
-        match self {
-            Output::Tcp(o) => o.deliver(shard, buf, give_up).await,
-            Output::File(o) => o.deliver(shard, buf, give_up).await,
-            Output::Http(_) => unreachable!("an http output takes batches through submit"),
-            Output::Blackhole => Ok(buf),
+impl PlanCx<'_> {
+    /// The full name of one of the sink's keys, for error messages.
+    pub fn key(&self, key: &str) -> String {
+        format!("sinks.{}.{key}", self.name)
+    }
+}
+
+/// Reads a kind's keys from what the `[sinks.X]` table holds beyond the
+/// common ones, naming the key that is wrong.
+fn config_of<C: serde::de::DeserializeOwned>(
+    cx: &PlanCx<'_>,
+    options: toml::Table,
+) -> Result<C, ConfigError> {
+    serde_path_to_error::deserialize(toml::Value::Table(options)).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." {
+            format!("sinks.{}", cx.name)
+        } else {
+            cx.key(&path)
+        };
+        ConfigError::Parse {
+            key,
+            message: e.into_inner().message().trim_end().to_string(),
         }
-    }
+    })
+}
 
-    async fn submit(&mut self, batch: BatchView<'_>, id: Option<BatchId>) {
-        match self {
-            Output::Http(h) => h.submit(batch, id).await,
-            _ => unreachable!("stream outputs take payloads through deliver"),
+/// Generates, from one line per sink kind, the closed set the collector
+/// sees: [`Target`], [`KINDS`], [`plan`] and [`Output`] with its
+/// [`Deliver`] (a static match per batch).
+macro_rules! sinks {
+    ($($variant:ident => $module:ident),* $(,)?) => {
+        $(pub mod $module;)*
+
+        /// A sink's resolved keys, by kind.
+        #[derive(Debug, Clone)]
+        pub enum Target {
+            $($variant(<$module::Sink as Kind>::Target),)*
         }
-    }
 
-    async fn close(&mut self, shard: &SinkCtx) {
-        match self {
-            Output::Tcp(o) => o.close(shard),
-            Output::File(o) => o.close(shard).await,
-            Output::Http(o) => {
-                o.close(std::time::Duration::from_millis(
-                    shard.plan.shutdown_timeout_ms / 2,
-                ))
-                .await
+        /// The values `type` may take.
+        pub const KINDS: &[&str] = &[$(<$module::Sink as Kind>::NAME,)*];
+
+        impl Target {
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(Target::$variant(_) => <$module::Sink as Kind>::NAME,)*
+                }
             }
-            Output::Blackhole => {}
+
+            /// Whether the sink writes under `data_dir`.
+            pub fn uses_data_dir(&self) -> bool {
+                match self {
+                    $(Target::$variant(t) => <$module::Sink as Kind>::uses_data_dir(t),)*
+                }
+            }
+
+            /// Checks the sink's paths on this machine before start.
+            pub fn check(&self, cx: &PlanCx<'_>) -> Result<(), ConfigError> {
+                match self {
+                    $(Target::$variant(t) => <$module::Sink as Kind>::check(t, cx),)*
+                }
+            }
         }
-    }
+
+        /// Resolves a `[sinks.X]` table's own keys (`options`) for its
+        /// `type` (`kind`).
+        pub fn plan(kind: &str, options: toml::Table, cx: &PlanCx<'_>) -> Result<Target, ConfigError> {
+            $(
+                if kind == <$module::Sink as Kind>::NAME {
+                    let c = config_of(cx, options)?;
+                    return Ok(Target::$variant(<$module::Sink as Kind>::plan(c, cx)?));
+                }
+            )*
+            Err(ConfigError::Invalid {
+                key: cx.key("type"),
+                message: format!("unknown sink type {kind:?} (types: {})", KINDS.join(", ")),
+            })
+        }
+
+        /// One sink's output on one shard.
+        pub enum Output {
+            $($variant(<$module::Sink as Kind>::Output),)*
+        }
+
+        impl Output {
+            pub fn new(cx: &Rc<SinkCtx>, sink: usize, ack: Option<Ack>) -> Output {
+                match &cx.plan.sinks[sink].target {
+                    $(Target::$variant(t) => Output::$variant(<$module::Sink as Kind>::output(cx, sink, t, ack)),)*
+                }
+            }
+        }
+
+        impl Deliver for Output {
+            fn takes_batches(&self) -> bool {
+                match self {
+                    $(Output::$variant(o) => o.takes_batches(),)*
+                }
+            }
+
+            async fn deliver<B: BoundedBuf>(
+                &mut self,
+                cx: &SinkCtx,
+                buf: B,
+                give_up: Option<tokio::time::Instant>,
+            ) -> Result<B, B> {
+                match self {
+                    $(Output::$variant(o) => o.deliver(cx, buf, give_up).await,)*
+                }
+            }
+
+            async fn submit(&mut self, batch: BatchView<'_>, id: Option<BatchId>) {
+                match self {
+                    $(Output::$variant(o) => o.submit(batch, id).await,)*
+                }
+            }
+
+            async fn close(&mut self, cx: &SinkCtx) {
+                match self {
+                    $(Output::$variant(o) => o.close(cx).await,)*
+                }
+            }
+        }
+    };
 }
 
-/// Sends a memory buffer's batches: each payload is delivered whole, then
-/// the batch goes back to the pool.
-async fn run_memory(shard: Rc<SinkCtx>, queue: Rc<SinkQueue>) {
-    let mut out = Output::new(&shard, queue.sink, None);
-    let counters = &shard.metrics.sinks[queue.sink];
+/// Sends a memory buffer's batches: each payload is delivered whole (or the
+/// batch submitted, for a batch output), then the batch goes back to the
+/// pool.
+async fn run_memory(cx: Rc<SinkCtx>, queue: Rc<SinkQueue>) {
+    let mut out = Output::new(&cx, queue.sink, None);
+    let counters = &cx.metrics.sinks[queue.sink];
     while let Some(mut batch) = queue.next().await {
         if out.takes_batches() {
             // Encoded into the request's own buffer: the batch is free now.
             out.submit(BatchView::Native(&batch), None).await;
-            shard.recycle(batch);
+            cx.recycle(batch);
             continue;
         }
         let bytes = batch.payload_bytes();
@@ -111,34 +210,43 @@ async fn run_memory(shard: Rc<SinkCtx>, queue: Rc<SinkQueue>) {
         let end = HEADROOM + bytes;
         // A memory buffer holds nothing after the process: keep trying until
         // the shutdown timeout ends the process.
-        let (Ok(buf) | Err(buf)) = out.deliver(&shard, buf.slice(HEADROOM..end), None).await;
+        let (Ok(buf) | Err(buf)) = out.deliver(&cx, buf.slice(HEADROOM..end), None).await;
         batch.payload = Payload::from_buffer(buf.into_inner().0);
         counters.records.add(batch.len() as u64);
         counters.bytes.add(bytes as u64);
         counters.batches.add(1);
-        shard.recycle(batch);
+        cx.recycle(batch);
     }
-    out.close(&shard).await;
+    out.close(&cx).await;
 }
 
 /// Starts the sender of one sink on a shard; a disk buffer starts from what
 /// recovery found in its log (`rec`).
 pub fn spawn_sender(
-    shard: Rc<SinkCtx>,
+    cx: Rc<SinkCtx>,
     queue: Rc<SinkQueue>,
     rec: Option<crate::wal::recovery::Recovery>,
 ) -> tokio::task::JoinHandle<()> {
-    match (shard.plan.sinks[queue.sink].buffer.kind, rec) {
+    let plan: &SinkPlan = &cx.plan.sinks[queue.sink];
+    match (plan.buffer.kind, rec) {
         (crate::config::BufferKind::Disk, Some(rec)) => {
             let sink = queue.sink;
-            let cx = shard.clone();
-            tokio_uring::spawn(crate::wal::driver::run(shard, queue, rec, move |ack| {
-                Output::new(&cx, sink, Some(ack))
+            let out_cx = cx.clone();
+            tokio_uring::spawn(crate::wal::driver::run(cx, queue, rec, move |ack| {
+                Output::new(&out_cx, sink, Some(ack))
             }))
         }
         (crate::config::BufferKind::Disk, None) => {
             unreachable!("a disk buffer is recovered before its shard starts")
         }
-        (crate::config::BufferKind::Memory, _) => tokio_uring::spawn(run_memory(shard, queue)),
+        (crate::config::BufferKind::Memory, _) => tokio_uring::spawn(run_memory(cx, queue)),
     }
+}
+
+// The sink kinds: one line each (the folder's `Sink` implements `Kind`).
+sinks! {
+    Blackhole => blackhole,
+    File => file,
+    Http => http,
+    Tcp => tcp,
 }

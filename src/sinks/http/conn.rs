@@ -6,7 +6,7 @@
 //! is an io_uring operation on an owned buffer. Certificate errors come out
 //! of the handshake as [`ConnError::Tls`], with rustls's reason.
 
-use crate::config::HttpTarget;
+use super::config::HttpTarget;
 use std::io::{Read, Write};
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;

@@ -19,7 +19,7 @@
 //! record, and per batch only when a buffer must grow past its largest size
 //! so far.
 
-use crate::config::{Compression, Encoding};
+use super::config::{Compression, Encoding};
 use crate::record::BatchView;
 
 /// What encoding one batch did.

@@ -26,6 +26,7 @@
 //! shard, and one connection per request in flight. Nothing is allocated per
 //! record; a body buffer grows only past its largest size so far.
 
+pub mod config;
 pub mod conn;
 pub mod encode;
 pub mod proto;
@@ -34,7 +35,10 @@ use self::conn::{ConnError, Connection};
 use self::encode::Encoder;
 use self::proto::{parse_response, RequestHead};
 use super::util::Backoff;
-use crate::config::{Concurrency, HttpTarget};
+use self::config::{Concurrency, HttpTarget};
+use super::{Kind, PlanCx};
+use crate::config::ConfigError;
+use crate::pipeline::Deliver;
 use crate::limiter::{AdaptiveLimit, Outcome};
 use crate::logging::LogEvery;
 use crate::metrics::SinkCounters;
@@ -109,6 +113,60 @@ struct Inner {
     down_since: Cell<Option<Instant>>,
 }
 
+pub struct Sink;
+
+impl Kind for Sink {
+    const NAME: &'static str = "http";
+    type Config = config::Config;
+    type Target = Box<HttpTarget>;
+    type Output = HttpOutput;
+
+    fn plan(c: config::Config, cx: &PlanCx<'_>) -> Result<Box<HttpTarget>, ConfigError> {
+        config::plan(cx.name, &c, cx.data_dir).map(Box::new)
+    }
+
+    fn output(
+        cx: &Rc<SinkCtx>,
+        sink: usize,
+        t: &Box<HttpTarget>,
+        ack: Option<Ack>,
+    ) -> HttpOutput {
+        HttpOutput::new(cx, sink, (**t).clone(), ack)
+    }
+
+    /// Dead letters go under `data_dir/dlq/<sink>`.
+    fn uses_data_dir(_t: &Box<HttpTarget>) -> bool {
+        true
+    }
+}
+
+impl Deliver for HttpOutput {
+    fn takes_batches(&self) -> bool {
+        true
+    }
+
+    async fn deliver<B: tokio_uring::buf::BoundedBuf>(
+        &mut self,
+        _cx: &SinkCtx,
+        _buf: B,
+        _give_up: Option<tokio::time::Instant>,
+    ) -> Result<B, B> {
+        unreachable!("an http output takes batches through submit")
+    }
+
+    /// Starts sending `batch`: waits for a permit, encodes it, and returns
+    /// once the request is under way (the batch's buffers are free again).
+    async fn submit(&mut self, batch: BatchView<'_>, id: Option<BatchId>) {
+        self.start_request(batch, id).await
+    }
+
+    /// Waits for the requests in flight, at most half the shutdown timeout.
+    async fn close(&mut self, cx: &SinkCtx) {
+        self.drain(Duration::from_millis(cx.plan.shutdown_timeout_ms / 2))
+            .await
+    }
+}
+
 /// A sink's requests on one shard.
 pub struct HttpOutput {
     inner: Rc<Inner>,
@@ -160,7 +218,7 @@ impl HttpOutput {
 
     /// Starts sending `batch`: waits for a permit, encodes it, and returns
     /// once the request is under way (the batch's buffers are free again).
-    pub async fn submit(&mut self, batch: BatchView<'_>, id: Option<BatchId>) {
+    async fn start_request(&mut self, batch: BatchView<'_>, id: Option<BatchId>) {
         let inner = &self.inner;
         loop {
             if let Some(t) = inner.hold_until.get() {
@@ -240,7 +298,7 @@ impl HttpOutput {
 
     /// Waits for the requests in flight, at most `give_up`; what is still
     /// in flight then stays unacknowledged (a disk buffer replays it).
-    pub async fn close(&mut self, give_up: Duration) {
+    async fn drain(&mut self, give_up: Duration) {
         let inner = &self.inner;
         let deadline = Instant::now() + give_up;
         while inner.in_flight.get() > 0 {

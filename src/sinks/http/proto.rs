@@ -13,7 +13,7 @@
 //! and the connection is closed. Uses `httparse` for the head.
 
 use super::encode::Encoder;
-use crate::config::http::{HttpTarget, RETRY_AFTER_MAX_MS};
+use super::config::{HttpTarget, RETRY_AFTER_MAX_MS};
 
 /// Bytes of a response kept before it is cut (and the connection closed).
 pub const RESPONSE_BYTES_MAX: usize = 64 * 1024;

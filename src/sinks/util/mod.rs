@@ -1,6 +1,8 @@
-//! What every sink shares: retry timing ([`Backoff`], shared with the disk
-//! buffer, lives in [`crate::pipeline`]; rate-limited logging is
-//! [`crate::logging::LogEvery`]).
+//! What the sinks share: the stream outputs' retry loop ([`stream`]),
+//! retry timing ([`Backoff`], shared with the disk buffer, lives in
+//! [`crate::pipeline`]; rate-limited logging is [`crate::logging::LogEvery`]).
+
+pub mod stream;
 
 pub use crate::pipeline::Backoff;
 

@@ -7,7 +7,7 @@
 //! [`Redacted`], whose `Debug` never shows them, and no error message here
 //! quotes a value taken from the environment.
 
-use super::{invalid, ConfigError};
+use crate::config::{invalid, ConfigError};
 use crate::limiter::AdaptiveParams;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -121,18 +121,29 @@ const RESERVED_HEADERS: [&str; 6] = [
     "connection",
 ];
 
-#[allow(clippy::too_many_arguments)]
-pub fn plan(
-    name: &str,
-    uri: Option<&str>,
-    encoding: Option<Encoding>,
-    compression: Option<Compression>,
-    headers: Option<&BTreeMap<String, String>>,
-    idempotency_header: Option<&str>,
-    request: Option<&RequestConfig>,
-    tls: Option<&TlsConfig>,
-    data_dir: &Path,
-) -> Result<HttpTarget, ConfigError> {
+/// The keys of an http sink (beside those every sink takes).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub uri: Option<String>,
+    pub encoding: Option<Encoding>,
+    pub compression: Option<Compression>,
+    pub headers: Option<BTreeMap<String, String>>,
+    pub idempotency_header: Option<String>,
+    pub request: Option<RequestConfig>,
+    pub tls: Option<TlsConfig>,
+}
+
+pub fn plan(name: &str, c: &Config, data_dir: &Path) -> Result<HttpTarget, ConfigError> {
+    let (uri, encoding, compression, headers, idempotency_header, request, tls) = (
+        c.uri.as_deref(),
+        c.encoding,
+        c.compression,
+        c.headers.as_ref(),
+        c.idempotency_header.as_deref(),
+        c.request.as_ref(),
+        c.tls.as_ref(),
+    );
     let key = |x: &str| format!("sinks.{name}.{x}");
     let uri = uri.ok_or_else(|| {
         invalid(
@@ -481,35 +492,22 @@ mod tests {
 
     #[test]
     fn uri_parts() {
-        let t = plan(
-            "c",
-            Some("http://127.0.0.1:8428/write?db=x"),
-            None,
-            None,
-            None,
-            Some("Idempotency-Key"),
-            None,
-            None,
-            Path::new("/d"),
-        )
-        .unwrap();
+        let c = Config {
+            uri: Some("http://127.0.0.1:8428/write?db=x".into()),
+            idempotency_header: Some("Idempotency-Key".into()),
+            ..Config::default()
+        };
+        let t = plan("c", &c, Path::new("/d")).unwrap();
         assert_eq!(t.address, "127.0.0.1:8428".parse::<SocketAddr>().unwrap());
         assert_eq!(t.path, "/write?db=x");
         assert_eq!(t.host, "127.0.0.1:8428");
         assert_eq!(t.dlq_dir, Path::new("/d/dlq/c"));
         assert!(matches!(t.concurrency, Concurrency::Adaptive(_)));
-        let e = plan(
-            "c",
-            Some("ftp://x"),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            Path::new("/d"),
-        )
-        .unwrap_err();
+        let c = Config {
+            uri: Some("ftp://x".into()),
+            ..Config::default()
+        };
+        let e = plan("c", &c, Path::new("/d")).unwrap_err();
         assert!(e.to_string().starts_with("sinks.c.uri"), "{e}");
     }
 }
