@@ -108,8 +108,11 @@ impl SinkCtx {
     }
 }
 
-/// Where a batch lies in its sink's log (with a memory buffer: a sequence
-/// of the shard's), and its stable id.
+/// A batch's stable id, unique per sink and shard: where it lies in the
+/// sink's log (a disk buffer; the same after a replay, so a receiver can drop
+/// a resend), or, with a memory buffer, the sender's start time in ns
+/// (`segment`) and the batch's sequence number since (`offset`). Outputs use
+/// it for idempotency keys and message ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BatchId {
     pub segment: u64,
@@ -137,7 +140,7 @@ pub trait Deliver {
     fn submit(
         &mut self,
         batch: BatchView<'_>,
-        id: Option<BatchId>,
+        id: BatchId,
     ) -> impl std::future::Future<Output = ()>;
     fn close(&mut self, cx: &SinkCtx) -> impl std::future::Future<Output = ()>;
 }

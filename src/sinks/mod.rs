@@ -176,7 +176,7 @@ macro_rules! sinks {
                 }
             }
 
-            async fn submit(&mut self, batch: BatchView<'_>, id: Option<BatchId>) {
+            async fn submit(&mut self, batch: BatchView<'_>, id: BatchId) {
                 match self {
                     $(Output::$variant(o) => o.submit(batch, id).await,)*
                 }
@@ -197,10 +197,16 @@ macro_rules! sinks {
 async fn run_memory(cx: Rc<SinkCtx>, queue: Rc<SinkQueue>) {
     let mut out = Output::new(&cx, queue.sink, None);
     let counters = &cx.metrics.sinks[queue.sink];
+    let (started_ns, mut seq) = (cx.now_ns(), 0);
     while let Some(mut batch) = queue.next().await {
         if out.takes_batches() {
+            seq += 1;
+            let id = BatchId {
+                segment: started_ns,
+                offset: seq,
+            };
             // Encoded into the request's own buffer: the batch is free now.
-            out.submit(BatchView::Native(&batch), None).await;
+            out.submit(BatchView::Native(&batch), id).await;
             cx.recycle(batch);
             continue;
         }

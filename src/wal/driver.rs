@@ -965,7 +965,7 @@ async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
         if out.takes_batches() {
             // The request encodes the archive in place; the http output
             // acknowledges the batch when its request succeeds.
-            let submit = out.submit(crate::record::BatchView::Archived(a), Some(id));
+            let submit = out.submit(crate::record::BatchView::Archived(a), id);
             if shard.stopping.get() && wal.writer_done.get() {
                 if tokio::time::timeout(give_up, submit).await.is_err() {
                     tracing::warn!(sink = %plan.name, shard = shard.id,

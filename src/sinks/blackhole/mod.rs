@@ -47,7 +47,7 @@ impl Deliver for Blackhole {
         Ok(buf)
     }
 
-    async fn submit(&mut self, _batch: BatchView<'_>, _id: Option<BatchId>) {
+    async fn submit(&mut self, _batch: BatchView<'_>, _id: BatchId) {
         unreachable!("a blackhole takes payloads through deliver")
     }
 

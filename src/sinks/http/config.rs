@@ -107,8 +107,6 @@ pub struct HttpTarget {
     pub idempotency_header: Option<String>,
     pub timeout_ms: u64,
     pub concurrency: Concurrency,
-    /// Dead-letter directory: `data_dir/dlq/<sink>`.
-    pub dlq_dir: PathBuf,
 }
 
 /// Headers the client writes itself.
@@ -134,7 +132,7 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
 }
 
-pub fn plan(name: &str, c: &Config, data_dir: &Path) -> Result<HttpTarget, ConfigError> {
+pub fn plan(name: &str, c: &Config) -> Result<HttpTarget, ConfigError> {
     let (uri, encoding, compression, headers, idempotency_header, request, tls) = (
         c.uri.as_deref(),
         c.encoding,
@@ -330,7 +328,6 @@ pub fn plan(name: &str, c: &Config, data_dir: &Path) -> Result<HttpTarget, Confi
         idempotency_header,
         timeout_ms,
         concurrency,
-        dlq_dir: data_dir.join("dlq").join(name),
     })
 }
 
@@ -497,17 +494,16 @@ mod tests {
             idempotency_header: Some("Idempotency-Key".into()),
             ..Config::default()
         };
-        let t = plan("c", &c, Path::new("/d")).unwrap();
+        let t = plan("c", &c).unwrap();
         assert_eq!(t.address, "127.0.0.1:8428".parse::<SocketAddr>().unwrap());
         assert_eq!(t.path, "/write?db=x");
         assert_eq!(t.host, "127.0.0.1:8428");
-        assert_eq!(t.dlq_dir, Path::new("/d/dlq/c"));
         assert!(matches!(t.concurrency, Concurrency::Adaptive(_)));
         let c = Config {
             uri: Some("ftp://x".into()),
             ..Config::default()
         };
-        let e = plan("c", &c, Path::new("/d")).unwrap_err();
+        let e = plan("c", &c).unwrap_err();
         assert!(e.to_string().starts_with("sinks.c.uri"), "{e}");
     }
 }

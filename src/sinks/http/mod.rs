@@ -34,6 +34,7 @@ pub mod proto;
 use self::conn::{ConnError, Connection};
 use self::encode::Encoder;
 use self::proto::{parse_response, RequestHead};
+use super::util::dead_letter::{DeadLetters, Letter};
 use super::util::Backoff;
 use self::config::{Concurrency, HttpTarget};
 use super::{Kind, PlanCx};
@@ -52,10 +53,6 @@ use tokio::sync::Notify;
 
 /// Bytes of a refused answer kept in the dead-letter note.
 const DLQ_EXCERPT_BYTES: usize = 512;
-/// Dead-letter bytes a shard writes per sink before it drops (and counts)
-/// further refused batches instead: a permanently refusing endpoint must
-/// not fill the disk.
-const DLQ_BYTES_MAX: u64 = 256 * 1024 * 1024;
 
 /// Bytes of an idempotency key: a sink name (at most
 /// `config::SINK_NAME_BYTES_MAX`) and four numbers fit.
@@ -81,7 +78,7 @@ impl Limit {
 
 /// What a request task needs to know of its batch.
 struct Meta {
-    id: Option<BatchId>,
+    id: BatchId,
     records: usize,
     payload_bytes: usize,
     key: [u8; KEY_BYTES_MAX],
@@ -106,10 +103,7 @@ struct Inner {
     ack: Option<Ack>,
     log: RefCell<LogEvery>,
     started: Instant,
-    /// Memory buffers: ids for the idempotency key.
-    boot_ns: u64,
-    seq: Cell<u64>,
-    dlq_bytes: Cell<u64>,
+    dead: DeadLetters,
     down_since: Cell<Option<Instant>>,
 }
 
@@ -122,7 +116,7 @@ impl Kind for Sink {
     type Output = HttpOutput;
 
     fn plan(c: config::Config, cx: &PlanCx<'_>) -> Result<Box<HttpTarget>, ConfigError> {
-        config::plan(cx.name, &c, cx.data_dir).map(Box::new)
+        config::plan(cx.name, &c).map(Box::new)
     }
 
     fn output(
@@ -156,7 +150,7 @@ impl Deliver for HttpOutput {
 
     /// Starts sending `batch`: waits for a permit, encodes it, and returns
     /// once the request is under way (the batch's buffers are free again).
-    async fn submit(&mut self, batch: BatchView<'_>, id: Option<BatchId>) {
+    async fn submit(&mut self, batch: BatchView<'_>, id: BatchId) {
         self.start_request(batch, id).await
     }
 
@@ -179,7 +173,6 @@ impl HttpOutput {
         target: HttpTarget,
         ack: Option<Ack>,
     ) -> HttpOutput {
-        let now_ns = shard.now_ns();
         let limit = match target.concurrency {
             Concurrency::Fixed(n) => Limit::Fixed(n),
             Concurrency::Adaptive(p) => Limit::Adaptive(AdaptiveLimit::new(p, 0)),
@@ -208,9 +201,7 @@ impl HttpOutput {
                 ack,
                 log: RefCell::new(LogEvery::new(Duration::from_secs(10))),
                 started: Instant::now(),
-                boot_ns: now_ns,
-                seq: Cell::new(0),
-                dlq_bytes: Cell::new(0),
+                dead: DeadLetters::new(shard, sink),
                 down_since: Cell::new(None),
             }),
         }
@@ -218,7 +209,7 @@ impl HttpOutput {
 
     /// Starts sending `batch`: waits for a permit, encodes it, and returns
     /// once the request is under way (the batch's buffers are free again).
-    async fn start_request(&mut self, batch: BatchView<'_>, id: Option<BatchId>) {
+    async fn start_request(&mut self, batch: BatchView<'_>, id: BatchId) {
         let inner = &self.inner;
         loop {
             if let Some(t) = inner.hold_until.get() {
@@ -247,7 +238,7 @@ impl HttpOutput {
         }
         if done.records == 0 {
             inner.bodies.borrow_mut().push(body);
-            if let (Some(ack), Some(id)) = (&inner.ack, id) {
+            if let Some(ack) = &inner.ack {
                 ack(id);
             }
             return;
@@ -262,27 +253,14 @@ impl HttpOutput {
         if inner.target.idempotency_header.is_some() {
             use std::io::Write;
             let mut w = &mut meta.key[..];
-            let _ = match id {
-                Some(id) => write!(
-                    w,
-                    "{}-{}-{}-{}",
-                    inner.name(),
-                    inner.shard.id,
-                    id.segment,
-                    id.offset
-                ),
-                None => {
-                    inner.seq.set(inner.seq.get() + 1);
-                    write!(
-                        w,
-                        "{}-{}-m{}-{}",
-                        inner.name(),
-                        inner.shard.id,
-                        inner.boot_ns,
-                        inner.seq.get()
-                    )
-                }
-            };
+            let _ = write!(
+                w,
+                "{}-{}-{}-{}",
+                inner.name(),
+                inner.shard.id,
+                id.segment,
+                id.offset
+            );
             meta.key_len = KEY_BYTES_MAX - w.len();
         }
         let key = (meta.key_len > 0).then(|| &meta.key[..meta.key_len]);
@@ -380,7 +358,8 @@ async fn request(inner: Rc<Inner>, mut body: Vec<u8>, start: usize, meta: Meta) 
                     tracing::info!(sink = %inner.name(), shard = inner.shard.id, peer = %inner.target.address,
                         down_ms = t.elapsed().as_millis() as u64, "the endpoint takes batches again");
                 }
-                if let (Some(ack), Some(id)) = (&inner.ack, meta.id) {
+                if let Some(ack) = &inner.ack {
+                    let id = meta.id;
                     ack(id);
                 }
                 break;
@@ -412,7 +391,8 @@ async fn request(inner: Rc<Inner>, mut body: Vec<u8>, start: usize, meta: Meta) 
                 inner.limiter_done(Outcome::Answered, rtt);
                 counters.responses_4xx.add(1);
                 dead_letter(&inner, &body, &meta, status, &excerpt).await;
-                if let (Some(ack), Some(id)) = (&inner.ack, meta.id) {
+                if let Some(ack) = &inner.ack {
+                    let id = meta.id;
                     ack(id);
                 }
                 break;
@@ -578,70 +558,27 @@ async fn exchange(
     }
 }
 
-/// Writes a refused batch to `data_dir/dlq/<sink>/`: the request body as it
-/// was sent (`<stem>.body`, replayable with curl) and a JSON note
-/// (`<stem>.json`) with the status and the first bytes of the answer.
+/// Keeps a refused batch as a dead letter: the request body as it was sent
+/// (replayable with curl) and a note with the status and the first bytes
+/// of the answer.
 async fn dead_letter(inner: &Inner, body: &[u8], meta: &Meta, status: u16, excerpt: &[u8]) {
-    let counters = inner.counters();
-    let payload = &body[inner.room..];
-    let name = inner.name();
-    if inner.dlq_bytes.get() + payload.len() as u64 > DLQ_BYTES_MAX {
-        counters.buffer_dropped.add(meta.records as u64);
-        tracing::error!(sink = %name, shard = inner.shard.id, status, records = meta.records,
-            "the endpoint refused a batch and the dead-letter directory reached its cap; the batch is dropped (counted in updraft_sink_buffer_dropped_records_total)");
-        return;
-    }
-    let dir = &inner.target.dlq_dir;
-    let stem = format!(
-        "{}-shard{}-{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-        inner.shard.id,
-        std::str::from_utf8(&meta.key[..meta.key_len]).unwrap_or("")
-    );
-    let mut note = serde_json::json!({
+    let note = serde_json::json!({
         "status": status,
         "response": String::from_utf8_lossy(excerpt),
-        "records": meta.records,
         "uri": inner.target.uri,
         "content_type": inner.encoder.borrow().content_type(),
         "content_encoding": inner.encoder.borrow().content_encoding(),
-        "body_file": format!("{stem}.body"),
-    })
-    .to_string();
-    note.push('\n');
-    let written = async {
-        // Creating the directory is rare (once per run); the files are
-        // written through io_uring.
-        std::fs::create_dir_all(dir)?;
-        write_file(&dir.join(format!("{stem}.body")), payload.to_vec()).await?;
-        write_file(&dir.join(format!("{stem}.json")), note.into_bytes()).await
-    }
-    .await;
-    match written {
-        Ok(()) => {
-            inner
-                .dlq_bytes
-                .set(inner.dlq_bytes.get() + payload.len() as u64);
-            counters.dead_letter_batches.add(1);
-            counters.dead_letter_records.add(meta.records as u64);
-            tracing::warn!(sink = %name, shard = inner.shard.id, status, records = meta.records,
-                response = %String::from_utf8_lossy(&excerpt[..excerpt.len().min(120)]),
-                file = %dir.join(format!("{stem}.body")).display(),
-                "the endpoint refused a batch for good; it went to the dead-letter directory");
-        }
-        Err(e) => {
-            counters.buffer_dropped.add(meta.records as u64);
-            tracing::error!(sink = %name, shard = inner.shard.id, status, error = %e, dir = %dir.display(),
-                "the endpoint refused a batch and it cannot be written to the dead-letter directory; dropped (counted)");
-        }
-    }
-}
-
-async fn write_file(path: &std::path::Path, data: Vec<u8>) -> std::io::Result<()> {
-    let f = tokio_uring::fs::File::create(path).await?;
-    let (res, _) = f.write_all_at(data, 0).await;
-    res?;
-    f.close().await
+    });
+    let reason = format!(
+        "HTTP {status}: {}",
+        String::from_utf8_lossy(&excerpt[..excerpt.len().min(120)])
+    );
+    let letter = Letter {
+        body: &body[inner.room..],
+        records: meta.records,
+        key: std::str::from_utf8(&meta.key[..meta.key_len]).unwrap_or(""),
+        reason: &reason,
+        note,
+    };
+    inner.dead.put(&inner.shard, letter).await;
 }

@@ -1,7 +1,9 @@
 //! What the sinks share: the stream outputs' retry loop ([`stream`]),
+//! dead letters for batches refused for good ([`dead_letter`]),
 //! retry timing ([`Backoff`], shared with the disk buffer, lives in
 //! [`crate::pipeline`]; rate-limited logging is [`crate::logging::LogEvery`]).
 
+pub mod dead_letter;
 pub mod stream;
 
 pub use crate::pipeline::Backoff;

@@ -165,7 +165,7 @@ impl<T: Transport> Deliver for StreamOutput<T> {
         }
     }
 
-    async fn submit(&mut self, _batch: BatchView<'_>, _id: Option<BatchId>) {
+    async fn submit(&mut self, _batch: BatchView<'_>, _id: BatchId) {
         unreachable!("a stream output takes payloads through deliver")
     }
 
