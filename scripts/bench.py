@@ -683,6 +683,8 @@ def against(a, tmp):
         ("tcp->http memory", lambda: updraft_tcp_http(tmp, 256, 4, 2, n, "none")),
         ("tcp->http disk", lambda: updraft_tcp_http(tmp, 256, 4, 2, n, "none", disk)),
     ]
+    if a.scenario:
+        scenarios = [s for s in scenarios if a.scenario in s[0]]
     table = []
     for name, run in scenarios:
         runs = {"before": [], "after": []}
@@ -746,6 +748,7 @@ def main():
                     help="compare with another updraft binary: tcp->tcp and tcp->http, memory and disk, "
                          "in alternating pairs (writes against.md and against.json)")
     ap.add_argument("--pairs", type=int, default=5, help="pairs per scenario with --against")
+    ap.add_argument("--scenario", default="", help="with --against: only scenarios whose name holds this")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     if a.against:
