@@ -39,6 +39,7 @@ pub mod config;
 pub mod limiter;
 pub mod logging;
 pub mod metrics;
+pub mod mqtt;
 pub mod pipeline;
 pub mod record;
 pub mod route;

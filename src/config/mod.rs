@@ -340,6 +340,48 @@ pub struct RetryPlan {
     pub max_backoff_ms: u64,
 }
 
+/// A value that may hold a secret (a header, a password): never shown by `Debug`.
+#[derive(Clone)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Expands `${VAR}` from the environment (`$$` is a literal `$`). The error
+/// names the variable, never a value.
+pub fn expand_env(v: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(v.len());
+    let mut rest = v;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(r) = after.strip_prefix('$') {
+            out.push('$');
+            rest = r;
+        } else if let Some(r) = after.strip_prefix('{') {
+            let end = r
+                .find('}')
+                .ok_or("unterminated ${ (write $$ for a literal $)")?;
+            let var = &r[..end];
+            if var.is_empty() || !var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(format!("${{{var}}} is not a valid variable name"));
+            }
+            let val =
+                std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?;
+            out.push_str(&val);
+            rest = &r[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 /// An `IP:PORT` address, or an error naming `key`.
 pub fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     value.parse().map_err(|_| {

@@ -254,5 +254,6 @@ sinks! {
     Blackhole => blackhole,
     File => file,
     Http => http,
+    Mqtt => mqtt,
     Tcp => tcp,
 }

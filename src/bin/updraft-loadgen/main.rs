@@ -23,6 +23,7 @@
 //! one.
 
 mod http;
+mod mqtt;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -55,6 +56,8 @@ enum Proto {
     Udp,
     /// `receive` only: an HTTP(S) ingest endpoint.
     Http,
+    /// `receive` only: subscribe at the MQTT broker at `--listen`.
+    Mqtt,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
@@ -150,6 +153,8 @@ struct ReceiveArgs {
     read_bytes_per_sec: Option<u64>,
     #[command(flatten)]
     http: http::HttpArgs,
+    #[command(flatten)]
+    mqtt: mqtt::MqttArgs,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -337,7 +342,9 @@ fn send(a: SendArgs) -> Result<()> {
             match proto {
                 Proto::Tcp => send_tcp(target, stream, count, size, framing, rate, &progress),
                 Proto::Udp => send_udp(target, stream, count, size, rate, &progress),
-                Proto::Http => bail!("send speaks tcp or udp; http is for receive"),
+                Proto::Http | Proto::Mqtt => {
+                    bail!("send speaks tcp or udp; http and mqtt are for receive")
+                }
             }
         }));
     }
@@ -547,7 +554,7 @@ const RELAY_BUFFER_BYTES: usize = 1 << 20;
 
 fn relay(a: RelayArgs) -> Result<()> {
     match a.proto {
-        Proto::Http => bail!("relay speaks tcp or udp"),
+        Proto::Http | Proto::Mqtt => bail!("relay speaks tcp or udp"),
         Proto::Tcp => {
             let listener = bind_tcp(a.listen)?;
             listener.set_nonblocking(false)?;
@@ -695,6 +702,15 @@ struct ReceiveSummary {
     latency_us: Latency,
     #[serde(skip_serializing_if = "Option::is_none")]
     http: Option<http::HttpStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt: Option<MqttSummary>,
+}
+
+#[derive(Serialize)]
+struct MqttSummary {
+    /// Sessions opened (more than one: the broker went away and came back).
+    connects: u64,
+    messages: u64,
 }
 
 /// Parses whole lines of `buf`; returns the bytes used.
@@ -900,6 +916,7 @@ fn receive(a: ReceiveArgs) -> Result<bool> {
     let stop = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicU64::new(0));
     let mut endpoint = None;
+    let mut mqtt_stats = None;
     let worker = {
         let (tracker, stop, received) = (tracker.clone(), stop.clone(), received.clone());
         let pause = Duration::from_secs_f64(a.pause_s);
@@ -922,6 +939,11 @@ fn receive(a: ReceiveArgs) -> Result<bool> {
             Proto::Udp => {
                 let sock = bind_udp(listen)?;
                 std::thread::spawn(move || udp_receiver(sock, tracker, stop))
+            }
+            Proto::Mqtt => {
+                let stats = Arc::new(mqtt::MqttStats::default());
+                mqtt_stats = Some(stats.clone());
+                mqtt::start(listen, a.mqtt.clone(), tracker, stop, stats)?
             }
             Proto::Http => {
                 let l = bind_tcp(listen)?;
@@ -1002,6 +1024,10 @@ fn receive(a: ReceiveArgs) -> Result<bool> {
             max: h.max() as f64,
         },
         http: endpoint.map(|e| e.stats()),
+        mqtt: mqtt_stats.map(|m| MqttSummary {
+            connects: m.connects.load(Relaxed),
+            messages: m.messages.load(Relaxed),
+        }),
     };
     let table = format!(
         "received   {:>12}\nunique     {:>12}\nlost       {:>12}\nduplicates {:>12}\nreordered  {:>12}\nmalformed  {:>12}\nstreams    {:>12}\nseconds    {:>12.3}\nrecords/s  {:>12.0}\nMiB/s      {:>12.1}\nlatency µs p50 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}",

@@ -7,7 +7,7 @@
 //! [`Redacted`], whose `Debug` never shows them, and no error message here
 //! quotes a value taken from the environment.
 
-use crate::config::{invalid, ConfigError};
+use crate::config::{expand_env, invalid, ConfigError, Redacted};
 use crate::limiter::AdaptiveParams;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -68,16 +68,6 @@ pub struct AdaptiveConfig {
 pub struct TlsConfig {
     pub ca_file: Option<PathBuf>,
     pub verify: Option<bool>,
-}
-
-/// A header value that may hold a secret: never shown by `Debug`.
-#[derive(Clone)]
-pub struct Redacted(pub String);
-
-impl std::fmt::Debug for Redacted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -333,36 +323,6 @@ pub fn plan(name: &str, c: &Config) -> Result<HttpTarget, ConfigError> {
 
 /// Replaces `${VAR}` with the variable's value (`$$` is a literal `$`).
 /// The error names the variable, never a value.
-fn expand_env(v: &str) -> Result<String, String> {
-    let mut out = String::with_capacity(v.len());
-    let mut rest = v;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        if let Some(r) = after.strip_prefix('$') {
-            out.push('$');
-            rest = r;
-        } else if let Some(r) = after.strip_prefix('{') {
-            let end = r
-                .find('}')
-                .ok_or("unterminated ${ (write $$ for a literal $)")?;
-            let var = &r[..end];
-            if var.is_empty() || !var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-                return Err(format!("${{{var}}} is not a valid variable name"));
-            }
-            let val =
-                std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?;
-            out.push_str(&val);
-            rest = &r[end + 1..];
-        } else {
-            out.push('$');
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
 fn client_config(
     key: &str,
     ca_file: Option<&Path>,
