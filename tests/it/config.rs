@@ -140,3 +140,58 @@ fn issue18_10_validation_gaps_are_closed() {
         );
     }
 }
+
+#[test]
+fn an_mqtt_sink_refuses_what_it_cannot_do_naming_the_key() {
+    let mqtt = |keys: &str| {
+        GOOD.replace(
+            "type = \"tcp\"\ninputs = [\"app\"]\naddress = \"127.0.0.1:16000\"",
+            &format!("type = \"mqtt\"\ninputs = [\"app\"]\n{keys}"),
+        )
+    };
+    let (ok, err) = check(
+        "validate",
+        &mqtt("url = \"mqtt://127.0.0.1:1883\"\ntopic = \"gw/app\""),
+    );
+    assert!(ok, "{err}");
+    let cases = [
+        (
+            mqtt("url = \"mqtt://127.0.0.1:1883\"\ntopic = \"gw/{topic}\""),
+            "sinks.up.topic",
+            "none of this sink's inputs",
+        ),
+        (
+            mqtt("url = \"mqtt://127.0.0.1:1883\"\ntopic = \"gw/#\""),
+            "sinks.up.topic",
+            "wildcards",
+        ),
+        (
+            mqtt("url = \"http://127.0.0.1:1883\"\ntopic = \"gw\""),
+            "sinks.up.url",
+            "mqtt://",
+        ),
+        (
+            mqtt("url = \"mqtt://127.0.0.1:1883\"\ntopic = \"gw\"\nqos = 2"),
+            "sinks.up.qos",
+            "0 or 1",
+        ),
+        (
+            mqtt("url = \"mqtt://127.0.0.1:1883\"\ntopic = \"gw\"\npassword = \"${UPDRAFT_NOT_SET_ANYWHERE}\""),
+            "sinks.up.password",
+            "username",
+        ),
+        (
+            mqtt("url = \"mqtt://127.0.0.1:1883\"\ntopic = \"gw\"\nprotocol = \"4\""),
+            "sinks.up.protocol",
+            "3.1.1",
+        ),
+    ];
+    for (text, key, why) in cases {
+        let (ok, err) = check("validate", &text);
+        assert!(!ok, "validate accepted {key}:\n{text}");
+        assert!(
+            err.contains(key) && err.contains(why),
+            "{err:?} should name {key} ({why})"
+        );
+    }
+}

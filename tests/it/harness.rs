@@ -305,6 +305,42 @@ impl Receiver {
         Receiver { child }
     }
 
+    /// Starts an MQTT receiver subscribed at `broker` (`extra`: `--topic`,
+    /// `--mqtt-version`, ...); returns once the subscription is acknowledged.
+    pub fn start_mqtt(broker: SocketAddr, expect: u64, timeout_s: u64, extra: &[&str]) -> Receiver {
+        use std::io::BufRead;
+        let mut child = Command::new(LOADGEN)
+            .args([
+                "receive",
+                "--proto",
+                "mqtt",
+                "--listen",
+                &broker.to_string(),
+                "--json",
+            ])
+            .args([
+                "--expect",
+                &expect.to_string(),
+                "--timeout-s",
+                &timeout_s.to_string(),
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        let n = err.read_line(&mut line).unwrap();
+        assert!(
+            n > 0 && line.starts_with("subscribed"),
+            "the mqtt receiver did not subscribe at {broker}: {line}"
+        );
+        // Keep draining its stderr so it never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        Receiver { child }
+    }
+
     /// Waits for the summary; returns it and whether the exit code was 0.
     pub fn finish(self) -> (Value, bool) {
         let out = self.child.wait_with_output().unwrap();

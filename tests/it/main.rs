@@ -11,5 +11,6 @@ mod http;
 mod input;
 mod layout;
 mod loadgen;
+mod mqtt;
 mod runtime;
 mod wal;

@@ -1,0 +1,262 @@
+//! The mqtt sink against a real broker: Debian's mosquitto, started by each
+//! test on loopback with its own config, port and persistence directory.
+
+use crate::harness::{free_addr, send, spawn_send, u, Receiver, Updraft};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+/// A mosquitto broker on loopback that keeps its state on disk (so a
+/// graceful restart keeps what it acknowledged and queued).
+pub struct Broker {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    dir: tempfile::TempDir,
+    conf: PathBuf,
+}
+
+impl Broker {
+    /// `extra` is appended to the config (e.g. a password file).
+    pub fn start(extra: &str) -> Broker {
+        assert!(
+            std::path::Path::new(MOSQUITTO).exists(),
+            "mosquitto is installed (scripts/test.sh installs the Debian package)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        // mosquitto started as root drops to its own user: it must be able
+        // to write its database here.
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        let addr = free_addr();
+        let conf = dir.path().join("mosquitto.conf");
+        let anonymous = if extra.contains("password_file") {
+            "false"
+        } else {
+            "true"
+        };
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous {anonymous}\npersistence true\npersistence_location {}/\nautosave_interval 0\nmax_queued_messages 0\nmax_inflight_messages 100\nlog_dest stderr\n{extra}\n",
+                addr.port(),
+                data.display()
+            ),
+        )
+        .unwrap();
+        let mut b = Broker {
+            child: None,
+            addr,
+            dir,
+            conf,
+        };
+        b.run();
+        b
+    }
+
+    fn run(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("mosquitto.log"))
+            .unwrap();
+        self.child = Some(
+            Command::new(MOSQUITTO)
+                .arg("-c")
+                .arg(&self.conf)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(self.addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not listen on {}",
+                self.addr
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the broker gracefully (it saves its database).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.run();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://{}", self.addr)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn config(src: SocketAddr, broker: &Broker, sink_extra: &str) -> String {
+    format!(
+        r#"shards = 2
+[sources.app]
+type = "tcp"
+address = "{src}"
+[sinks.cloud]
+type = "mqtt"
+inputs = ["app"]
+url = "{}"
+topic = "site-7/app"
+{sink_extra}
+"#,
+        broker.url()
+    )
+}
+
+const SENT: &str = r#"updraft_sink_sent_records_total{sink="cloud",type="mqtt"}"#;
+
+#[test]
+fn tcp_to_mqtt_carries_every_record_once_over_3_1_1_and_5() {
+    for version in ["3.1.1", "5"] {
+        let broker = Broker::start("");
+        let rx = Receiver::start_mqtt(
+            broker.addr,
+            100_000,
+            60,
+            &["--topic", "site-7/app", "--mqtt-version", version],
+        );
+        let src = free_addr();
+        let u_ = Updraft::start(&config(
+            src,
+            &broker,
+            &format!("protocol = \"{version}\"\nqos = 1"),
+        ));
+        send(
+            src,
+            &["--connections", "4", "--count", "100000", "--size", "200"],
+        );
+        let (r, ok) = rx.finish();
+        assert!(ok, "MQTT {version}: {r}\n{}", u_.log_text());
+        assert_eq!(u(&r, "unique"), 100_000, "MQTT {version}: {r}");
+        assert_eq!(u(&r, "duplicates"), 0, "MQTT {version}: {r}");
+        assert_eq!(
+            u_.wait_metric(SENT, 100_000.0, Duration::from_secs(10)),
+            100_000.0
+        );
+    }
+}
+
+#[test]
+fn a_broker_stopped_for_ten_seconds_mid_stream_loses_nothing() {
+    let mut broker = Broker::start("");
+    let rx = Receiver::start_mqtt(broker.addr, 200_000, 90, &["--topic", "site-7/#"]);
+    let src = free_addr();
+    let u_ = Updraft::start(&config(
+        src,
+        &broker,
+        "[sinks.cloud.buffer]\ntype = \"disk\"",
+    ));
+    let sender = spawn_send(
+        src,
+        &[
+            "--connections",
+            "4",
+            "--count",
+            "200000",
+            "--size",
+            "200",
+            "--rate",
+            "20000",
+        ],
+    );
+    u_.wait_metric(SENT, 20_000.0, Duration::from_secs(20));
+    broker.stop();
+    std::thread::sleep(Duration::from_secs(10));
+    broker.restart();
+    let out = sender.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let (r, ok) = rx.finish();
+    assert!(ok, "{r}\n{}\n{}", u_.log_text(), broker.log_text());
+    assert_eq!(u(&r, "lost"), 0, "{r}");
+    assert_eq!(u(&r, "unique"), 200_000, "{r}");
+    assert!(
+        u(&r["mqtt"], "connects") >= 2,
+        "the receiver saw the outage: {r}"
+    );
+    // Resent messages are the ones unacknowledged when the broker went:
+    // at most the in-flight window per shard.
+    assert!(u(&r, "duplicates") <= 2 * 1000, "{r}");
+    assert!(
+        u_.log_text().contains("connected to the broker again"),
+        "{}",
+        u_.log_text()
+    );
+    assert!(u_.metric(r#"updraft_sink_send_errors_total{sink="cloud",type="mqtt"}"#) > 0.0);
+}
+
+#[test]
+fn a_wrong_password_is_refused_naming_the_broker_and_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("passwd");
+    let made = Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&pw)
+        .args(["gateway", "right-secret"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let broker = Broker::start(&format!("password_file {}", pw.display()));
+    std::env::set_var("UPDRAFT_TEST_MQTT_PASSWORD", "wrong-secret-value");
+    let src = free_addr();
+    let u_ = Updraft::start(&config(
+        src,
+        &broker,
+        "username = \"gateway\"\npassword = \"${UPDRAFT_TEST_MQTT_PASSWORD}\"",
+    ));
+    send(
+        src,
+        &["--connections", "1", "--count", "100", "--size", "100"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !u_.log_text().contains("refused the connection") {
+        assert!(Instant::now() < deadline, "{}", u_.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = u_.log_text();
+    assert!(
+        log.contains(&broker.url()),
+        "the log names the broker: {log}"
+    );
+    assert!(
+        log.contains("NotAuthorized") || log.contains("BadUserNamePassword"),
+        "the log names the CONNACK reason: {log}"
+    );
+    assert!(
+        !log.contains("wrong-secret-value"),
+        "the password never shows: {log}"
+    );
+    assert_eq!(u_.metric(SENT), 0.0);
+    let metrics = crate::harness::http_get(u_.metrics, "/metrics").unwrap();
+    assert!(!metrics.contains("wrong-secret-value"));
+}
