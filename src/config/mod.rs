@@ -123,6 +123,8 @@ pub struct MetricsConfig {
 pub enum SourceKind {
     Tcp,
     Udp,
+    /// Subscribes at a broker (no socket of its own to bind).
+    Mqtt,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -158,7 +160,8 @@ pub enum Utf8Policy {
 pub struct SourceConfig {
     #[serde(rename = "type")]
     pub kind: SourceKind,
-    pub address: String,
+    /// tcp, udp: where to listen.
+    pub address: Option<String>,
     pub framing: Option<Framing>,
     pub partition_by: Option<PartitionBy>,
     pub max_record_bytes: Option<usize>,
@@ -167,6 +170,34 @@ pub struct SourceConfig {
     pub utf8: Option<Utf8Policy>,
     pub rate_limit: Option<RateLimitConfig>,
     pub idle_timeout_ms: Option<u64>,
+    /// mqtt: the broker, `mqtt://HOST:PORT`.
+    pub url: Option<String>,
+    /// mqtt: topic filters to subscribe to (wildcards allowed).
+    pub topics: Option<Vec<String>>,
+    pub qos: Option<u8>,
+    pub protocol: Option<String>,
+    pub client_id: Option<String>,
+    pub clean_session: Option<bool>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub keep_alive_s: Option<u16>,
+}
+
+/// An mqtt source's subscription, resolved.
+#[derive(Debug, Clone)]
+pub struct MqttSourcePlan {
+    /// The url as configured (for logs).
+    pub url: String,
+    pub address: SocketAddr,
+    pub topics: Vec<String>,
+    pub qos: u8,
+    pub version: crate::mqtt::Version,
+    pub client_id: String,
+    /// false (default): a persistent session, so the broker keeps QoS 1
+    /// messages for us while we are away.
+    pub clean_session: bool,
+    pub login: Option<(Redacted, Redacted)>,
+    pub keep_alive_s: u16,
 }
 
 #[derive(Debug, Deserialize)]
@@ -288,6 +319,8 @@ pub struct SourcePlan {
     pub can_wait: bool,
     /// tcp: a connection that sends nothing for this long is closed.
     pub idle_timeout_ms: u64,
+    /// mqtt: the broker and the subscription (`address` is the broker's).
+    pub mqtt: Option<MqttSourcePlan>,
     /// Ids of the sinks that list this source in `inputs`.
     pub sinks: Vec<usize>,
 }
@@ -382,6 +415,78 @@ pub fn expand_env(v: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// Checks and resolves an mqtt source's keys.
+fn mqtt_source(name: &str, s: &SourceConfig) -> Result<MqttSourcePlan, ConfigError> {
+    let key = |k: &str| format!("sources.{name}.{k}");
+    let url = s
+        .url
+        .clone()
+        .ok_or_else(|| invalid(key("url"), "an mqtt source needs a url (mqtt://HOST:PORT)"))?;
+    let address = crate::mqtt::broker_address(&url).map_err(|m| invalid(key("url"), m))?;
+    let topics = s.topics.clone().unwrap_or_default();
+    if topics.is_empty() {
+        return Err(invalid(key("topics"), "list at least one topic filter"));
+    }
+    for t in &topics {
+        let bad_wildcard = t.split('/').any(|level| {
+            (level.contains('#') && level != "#") || (level.contains('+') && level != "+")
+        }) || t.find('#').is_some_and(|i| i + 1 != t.len());
+        if t.is_empty() || t.len() > 65_535 || bad_wildcard {
+            return Err(invalid(
+                key("topics"),
+                format!("{t:?} is not a topic filter (+ stands for one whole level, # for the rest, last)"),
+            ));
+        }
+    }
+    let qos = s.qos.unwrap_or(1);
+    if qos > 1 {
+        return Err(invalid(key("qos"), "0 or 1"));
+    }
+    let version = match s.protocol.as_deref() {
+        None | Some("3.1.1") => crate::mqtt::Version::V311,
+        Some("5") => crate::mqtt::Version::V5,
+        Some(p) => {
+            return Err(invalid(
+                key("protocol"),
+                format!("{p:?}: \"3.1.1\" or \"5\""),
+            ))
+        }
+    };
+    let client_id = s
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("updraft-{name}"));
+    if client_id.is_empty() || client_id.len() > 64 {
+        return Err(invalid(key("client_id"), "1 to 64 bytes"));
+    }
+    let login = match (&s.username, &s.password) {
+        (None, None) => None,
+        (Some(u), p) => Some((
+            Redacted(expand_env(u).map_err(|m| invalid(key("username"), m))?),
+            Redacted(match p {
+                Some(p) => expand_env(p).map_err(|m| invalid(key("password"), m))?,
+                None => String::new(),
+            }),
+        )),
+        (None, Some(_)) => return Err(invalid(key("password"), "a password needs a username")),
+    };
+    let keep_alive_s = s.keep_alive_s.unwrap_or(30);
+    if keep_alive_s == 0 {
+        return Err(invalid(key("keep_alive_s"), "at least 1"));
+    }
+    Ok(MqttSourcePlan {
+        url,
+        address,
+        topics,
+        qos,
+        version,
+        client_id,
+        clean_session: s.clean_session.unwrap_or(false),
+        login,
+        keep_alive_s,
+    })
+}
+
 /// An `IP:PORT` address, or an error naming `key`.
 pub fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     value.parse().map_err(|_| {
@@ -464,8 +569,50 @@ impl Plan {
         let mut sources = Vec::with_capacity(file.sources.len());
         for (name, s) in &file.sources {
             let key = |k: &str| format!("sources.{name}.{k}");
-            let address = parse_addr(&key("address"), &s.address)?;
+            let mqtt = match s.kind {
+                SourceKind::Mqtt => Some(mqtt_source(name, s)?),
+                _ => {
+                    let mqtt_only = [
+                        ("url", s.url.is_some()),
+                        ("topics", s.topics.is_some()),
+                        ("qos", s.qos.is_some()),
+                        ("protocol", s.protocol.is_some()),
+                        ("client_id", s.client_id.is_some()),
+                        ("clean_session", s.clean_session.is_some()),
+                        ("username", s.username.is_some()),
+                        ("password", s.password.is_some()),
+                        ("keep_alive_s", s.keep_alive_s.is_some()),
+                    ];
+                    if let Some((k, _)) = mqtt_only.iter().find(|(_, set)| *set) {
+                        return Err(invalid(key(k), "only an mqtt source takes this key"));
+                    }
+                    None
+                }
+            };
+            let address = match (&mqtt, &s.address) {
+                (Some(m), None) => m.address,
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        key("address"),
+                        "an mqtt source subscribes at its url; it listens on no address",
+                    ))
+                }
+                (None, Some(a)) => parse_addr(&key("address"), a)?,
+                (None, None) => {
+                    return Err(invalid(
+                        key("address"),
+                        "a tcp or udp source needs an address (IP:PORT)",
+                    ))
+                }
+            };
             let framing = match (s.kind, s.framing) {
+                (SourceKind::Mqtt, None | Some(Framing::Datagram)) => Framing::Datagram,
+                (SourceKind::Mqtt, Some(_)) => {
+                    return Err(invalid(
+                        key("framing"),
+                        "an mqtt source takes one record per message",
+                    ))
+                }
                 (SourceKind::Udp, None | Some(Framing::Datagram)) => Framing::Datagram,
                 (SourceKind::Udp, Some(f)) => {
                     return Err(invalid(
@@ -485,7 +632,7 @@ impl Plan {
             let max_record_bytes = match (s.kind, s.max_record_bytes) {
                 (_, Some(m)) => m,
                 (SourceKind::Udp, None) => MAX_RECORD_BYTES_DEFAULT.min(UDP_PAYLOAD_BYTES_MAX),
-                (SourceKind::Tcp, None) => MAX_RECORD_BYTES_DEFAULT,
+                (SourceKind::Tcp | SourceKind::Mqtt, None) => MAX_RECORD_BYTES_DEFAULT,
             };
             if max_record_bytes == 0 || max_record_bytes > MAX_RECORD_BYTES_LIMIT {
                 return Err(invalid(
@@ -502,7 +649,7 @@ impl Plan {
                 ));
             }
             let max_connections = match (s.kind, s.max_connections) {
-                (SourceKind::Udp, Some(_)) => {
+                (SourceKind::Udp | SourceKind::Mqtt, Some(_)) => {
                     return Err(invalid(
                         key("max_connections"),
                         "only tcp sources have connections",
@@ -537,7 +684,7 @@ impl Plan {
                 }),
             };
             let idle_timeout_ms = match (s.kind, s.idle_timeout_ms) {
-                (SourceKind::Udp, Some(_)) => {
+                (SourceKind::Udp | SourceKind::Mqtt, Some(_)) => {
                     return Err(invalid(
                         key("idle_timeout_ms"),
                         "only tcp sources have connections",
@@ -551,10 +698,16 @@ impl Plan {
                 }
                 (_, t) => t.unwrap_or(IDLE_TIMEOUT_MS_DEFAULT),
             };
-            if let Some(other) = sources
-                .iter()
-                .find(|o: &&SourcePlan| o.kind == s.kind && o.address == address)
+            if s.kind == SourceKind::Mqtt && s.partition_by.is_some_and(|p| p != PartitionBy::None)
             {
+                return Err(invalid(
+                    key("partition_by"),
+                    "an mqtt source runs on one shard and keeps its records there (\"none\")",
+                ));
+            }
+            if let Some(other) = sources.iter().find(|o: &&SourcePlan| {
+                o.kind == s.kind && o.kind != SourceKind::Mqtt && o.address == address
+            }) {
                 return Err(invalid(
                     key("address"),
                     format!(
@@ -574,8 +727,10 @@ impl Plan {
                 receive_buffer_bytes: s.receive_buffer_bytes,
                 utf8: s.utf8.unwrap_or_default(),
                 rate_limit,
-                can_wait: s.kind == SourceKind::Tcp,
+                // An mqtt source stops reading and the broker queues.
+                can_wait: s.kind != SourceKind::Udp,
                 idle_timeout_ms,
+                mqtt,
                 sinks,
             });
         }

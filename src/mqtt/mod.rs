@@ -21,6 +21,36 @@ pub enum Version {
     V5,
 }
 
+/// The broker's address from `mqtt://HOST[:PORT]` (port 1883 by default),
+/// resolved once; the error says what is wrong with the url.
+pub fn broker_address(url: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let rest = if let Some(r) = url.strip_prefix("mqtt://") {
+        r
+    } else if url.starts_with("mqtts://") {
+        return Err("mqtts:// (TLS) is not supported yet; use mqtt://".into());
+    } else {
+        return Err(format!("{url:?} must start with mqtt://"));
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') || authority.contains('@') {
+        return Err("the url is mqtt://HOST:PORT (credentials go in username and password)".into());
+    }
+    let with_port = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| !p.contains(']'))
+    {
+        authority.to_string()
+    } else {
+        format!("{authority}:1883")
+    };
+    with_port
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("cannot resolve {authority:?}"))
+}
+
 /// The largest packet accepted from a broker.
 pub const MAX_PACKET_BYTES: usize = 16 * 1024 * 1024 + 1024;
 
@@ -213,6 +243,8 @@ pub struct Hello<'a> {
     pub clean: bool,
     /// MQTT 5: how long the broker keeps the session after a disconnect.
     pub session_expiry_s: Option<u32>,
+    /// MQTT 5: QoS 1 messages the broker may send us unacknowledged.
+    pub receive_max: Option<u16>,
     pub login: Option<(&'a str, &'a str)>,
 }
 
@@ -233,6 +265,7 @@ pub fn connect(version: Version, h: &Hello<'_>) -> Result<BytesMut, WireError> {
         Version::V5 => {
             let mut props = v5::ConnectProperties::new();
             props.session_expiry_interval = h.session_expiry_s;
+            props.receive_maximum = h.receive_max;
             let c = v5::Connect {
                 keep_alive: h.keep_alive_s,
                 client_id: h.client_id.to_string(),
@@ -447,6 +480,7 @@ mod tests {
                 keep_alive_s: 30,
                 clean: true,
                 session_expiry_s: None,
+                receive_max: Some(100),
                 login: Some(("u", "p")),
             };
             let c = connect(version, &h).unwrap();

@@ -13,7 +13,7 @@
 use crate::config::SinkPlan;
 use crate::metrics::SinkCounters;
 use crate::record::{Batch, BatchBuilder, BatchPool};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::sync::Notify;
@@ -39,6 +39,15 @@ pub struct SinkQueue {
     /// A disk buffer: payloads are checksummed as they fill, while the
     /// records just appended are still in the cache (the log frames them).
     checksum: bool,
+    /// Records appended since start, and of those, how many are settled: in
+    /// a disk buffer, durable (or dropped and counted). Records settle in the
+    /// order they were appended, so a source that noted `appended()` after
+    /// offering a record knows it is durable once `settled()` reaches that
+    /// mark (the mqtt source acknowledges QoS 1 messages then).
+    appended: Cell<u64>,
+    settled: Cell<u64>,
+    /// Signalled when `settled` moves.
+    pub settled_changed: Notify,
 }
 
 struct QueueState {
@@ -69,6 +78,9 @@ impl SinkQueue {
             drops_when_full: plan.buffer.kind == crate::config::BufferKind::Memory
                 && plan.buffer.when_full == crate::config::WhenFull::DropNewest,
             checksum: plan.buffer.kind == crate::config::BufferKind::Disk,
+            appended: Cell::new(0),
+            settled: Cell::new(0),
+            settled_changed: Notify::new(),
         }
     }
 
@@ -101,6 +113,7 @@ impl SinkQueue {
         source: u16,
         record: &[u8],
     ) {
+        self.appended.set(self.appended.get() + 1);
         let mut st = self.state.borrow_mut();
         if !st.builder.fits(record.len()) {
             self.seal(&mut st);
@@ -113,6 +126,25 @@ impl SinkQueue {
         }
         if st.builder.is_full() && st.sealed.len() < self.capacity {
             self.seal(&mut st);
+        }
+    }
+
+    /// Records appended since start (see `settled`).
+    pub fn appended(&self) -> u64 {
+        self.appended.get()
+    }
+
+    /// Records settled since start: a disk buffer made them durable (or
+    /// dropped them, counted).
+    pub fn settled(&self) -> u64 {
+        self.settled.get()
+    }
+
+    /// The disk buffer settled `records` more (in append order).
+    pub fn settle(&self, records: u64) {
+        if records > 0 {
+            self.settled.set(self.settled.get() + records);
+            self.settled_changed.notify_waiters();
         }
     }
 

@@ -126,6 +126,7 @@ fn check_port_free(src: &crate::config::SourcePlan) -> Result<(), StartError> {
     let (ty, proto, kind) = match src.kind {
         SourceKind::Tcp => (Type::STREAM, Protocol::TCP, "tcp"),
         SourceKind::Udp => (Type::DGRAM, Protocol::UDP, "udp"),
+        SourceKind::Mqtt => return Ok(()),
     };
     let bind_error = |error| StartError::Bind {
         source_name: src.name.clone(),
@@ -268,6 +269,12 @@ pub fn start(plan: Plan) -> Result<Running, StartError> {
     // Bind everything before any thread starts: errors name the source.
     let mut sockets: Vec<Vec<BoundSocket>> = (0..n).map(|_| Vec::new()).collect();
     for (id, src) in plan.sources.iter().enumerate() {
+        if let Some(m) = &src.mqtt {
+            // One session, on the first shard: it subscribes, nothing binds.
+            sockets[0].push(BoundSocket::Mqtt { source: id });
+            tracing::info!(source = %src.name, broker = %m.url, topics = ?m.topics, "subscribing (mqtt)");
+            continue;
+        }
         for shard_sockets in sockets.iter_mut() {
             let bound = crate::sources::bind(id, src).map_err(|error| StartError::Bind {
                 source_name: src.name.clone(),

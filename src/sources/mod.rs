@@ -6,6 +6,7 @@
 //! (a taken port fails the start with the source named) and handed to the
 //! shard, which drives them through io_uring ([`tcp`], [`udp`]).
 
+pub mod mqtt;
 pub mod tcp;
 pub mod udp;
 
@@ -30,12 +31,15 @@ pub enum BoundSocket {
         source: usize,
         socket: std::net::UdpSocket,
     },
+    /// An mqtt source's session (on one shard; no socket bound up front).
+    Mqtt { source: usize },
 }
 
 /// Binds one shard's socket for `source`.
 pub fn bind(source: usize, plan: &SourcePlan) -> std::io::Result<BoundSocket> {
     let domain = Domain::for_address(plan.address);
     match plan.kind {
+        SourceKind::Mqtt => Ok(BoundSocket::Mqtt { source }),
         SourceKind::Tcp => {
             let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
             s.set_reuse_address(true)?;
@@ -102,6 +106,9 @@ pub fn start(shard: &Rc<Ingest>, sockets: Vec<BoundSocket>) {
             }
             BoundSocket::Udp { source, socket } => {
                 shard.spawn_source(udp::receive_loop(shard.clone(), source, socket));
+            }
+            BoundSocket::Mqtt { source } => {
+                shard.spawn_source(mqtt::run(shard.clone(), source));
             }
         }
     }

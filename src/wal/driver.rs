@@ -270,7 +270,7 @@ pub async fn run<O: Deliver + 'static>(
         max_bytes: cfg.max_bytes,
     });
     counters.wal_bytes.set(wal.log.borrow().bytes() as i64);
-    let syncer = tokio_uring::spawn(syncer(shard.clone(), wal.clone()));
+    let syncer = tokio_uring::spawn(syncer(shard.clone(), wal.clone(), queue.clone()));
     let keeper = tokio_uring::spawn(keeper(shard.clone(), wal.clone()));
     let acks = wal.clone();
     let out = output(Rc::new(move |id| ack(&acks, id)));
@@ -391,6 +391,10 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
             Err(e) => {
                 tracing::error!(sink = %plan.name, error = %e, "cannot archive a batch; dropped");
                 counters.buffer_dropped.add(records as u64);
+                // Settled now, not after the frames before it are durable:
+                // a dropped batch never becomes durable, and a source waiting
+                // on it must not wait forever (see SinkQueue::settle).
+                queue.settle(u64::from(records));
                 None
             }
         }
@@ -452,6 +456,7 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
                     }
                     let f = pending.pop_front().expect("checked");
                     counters.buffer_dropped.add(f.records as u64);
+                    queue.settle(u64::from(f.records));
                     give_back(wal, f.buf);
                 }
             }
@@ -564,6 +569,7 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
                 }
                 let f = pending.pop_front().expect("the frame that failed");
                 counters.buffer_dropped.add(f.records as u64);
+                queue.settle(u64::from(f.records));
                 give_back(wal, f.buf);
             }
         }
@@ -707,7 +713,7 @@ async fn remove_spares(wal: &Wal) {
     }
 }
 
-async fn syncer(shard: Rc<SinkCtx>, wal: Rc<Wal>) {
+async fn syncer(shard: Rc<SinkCtx>, wal: Rc<Wal>, queue: Rc<SinkQueue>) {
     let plan = &shard.plan.sinks[wal.sink];
     let counters = &shard.metrics.sinks[wal.sink];
     let interval = Duration::from_millis(plan.buffer.sync_interval_ms);
@@ -756,6 +762,7 @@ async fn syncer(shard: Rc<SinkCtx>, wal: Rc<Wal>) {
             to_send.push_back(d);
         }
         counters.durable_records.add(records);
+        queue.settle(records);
         drop((written, to_send));
         wal.durable.notify_one();
     }

@@ -158,7 +158,7 @@ fn an_mqtt_sink_refuses_what_it_cannot_do_naming_the_key() {
         (
             mqtt("url = \"mqtt://127.0.0.1:1883\"\ntopic = \"gw/{topic}\""),
             "sinks.up.topic",
-            "none of this sink's inputs",
+            "not supported yet",
         ),
         (
             mqtt("url = \"mqtt://127.0.0.1:1883\"\ntopic = \"gw/#\""),

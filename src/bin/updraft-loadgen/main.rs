@@ -56,7 +56,8 @@ enum Proto {
     Udp,
     /// `receive` only: an HTTP(S) ingest endpoint.
     Http,
-    /// `receive` only: subscribe at the MQTT broker at `--listen`.
+    /// `send`: publish to the broker at `--target`; `receive`: subscribe
+    /// at the broker at `--listen`.
     Mqtt,
 }
 
@@ -118,6 +119,16 @@ struct SendArgs {
     /// Id of the first connection's stream (the next get the following ids).
     #[arg(long, default_value_t = 0)]
     stream_base: u64,
+    /// `--proto mqtt`: the topic each connection publishes to (`{stream}`
+    /// is its stream id).
+    #[arg(long, default_value = "sensors/{stream}")]
+    topic: String,
+    /// `--proto mqtt`: QoS 0 or 1.
+    #[arg(long, default_value_t = 1)]
+    qos: u8,
+    /// `--proto mqtt`: "3.1.1" or "5".
+    #[arg(long, default_value = "3.1.1")]
+    mqtt_version: String,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -338,13 +349,17 @@ fn send(a: SendArgs) -> Result<()> {
         let stream = a.stream_base + c as u64;
         let (target, size, framing, proto) = (a.target, a.size, a.framing, a.proto);
         let progress = progress.clone();
+        let pubs = mqtt::Publisher {
+            topic: a.topic.replace("{stream}", &stream.to_string()),
+            qos: a.qos,
+            version: a.mqtt_version.clone(),
+        };
         threads.push(std::thread::spawn(move || -> Result<()> {
             match proto {
                 Proto::Tcp => send_tcp(target, stream, count, size, framing, rate, &progress),
                 Proto::Udp => send_udp(target, stream, count, size, rate, &progress),
-                Proto::Http | Proto::Mqtt => {
-                    bail!("send speaks tcp or udp; http and mqtt are for receive")
-                }
+                Proto::Mqtt => pubs.send(target, stream, count, size, rate, &progress),
+                Proto::Http => bail!("send speaks tcp, udp or mqtt; http is for receive"),
             }
         }));
     }

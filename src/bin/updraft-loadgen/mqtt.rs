@@ -6,7 +6,7 @@
 //! client connects again every 100 ms until told to stop. Each message's
 //! payload is one record (a trailing newline is allowed).
 
-use super::{parse_record, Tracker};
+use super::{pace, parse_record, unix_ns, Block, Framing, Tracker};
 use anyhow::{bail, Context, Result};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -57,6 +57,7 @@ fn session(broker: SocketAddr, a: &MqttArgs, v: Version) -> Result<(TcpStream, V
         keep_alive_s: 60,
         clean: false,
         session_expiry_s: Some(3600),
+        receive_max: Some(1000),
         login: None,
     };
     s.write_all(&wire::connect(v, &hello)?)?;
@@ -209,5 +210,144 @@ fn read_messages(
         if have == buf.len() {
             buf.resize(buf.len() * 2, 0);
         }
+    }
+}
+
+/// `send --proto mqtt`: one client per connection publishing its stream.
+pub struct Publisher {
+    pub topic: String,
+    pub qos: u8,
+    pub version: String,
+}
+
+/// Messages a publisher keeps unacknowledged at most (QoS 1).
+const SEND_WINDOW: u64 = 1000;
+
+impl Publisher {
+    pub fn send(
+        &self,
+        broker: SocketAddr,
+        stream: u64,
+        count: u64,
+        size: usize,
+        rate: Option<f64>,
+        progress: &AtomicU64,
+    ) -> Result<()> {
+        if self.qos > 1 {
+            bail!("--qos {}: 0 or 1", self.qos);
+        }
+        let v = match self.version.as_str() {
+            "3.1.1" => Version::V311,
+            "5" => Version::V5,
+            x => bail!("--mqtt-version {x:?}: 3.1.1 or 5"),
+        };
+        let mut s = TcpStream::connect(broker).with_context(|| format!("connect {broker}"))?;
+        s.set_nodelay(true)?;
+        let id = format!("updraft-loadgen-send-{stream}");
+        let hello = wire::Hello {
+            client_id: &id,
+            keep_alive_s: 60,
+            clean: true,
+            session_expiry_s: None,
+            receive_max: None,
+            login: None,
+        };
+        s.write_all(&wire::connect(v, &hello)?)?;
+        let mut buf = vec![0u8; 4096];
+        let mut have = 0;
+        loop {
+            let n = s.read(&mut buf[have..])?;
+            if n == 0 {
+                bail!("{broker} closed the connection before CONNACK");
+            }
+            have += n;
+            if let Some((_, _, total)) = wire::frame(&buf[..have])? {
+                if let Control::ConnAck {
+                    refused: Some(why), ..
+                } = wire::control(v, &buf[..total])?
+                {
+                    bail!("{broker} refused the connection: {why}");
+                }
+                break;
+            }
+        }
+        let acked = Arc::new(AtomicU64::new(0));
+        let reader = {
+            let (mut r, acked) = (s.try_clone()?, acked.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                let mut have = 0;
+                loop {
+                    match r.read(&mut buf[have..]) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => have += n,
+                    }
+                    let mut start = 0;
+                    while let Ok(Some((first, _, total))) = wire::frame(&buf[start..have]) {
+                        if first >> 4 == wire::PUBACK {
+                            acked.fetch_add(1, Relaxed);
+                        }
+                        start += total;
+                    }
+                    buf.copy_within(start..have, 0);
+                    have -= start;
+                }
+            })
+        };
+        let per_block = match rate {
+            Some(r) => ((r / 1000.0) as usize).clamp(1, 256),
+            None => 256,
+        };
+        let mut block = Block::new(stream, size, Framing::Newline, per_block)?;
+        let mut out = Vec::new();
+        let start = quanta::Instant::now();
+        let mut sent = 0u64;
+        while sent < count {
+            if let Some(r) = rate {
+                pace(start, sent, r);
+            }
+            let n = ((count - sent) as usize).min(per_block);
+            if self.qos == 1 {
+                while sent + n as u64 - acked.load(Relaxed) > SEND_WINDOW {
+                    if reader.is_finished() {
+                        bail!("{broker} closed the connection");
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+            let frame = block.frame;
+            let bytes = block.fill(sent, n, unix_ns());
+            out.clear();
+            for i in 0..n {
+                let record = &bytes[i * frame..(i + 1) * frame - 1];
+                let pkid = ((sent + i as u64) % 65_535) as u16 + 1;
+                let pkid = if self.qos == 1 { pkid } else { 0 };
+                wire::put_publish(
+                    &mut out,
+                    v,
+                    self.topic.as_bytes(),
+                    self.qos,
+                    false,
+                    pkid,
+                    record,
+                );
+            }
+            s.write_all(&out)
+                .with_context(|| format!("write to {broker}"))?;
+            sent += n as u64;
+            progress.fetch_add(n as u64, Relaxed);
+        }
+        if self.qos == 1 {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while acked.load(Relaxed) < count {
+                if reader.is_finished() || std::time::Instant::now() > deadline {
+                    bail!("{broker} acknowledged {} of {count}", acked.load(Relaxed));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        s.write_all(&wire::DISCONNECT)?;
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        Ok(())
     }
 }

@@ -34,7 +34,7 @@ use crate::record::BatchView;
 use serde::Deserialize;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -97,36 +97,7 @@ impl Kind for Sink {
         let url = c
             .url
             .ok_or_else(|| invalid(cx.key("url"), "an mqtt sink needs a url (mqtt://HOST:PORT)"))?;
-        let rest = if let Some(r) = url.strip_prefix("mqtt://") {
-            r
-        } else if url.starts_with("mqtts://") {
-            return Err(invalid(
-                cx.key("url"),
-                "mqtts:// (TLS) is not supported by the mqtt sink yet; use mqtt://",
-            ));
-        } else {
-            return Err(invalid(
-                cx.key("url"),
-                format!("{url:?} must start with mqtt://"),
-            ));
-        };
-        let authority = rest.trim_end_matches('/');
-        if authority.contains('/') || authority.contains('@') {
-            return Err(invalid(
-                cx.key("url"),
-                "the url is mqtt://HOST:PORT (credentials go in username and password)",
-            ));
-        }
-        let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| !p.contains(']')) {
-            authority.to_string()
-        } else {
-            format!("{authority}:1883")
-        };
-        let address = with_port
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| invalid(cx.key("url"), format!("cannot resolve {authority:?}")))?;
+        let address = wire::broker_address(&url).map_err(|m| invalid(cx.key("url"), m))?;
         let topic = c
             .topic
             .ok_or_else(|| invalid(cx.key("topic"), "an mqtt sink needs a topic"))?;
@@ -142,7 +113,7 @@ impl Kind for Sink {
         if topic.contains('{') {
             return Err(invalid(
                 cx.key("topic"),
-                "templates such as {topic} need an input that supplies the field; none of this sink's inputs does (tcp and udp records carry no topic)",
+                "templates such as {topic} are not supported yet (records do not carry their topic); use a fixed topic",
             ));
         }
         let qos = c.qos.unwrap_or(1);
@@ -500,6 +471,7 @@ async fn open(inner: &Inner, shard: usize) -> Result<(TcpStream, Vec<u8>, Option
         keep_alive_s: t.keep_alive_s,
         clean: true,
         session_expiry_s: None,
+        receive_max: None,
         login: t.login.as_ref().map(|(u, p)| (u.0.as_str(), p.0.as_str())),
     };
     let packet = wire::connect(t.version, &hello).map_err(|e| e.to_string())?;

@@ -1,0 +1,418 @@
+//! `mqtt` source: subscribe at a broker, one record per message.
+//!
+//! One session per source, on the first shard: CONNECT (by default a
+//! persistent session: `clean_session = false`, a fixed client id, so the
+//! broker keeps QoS 1 messages for us while we are away), SUBSCRIBE to
+//! `topics`, then each PUBLISH's payload is offered as a record. The read
+//! loop waits while the destination is full, so a slow sink stops the reads
+//! and the broker queues for the session: QoS 1 is never dropped for lack of
+//! room.
+//!
+//! A QoS 1 message is acknowledged (PUBACK) only once its record is held:
+//! in the sink's queue when every sink the source feeds has a memory buffer;
+//! when any has a disk buffer, only once the record is durable there
+//! ([`SinkQueue::settled`](crate::pipeline::SinkQueue::settled) reached the
+//! mark noted after the offer). So a `kill -9` of updraft loses nothing the
+//! broker was told it had: what was not acknowledged is delivered again.
+//! Duplicates are bounded by what was taken but not yet acknowledged.
+//!
+//! A message the source cannot take for good (empty, longer than
+//! `max_record_bytes`, not UTF-8 under `utf8 = "drop"`) is counted and
+//! acknowledged, so the broker does not send it again and again. A refused
+//! CONNECT or SUBSCRIBE is logged with the broker and the reason; the session
+//! is opened again after a backoff.
+
+use crate::config::{BufferKind, MqttSourcePlan, RetryPlan, WhenExceeded};
+use crate::logging::LogEvery;
+use crate::metrics::DropReason;
+use crate::mqtt::{self as wire, Control, Version};
+use crate::pipeline::ingest::Ingest;
+use crate::pipeline::Backoff;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tokio_uring::buf::BoundedBuf;
+use tokio_uring::net::TcpStream;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// QoS 1 messages an MQTT 5 broker may send before our acknowledgements
+/// (an MQTT 3.1.1 broker decides for itself: mosquitto's
+/// `max_inflight_messages`).
+pub const RECEIVE_MAXIMUM: u16 = 1000;
+/// How long a stopping source waits for its last records to settle before
+/// it acknowledges them (else the broker sends them again next time).
+const STOP_SETTLE_WAIT: Duration = Duration::from_secs(1);
+/// MQTT 5 persistent sessions: how long the broker keeps ours (7 days).
+const SESSION_EXPIRY_S: u32 = 7 * 24 * 3600;
+
+/// What the session writes (acknowledgements, pings), in order, from one
+/// writer task.
+struct Out {
+    buf: RefCell<Vec<u8>>,
+    ready: Notify,
+}
+
+/// Acknowledgements that wait for their records to be durable.
+struct Pending {
+    /// Per disk sink: the `appended()` mark the records must settle to.
+    marks: Vec<(usize, u64)>,
+    pkids: Vec<u16>,
+}
+
+pub async fn run(ing: Rc<Ingest>, source: usize) {
+    let plan = &ing.plan.sources[source];
+    let m = plan.mqtt.as_ref().expect("an mqtt source has its plan");
+    let counters = &ing.metrics.sources[source];
+    let mut backoff = Backoff::new(RetryPlan {
+        initial_backoff_ms: 100,
+        max_backoff_ms: 10_000,
+    });
+    let mut log = LogEvery::ten_seconds();
+    let mut down_since: Option<Instant> = None;
+    while !ing.stopping.get() {
+        let r = session(&ing, source, m, &mut backoff, &mut down_since).await;
+        counters.connections_open.set(0);
+        match r {
+            Ok(()) => break,
+            Err(why) => {
+                if ing.stopping.get() {
+                    break;
+                }
+                down_since.get_or_insert_with(Instant::now);
+                if let Some(held) = log.ready() {
+                    tracing::warn!(source = %plan.name, broker = %m.url, suppressed = held,
+                        "{why}; subscribing again after a backoff");
+                }
+                let stop = ing.stop_signal.notified();
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    _ = stop => break,
+                }
+            }
+        }
+    }
+}
+
+/// One session, until the connection ends (`Err`, with why) or the source
+/// stops (`Ok`).
+async fn session(
+    ing: &Rc<Ingest>,
+    source: usize,
+    m: &MqttSourcePlan,
+    backoff: &mut Backoff,
+    down_since: &mut Option<Instant>,
+) -> Result<(), String> {
+    let connect = TcpStream::connect(m.address);
+    let stream = tokio::select! {
+        r = tokio::time::timeout(CONNECT_TIMEOUT, connect) => match r {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(format!("cannot connect: {e}")),
+            Err(_) => return Err("connect timed out".into()),
+        },
+        _ = ing.stop_signal.notified() => return Ok(()),
+    };
+    let _ = stream.set_nodelay(true);
+    let stream = Rc::new(stream);
+    let fd_key = ing.watch_fd(stream.as_raw_fd());
+    let result = serve(ing, source, m, &stream, backoff, down_since).await;
+    ing.unwatch_fd(fd_key);
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    result
+}
+
+async fn write(stream: &TcpStream, bytes: Vec<u8>) -> Result<Vec<u8>, String> {
+    let (res, b) = stream.write_all(bytes).await;
+    res.map_err(|e| format!("write failed: {e}"))?;
+    Ok(b)
+}
+
+async fn serve(
+    ing: &Rc<Ingest>,
+    source: usize,
+    m: &MqttSourcePlan,
+    stream: &Rc<TcpStream>,
+    backoff: &mut Backoff,
+    down_since: &mut Option<Instant>,
+) -> Result<(), String> {
+    let plan = &ing.plan.sources[source];
+    let counters = &ing.metrics.sources[source];
+    let v = m.version;
+    let hello = wire::Hello {
+        client_id: &m.client_id,
+        keep_alive_s: m.keep_alive_s,
+        clean: m.clean_session,
+        session_expiry_s: (v == Version::V5 && !m.clean_session).then_some(SESSION_EXPIRY_S),
+        receive_max: Some(RECEIVE_MAXIMUM),
+        login: m.login.as_ref().map(|(u, p)| (u.0.as_str(), p.0.as_str())),
+    };
+    let mut hello_bytes = wire::connect(v, &hello)
+        .map_err(|e| e.to_string())?
+        .to_vec();
+    hello_bytes
+        .extend_from_slice(&wire::subscribe(v, 1, &m.topics, m.qos).map_err(|e| e.to_string())?);
+    write(stream, hello_bytes).await?;
+
+    // The sinks whose durability a PUBACK waits for.
+    let disk_sinks: Vec<usize> = plan
+        .sinks
+        .iter()
+        .copied()
+        .filter(|&s| ing.plan.sinks[s].buffer.kind == BufferKind::Disk)
+        .collect();
+    let out = Rc::new(Out {
+        buf: RefCell::new(Vec::new()),
+        ready: Notify::new(),
+    });
+    let pending: Rc<RefCell<VecDeque<Pending>>> = Rc::new(RefCell::new(VecDeque::new()));
+    let acked = Rc::new(Notify::new());
+    let writer = tokio_uring::spawn(writer(stream.clone(), out.clone(), m.keep_alive_s));
+    let acker = tokio_uring::spawn(acker(
+        ing.clone(),
+        pending.clone(),
+        out.clone(),
+        acked.clone(),
+    ));
+    let tasks = Tasks(vec![writer, acker]);
+
+    let mut buf: Vec<u8> = vec![0u8; 64 * 1024];
+    let mut have = 0usize;
+    let mut connected = false;
+    let mut pkids: Vec<u16> = Vec::new();
+    let mut log_bad = LogEvery::ten_seconds();
+    let why = loop {
+        // Room for one whole packet of the largest record.
+        if have == buf.len() {
+            let most = plan.max_record_bytes + 64 * 1024;
+            if buf.len() >= most + 64 * 1024 {
+                break "a packet longer than max_record_bytes allows".to_string();
+            }
+            buf.resize((buf.len() * 2).min(most + 64 * 1024), 0);
+        }
+        let deadline = (!connected).then(|| tokio::time::Instant::now() + CONNECT_TIMEOUT);
+        let read = stream.read(std::mem::take(&mut buf).slice(have..));
+        let (res, slice) = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, read).await {
+                Ok(r) => r,
+                Err(_) => return Err("no CONNACK within 10 s".into()),
+            },
+            None => read.await,
+        };
+        buf = slice.into_inner();
+        let n = match res {
+            Ok(0) if ing.stopping.get() => break String::new(),
+            Ok(0) => break "the broker closed the connection".to_string(),
+            Ok(n) => n,
+            Err(e) => break format!("read failed: {e}"),
+        };
+        have += n;
+        let ts = ing.now_ns();
+        let mut start = 0;
+        let mut records = 0u64;
+        pkids.clear();
+        loop {
+            let (first, header, total) = match wire::frame(&buf[start..have]) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(wire::WireError::TooLarge(_)) if !connected => {
+                    return Err("the broker's answer is not MQTT".into())
+                }
+                Err(e) => return Err(format!("{e} from the broker")),
+            };
+            let packet = start..start + total;
+            start += total;
+            if first >> 4 != wire::PUBLISH {
+                match wire::control(v, &buf[packet]).map_err(|e| e.to_string())? {
+                    Control::ConnAck {
+                        refused: Some(why), ..
+                    } => return Err(format!("the broker refused the connection: {why}")),
+                    Control::ConnAck {
+                        session_present, ..
+                    } => {
+                        connected = true;
+                        backoff.reset();
+                        counters.connections_accepted.add(1);
+                        counters.connections_open.set(1);
+                        match down_since.take() {
+                            Some(t) => {
+                                tracing::info!(source = %plan.name, broker = %m.url, session_present,
+                                down_ms = t.elapsed().as_millis() as u64, "subscribed again")
+                            }
+                            None => {
+                                tracing::info!(source = %plan.name, broker = %m.url, session_present, "connected")
+                            }
+                        }
+                    }
+                    Control::SubAck { refused, .. } => {
+                        for i in refused {
+                            tracing::error!(source = %plan.name, broker = %m.url, topic = %m.topics[i],
+                                "the broker refused the subscription to this topic filter");
+                        }
+                    }
+                    Control::Disconnect(reason) => {
+                        return Err(format!("the broker disconnected: {reason}"));
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            let p = wire::read_publish(v, &buf[packet.clone()], header)
+                .map_err(|e| format!("{e} from the broker"))?;
+            counters.bytes.add(p.payload.len() as u64);
+            let reason = if p.payload.len() > plan.max_record_bytes {
+                Some(DropReason::Oversize)
+            } else {
+                ing.refuse(source, p.payload)
+            };
+            if let Some(reason) = reason {
+                counters.drop(reason, 1);
+                if reason != DropReason::Empty {
+                    if let Some(held) = log_bad.ready() {
+                        tracing::warn!(source = %plan.name, broker = %m.url, topic = %String::from_utf8_lossy(p.topic),
+                            reason = reason.label(), suppressed = held, "message dropped");
+                    }
+                }
+            } else {
+                if let Some(rl) = plan.rate_limit {
+                    if !ing.rate_admit(source) {
+                        if rl.when_exceeded == WhenExceeded::Drop {
+                            counters.drop(DropReason::RateLimit, 1);
+                            if p.qos > 0 {
+                                pkids.push(p.pkid);
+                            }
+                            continue;
+                        }
+                        ing.rate_wait(source).await;
+                    }
+                }
+                // The payload stays borrowed from `buf` while the offer
+                // waits: nothing else reads into it meanwhile.
+                let record = &buf[packet.start + (total - p.payload.len())..packet.end];
+                ing.offer(source, ing.id, ts, 0, record).await;
+                records += 1;
+            }
+            if p.qos > 0 {
+                pkids.push(p.pkid);
+            }
+        }
+        counters.records.add(records);
+        if !pkids.is_empty() {
+            if disk_sinks.is_empty() {
+                let mut o = out.buf.borrow_mut();
+                for &id in &pkids {
+                    o.extend_from_slice(&wire::puback(id));
+                }
+                drop(o);
+                out.ready.notify_one();
+            } else {
+                let marks = disk_sinks
+                    .iter()
+                    .map(|&s| (s, ing.sinks[s].appended()))
+                    .collect();
+                pending.borrow_mut().push_back(Pending {
+                    marks,
+                    pkids: std::mem::take(&mut pkids),
+                });
+                acked.notify_one();
+            }
+        }
+        buf.copy_within(start..have, 0);
+        have -= start;
+    };
+    // Stopping: give the last records a moment to settle, so their
+    // acknowledgements go out and the broker does not send them again.
+    if ing.stopping.get() {
+        let deadline = Instant::now() + STOP_SETTLE_WAIT;
+        while !pending.borrow().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let wait = Instant::now() + Duration::from_millis(200);
+        while !out.buf.borrow().is_empty() && Instant::now() < wait {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let _ = write(stream, wire::DISCONNECT.to_vec()).await;
+    }
+    drop(tasks);
+    if why.is_empty() {
+        Ok(())
+    } else {
+        Err(why)
+    }
+}
+
+/// Aborts the session's helper tasks when the session ends.
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Writes what the session queued, in order; pings when idle.
+async fn writer(stream: Rc<TcpStream>, out: Rc<Out>, keep_alive_s: u16) {
+    let idle = Duration::from_secs(u64::from(keep_alive_s)) / 2;
+    let mut spare = Vec::new();
+    let mut last = Instant::now();
+    loop {
+        let wait = out.ready.notified();
+        if out.buf.borrow().is_empty() {
+            if tokio::time::timeout(idle, wait).await.is_err() && last.elapsed() >= idle {
+                out.buf.borrow_mut().extend_from_slice(&wire::PINGREQ);
+            }
+            continue;
+        }
+        std::mem::swap(&mut *out.buf.borrow_mut(), &mut spare);
+        match write(&stream, spare).await {
+            Ok(mut b) => {
+                b.clear();
+                spare = b;
+                last = Instant::now();
+            }
+            Err(_) => return, // the read loop sees the connection end
+        }
+    }
+}
+
+/// Sends the acknowledgements of records once they are durable in every
+/// disk buffer the source feeds, in order.
+async fn acker(
+    ing: Rc<Ingest>,
+    pending: Rc<RefCell<VecDeque<Pending>>>,
+    out: Rc<Out>,
+    more: Rc<Notify>,
+) {
+    loop {
+        let front = pending.borrow().front().map(|p| {
+            p.marks
+                .iter()
+                .find(|&&(s, mark)| ing.sinks[s].settled() < mark)
+                .copied()
+        });
+        match front {
+            None => more.notified().await,
+            Some(Some((s, mark))) => {
+                let q = &ing.sinks[s];
+                let wait = q.settled_changed.notified();
+                tokio::pin!(wait);
+                wait.as_mut().enable();
+                if q.settled() < mark {
+                    wait.await;
+                }
+            }
+            Some(None) => {
+                let p = pending.borrow_mut().pop_front().expect("checked");
+                let mut o = out.buf.borrow_mut();
+                for id in p.pkids {
+                    o.extend_from_slice(&wire::puback(id));
+                }
+                drop(o);
+                out.ready.notify_one();
+            }
+        }
+    }
+}
