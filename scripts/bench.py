@@ -666,6 +666,111 @@ def plot(rows, out_dir):
     fig.savefig(os.path.join(out_dir, "latency.png"), dpi=110)
 
 
+# --- MQTT: updraft as a bridge between two brokers ------------------------------
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def mosquitto(tmp, name, extra=""):
+    """A mosquitto broker on a free loopback port (no persistence: the bench
+    measures the path, not the broker's disk)."""
+    port = free_port()
+    conf = os.path.join(tmp, f"{name}.conf")
+    with open(conf, "w") as f:
+        f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                f"max_queued_messages 0\nmax_inflight_messages 1000\n{extra}\n")
+    return Collector([MOSQUITTO, "-c", conf], port, log=os.path.join(tmp, f"{name}.log")), port
+
+
+def mqtt_receiver(port, topic, expect, qos):
+    p = subprocess.Popen(
+        [LOADGEN, "receive", "--proto", "mqtt", "--listen", f"127.0.0.1:{port}", "--topic", topic,
+         "--qos", str(qos), "--client-id", f"bench-rx-{port}", "--expect", str(expect),
+         "--timeout-s", "60", "--linger-ms", "200", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stderr.readline()
+    if not line.startswith("subscribed"):
+        raise RuntimeError(f"mqtt receiver: {line}")
+    return p
+
+
+def mqtt_publish(port, conns, n, size, qos):
+    cmd = [LOADGEN, "send", "--proto", "mqtt", "--target", f"127.0.0.1:{port}", "--qos", str(qos),
+           "--connections", str(conns), "--count", str(n), "--size", str(size), "--json"]
+    return json_line(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout)
+
+
+def mqtt_run(tmp, who, qos, n, size=256, conns=4):
+    """One run: loadgen publishes to A; `who` carries it to B (or, for the
+    ceiling, the receiver subscribes at A)."""
+    a = b = bridge = None
+    procs = []
+    try:
+        if who == "mosquitto bridge":
+            b, bport = mosquitto(tmp, "b")
+            a, aport = mosquitto(tmp, "a", f"connection to-b\naddress 127.0.0.1:{bport}\n"
+                                            f"topic sensors/# out {qos}\ncleansession true\n")
+            procs += [a, b]
+            time.sleep(1.0)  # the bridge connects
+            rx = mqtt_receiver(bport, "sensors/#", n, qos)
+        elif who == "updraft":
+            a, aport = mosquitto(tmp, "a")
+            b, bport = mosquitto(tmp, "b")
+            procs += [a, b]
+            rx = mqtt_receiver(bport, "gw/#", n, qos)
+            mport = free_port()
+            cfg = os.path.join(tmp, "bridge.toml")
+            with open(cfg, "w") as f:
+                f.write(f"""shards = 2
+data_dir = "{os.path.join(tmp, 'data')}"
+[metrics]
+address = "127.0.0.1:{mport}"
+[sources.sensors]
+type = "mqtt"
+url = "mqtt://127.0.0.1:{aport}"
+topics = ["sensors/#"]
+qos = {qos}
+client_id = "bench-bridge"
+clean_session = true
+[sinks.cloud]
+type = "mqtt"
+inputs = ["sensors"]
+url = "mqtt://127.0.0.1:{bport}"
+topic = "gw/all"
+qos = {qos}
+""")
+            bridge = Collector([UPDRAFT, "run", "--config", cfg], mport, mport, log=os.path.join(tmp, "u.log"))
+            procs.append(bridge)
+            t0 = time.time()
+            while bridge.metric('updraft_source_connections_open{source="sensors"}') < 1 and time.time() - t0 < 10:
+                time.sleep(0.05)
+        else:  # ceiling
+            a, aport = mosquitto(tmp, "a")
+            procs.append(a)
+            rx = mqtt_receiver(aport, "sensors/#", n, qos)
+        mqtt_publish(aport, conns, n, size, qos)
+        r = finish(rx)
+        cpu, rss = bridge.usage() if bridge else (None, None)
+        return row(f"mqtt->mqtt qos{qos}", who, size, conns, 2 if bridge else 0, r["records_per_sec"],
+                   r["latency_us"], cpu, rss, n, r["lost"], r["duplicates"])
+    finally:
+        for p in procs:
+            p.stop()
+        shutil.rmtree(os.path.join(tmp, "data"), ignore_errors=True)
+
+
+MQTT_RUNS = 3
+
+
+def mqtt_bench(a, tmp, log):
+    n = a.count or 200_000
+    print(f"mqtt, 256 B, 4 publishers, {n} messages, QoS 0 and 1 (median of {MQTT_RUNS})", flush=True)
+    for qos in (0, 1):
+        for who in ("ceiling", "mosquitto bridge", "updraft"):
+            runs = [mqtt_run(tmp, who, qos, n) for _ in range(MQTT_RUNS)]
+            log(median_run(runs))
+
+
 # --- two builds side by side ---------------------------------------------------
 
 def against(a, tmp):
@@ -742,7 +847,7 @@ def main():
     ap.add_argument("--count", type=int, default=0,
                     help="records per TCP run (default: about a second at the ceiling); "
                          "longer runs show steady state rather than start-up")
-    ap.add_argument("--only", choices=["all", "http", "disk"], default="all",
+    ap.add_argument("--only", choices=["all", "http", "disk", "mqtt"], default="all",
                     help="http or disk: only 256 B x 4 connections, the ceilings, memory mode and that scenario")
     ap.add_argument("--against", metavar="BIN",
                     help="compare with another updraft binary: tcp->tcp and tcp->http, memory and disk, "
@@ -790,6 +895,9 @@ def main():
         rows.append(r)
 
     try:
+        if a.only == "mqtt":
+            mqtt_bench(a, tmp, log)
+            raise StopIteration
         for size in sizes:
             for conns in conns_list:
                 n = a.count or count_for(size, a.quick)

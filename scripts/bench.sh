@@ -7,7 +7,8 @@
 # and that scenario, full length (a few minutes; disk beside memory as 3
 # alternating pairs, rows the median run). `--against OLD_BIN [--pairs N]`:
 # this build against another, tcp->tcp and tcp->http, memory and disk, in
-# alternating pairs (bench-results/against.md).
+# alternating pairs (bench-results/against.md). `--only mqtt`: the MQTT
+# ceiling, mosquitto's bridge and updraft between two brokers, QoS 0 and 1.
 # Results: bench-results/{results.json,results.md,throughput.png,latency.png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,10 @@ cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 if ! command -v rsyslogd >/dev/null 2>&1; then
     as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsyslog
+fi
+if [ ! -x /usr/sbin/mosquitto ]; then
+    # --only mqtt: two brokers, mosquitto's bridge beside updraft's.
+    as_root apt-get update -qq && as_root env RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto
 fi
 if ! python3 -c 'import matplotlib' 2>/dev/null; then
     python3 -m pip install --quiet matplotlib
