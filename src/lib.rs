@@ -46,6 +46,7 @@ pub mod route;
 pub mod runtime;
 pub mod sinks;
 pub mod sources;
+pub mod tls;
 pub mod wal;
 
 #[cfg(feature = "count-alloc")]

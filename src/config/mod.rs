@@ -181,6 +181,8 @@ pub struct SourceConfig {
     pub username: Option<String>,
     pub password: Option<String>,
     pub keep_alive_s: Option<u16>,
+    /// mqtt (mqtts://): trusted CAs, a client certificate.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 /// An mqtt source's subscription, resolved.
@@ -198,6 +200,7 @@ pub struct MqttSourcePlan {
     pub clean_session: bool,
     pub login: Option<(Redacted, Redacted)>,
     pub keep_alive_s: u16,
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -422,7 +425,9 @@ fn mqtt_source(name: &str, s: &SourceConfig) -> Result<MqttSourcePlan, ConfigErr
         .url
         .clone()
         .ok_or_else(|| invalid(key("url"), "an mqtt source needs a url (mqtt://HOST:PORT)"))?;
-    let address = crate::mqtt::broker_address(&url).map_err(|m| invalid(key("url"), m))?;
+    let broker = crate::mqtt::broker(&url).map_err(|m| invalid(key("url"), m))?;
+    let tls = crate::mqtt::tls_for(&key("tls"), &broker, s.tls.as_ref())?;
+    let address = broker.address;
     let topics = s.topics.clone().unwrap_or_default();
     if topics.is_empty() {
         return Err(invalid(key("topics"), "list at least one topic filter"));
@@ -484,6 +489,7 @@ fn mqtt_source(name: &str, s: &SourceConfig) -> Result<MqttSourcePlan, ConfigErr
         clean_session: s.clean_session.unwrap_or(false),
         login,
         keep_alive_s,
+        tls,
     })
 }
 
@@ -582,6 +588,7 @@ impl Plan {
                         ("username", s.username.is_some()),
                         ("password", s.password.is_some()),
                         ("keep_alive_s", s.keep_alive_s.is_some()),
+                        ("tls", s.tls.is_some()),
                     ];
                     if let Some((k, _)) = mqtt_only.iter().find(|(_, set)| *set) {
                         return Err(invalid(key(k), "only an mqtt source takes this key"));

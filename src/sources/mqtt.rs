@@ -28,14 +28,12 @@ use crate::metrics::DropReason;
 use crate::mqtt::{self as wire, Control, Version};
 use crate::pipeline::ingest::Ingest;
 use crate::pipeline::Backoff;
+use crate::tls::Link;
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
-use tokio_uring::buf::BoundedBuf;
-use tokio_uring::net::TcpStream;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// QoS 1 messages an MQTT 5 broker may send before our acknowledgements
@@ -105,26 +103,26 @@ async fn session(
     backoff: &mut Backoff,
     down_since: &mut Option<Instant>,
 ) -> Result<(), String> {
-    let connect = TcpStream::connect(m.address);
+    let connect = Link::connect(m.address, m.tls.as_ref());
     let stream = tokio::select! {
         r = tokio::time::timeout(CONNECT_TIMEOUT, connect) => match r {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(format!("cannot connect: {e}")),
+            Ok(Err(e)) => return Err(e),
             Err(_) => return Err("connect timed out".into()),
         },
         _ = ing.stop_signal.notified() => return Ok(()),
     };
-    let _ = stream.set_nodelay(true);
     let stream = Rc::new(stream);
-    let fd_key = ing.watch_fd(stream.as_raw_fd());
+    let fd_key = ing.watch_fd(stream.fd());
     let result = serve(ing, source, m, &stream, backoff, down_since).await;
     ing.unwatch_fd(fd_key);
-    let _ = stream.shutdown(std::net::Shutdown::Both);
+    stream.shutdown();
     result
 }
 
-async fn write(stream: &TcpStream, bytes: Vec<u8>) -> Result<Vec<u8>, String> {
-    let (res, b) = stream.write_all(bytes).await;
+async fn write(stream: &Link, bytes: Vec<u8>) -> Result<Vec<u8>, String> {
+    let n = bytes.len();
+    let (res, b) = stream.write(bytes, 0..n).await;
     res.map_err(|e| format!("write failed: {e}"))?;
     Ok(b)
 }
@@ -133,7 +131,7 @@ async fn serve(
     ing: &Rc<Ingest>,
     source: usize,
     m: &MqttSourcePlan,
-    stream: &Rc<TcpStream>,
+    stream: &Rc<Link>,
     backoff: &mut Backoff,
     down_since: &mut Option<Instant>,
 ) -> Result<(), String> {
@@ -192,20 +190,21 @@ async fn serve(
             buf.resize((buf.len() * 2).min(most + 64 * 1024), 0);
         }
         let deadline = (!connected).then(|| tokio::time::Instant::now() + CONNECT_TIMEOUT);
-        let read = stream.read(std::mem::take(&mut buf).slice(have..));
-        let (res, slice) = match deadline {
+        let read = stream.read(std::mem::take(&mut buf), have);
+        let (res, b) = match deadline {
             Some(d) => match tokio::time::timeout_at(d, read).await {
                 Ok(r) => r,
                 Err(_) => return Err("no CONNACK within 10 s".into()),
             },
             None => read.await,
         };
-        buf = slice.into_inner();
+        buf = b;
         let n = match res {
             Ok(0) if ing.stopping.get() => break String::new(),
             Ok(0) => break "the broker closed the connection".to_string(),
             Ok(n) => n,
-            Err(e) => break format!("read failed: {e}"),
+            Err(_) if ing.stopping.get() => break String::new(),
+            Err(e) => break e,
         };
         have += n;
         let ts = ing.now_ns();
@@ -354,7 +353,7 @@ impl Drop for Tasks {
 }
 
 /// Writes what the session queued, in order; pings when idle.
-async fn writer(stream: Rc<TcpStream>, out: Rc<Out>, keep_alive_s: u16) {
+async fn writer(stream: Rc<Link>, out: Rc<Out>, keep_alive_s: u16) {
     let idle = Duration::from_secs(u64::from(keep_alive_s)) / 2;
     let mut spare = Vec::new();
     let mut last = Instant::now();

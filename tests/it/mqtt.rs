@@ -420,3 +420,212 @@ uri = "http://{sink}/ingest"
     drop(u_);
     // tcp source -> mqtt sink is tcp_to_mqtt_carries_every_record_once_over_3_1_1_and_5.
 }
+
+/// A CA and, signed by it, a certificate for 127.0.0.1 and a client
+/// certificate: (ca, cert, key, client cert, client key) files in `dir`.
+fn pki(dir: &std::path::Path, name: &str) -> [String; 5] {
+    let write = |file: &str, pem: &str| {
+        let p = dir.join(format!("{name}-{file}"));
+        std::fs::write(&p, pem).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        p.display().to_string()
+    };
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, format!("updraft test CA {name}"));
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key).unwrap();
+    let mut client = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    client
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "gateway-7");
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    let client_cert = client.signed_by(&client_key, &ca_cert, &ca_key).unwrap();
+    [
+        write("ca.pem", &ca_cert.pem()),
+        write("cert.pem", &server_cert.pem()),
+        write("key.pem", &server_key.serialize_pem()),
+        write("client-cert.pem", &client_cert.pem()),
+        write("client-key.pem", &client_key.serialize_pem()),
+    ]
+}
+
+#[test]
+fn mqtts_with_a_client_certificate_delivers_and_a_wrong_ca_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let [ca, cert, key, client_cert, client_key] = pki(dir.path(), "right");
+    let [other_ca, ..] = pki(dir.path(), "other");
+    // A TLS listener that requires a client certificate, and a plain one
+    // for the subscriber.
+    let plain = free_addr();
+    let broker = Broker::start(&format!(
+        "cafile {ca}\ncertfile {cert}\nkeyfile {key}\nrequire_certificate true\nlistener {} 127.0.0.1",
+        plain.port()
+    ));
+    let rx = Receiver::start_mqtt(plain, 20_000, 60, &["--topic", "site-7/#"]);
+    let tls_url = format!("mqtts://{}", broker.addr);
+    let sink = |ca: &str| {
+        format!(
+            r#"shards = 2
+[sources.app]
+type = "tcp"
+address = "{}"
+[sinks.cloud]
+type = "mqtt"
+inputs = ["app"]
+url = "{tls_url}"
+topic = "site-7/app"
+[sinks.cloud.tls]
+ca_file = "{ca}"
+cert_file = "{client_cert}"
+key_file = "{client_key}"
+"#,
+            free_addr()
+        )
+    };
+    let text = sink(&ca);
+    let src: SocketAddr = text
+        .lines()
+        .find_map(|l| l.strip_prefix("address = \""))
+        .unwrap()
+        .trim_end_matches('"')
+        .parse()
+        .unwrap();
+    let u_ = Updraft::start(&text);
+    send(
+        src,
+        &["--connections", "2", "--count", "20000", "--size", "200"],
+    );
+    let (r, ok) = rx.finish();
+    assert!(ok, "{r}\n{}\n{}", u_.log_text(), broker.log_text());
+    assert_eq!((u(&r, "unique"), u(&r, "duplicates")), (20_000, 0), "{r}");
+
+    // The wrong CA: the broker's certificate is refused, clearly.
+    let text = sink(&other_ca);
+    let src: SocketAddr = text
+        .lines()
+        .find_map(|l| l.strip_prefix("address = \""))
+        .unwrap()
+        .trim_end_matches('"')
+        .parse()
+        .unwrap();
+    let bad = Updraft::start(&text);
+    send(
+        src,
+        &["--connections", "1", "--count", "100", "--size", "100"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !bad.log_text().contains("invalid peer certificate") {
+        assert!(Instant::now() < deadline, "{}", bad.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(bad.log_text().contains(&tls_url), "{}", bad.log_text());
+    assert_eq!(bad.metric(SENT), 0.0);
+
+    // No client certificate: the broker requires one and refuses.
+    let text = sink(&ca)
+        .replace(&format!("cert_file = \"{client_cert}\"\n"), "")
+        .replace(&format!("key_file = \"{client_key}\"\n"), "");
+    assert!(!text.contains("cert_file"));
+    let src: SocketAddr = text
+        .lines()
+        .find_map(|l| l.strip_prefix("address = \""))
+        .unwrap()
+        .trim_end_matches('"')
+        .parse()
+        .unwrap();
+    let anonymous = Updraft::start(&text);
+    send(
+        src,
+        &["--connections", "1", "--count", "100", "--size", "100"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !anonymous.log_text().contains("TLS") {
+        assert!(Instant::now() < deadline, "{}", anonymous.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let line = anonymous.log_text();
+    let line = line
+        .lines()
+        .find(|l| l.contains("TLS"))
+        .unwrap_or_default()
+        .to_string();
+    eprintln!("without a client certificate: {line}");
+    assert!(line.contains(&tls_url), "{line}");
+    assert_eq!(anonymous.metric(SENT), 0.0, "{}", anonymous.log_text());
+}
+
+#[test]
+fn an_mqtt_source_subscribes_over_mqtts_with_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let [ca, cert, key, client_cert, client_key] = pki(dir.path(), "src");
+    let plain = free_addr();
+    let broker = Broker::start(&format!(
+        "cafile {ca}\ncertfile {cert}\nkeyfile {key}\nrequire_certificate true\nlistener {} 127.0.0.1",
+        plain.port()
+    ));
+    let sink = free_addr();
+    let rx = Receiver::start(sink, 20_000, 60, &[]);
+    let u_ = Updraft::start(&format!(
+        r#"shards = 2
+[sources.sensors]
+type = "mqtt"
+url = "mqtts://{}"
+topics = ["sensors/#"]
+protocol = "5"
+[sources.sensors.tls]
+ca_file = "{ca}"
+cert_file = "{client_cert}"
+key_file = "{client_key}"
+[sinks.out]
+type = "tcp"
+inputs = ["sensors"]
+address = "{sink}"
+"#,
+        broker.addr
+    ));
+    u_.wait_metric(
+        r#"updraft_source_connections_open{source="sensors"}"#,
+        1.0,
+        Duration::from_secs(10),
+    );
+    let out = spawn_send(
+        plain,
+        &[
+            "--proto",
+            "mqtt",
+            "--mqtt-version",
+            "5",
+            "--connections",
+            "2",
+            "--count",
+            "20000",
+            "--size",
+            "200",
+        ],
+    )
+    .wait_with_output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (r, ok) = rx.finish();
+    assert!(ok, "{r}\n{}\n{}", u_.log_text(), broker.log_text());
+    assert_eq!((u(&r, "unique"), u(&r, "duplicates")), (20_000, 0), "{r}");
+}

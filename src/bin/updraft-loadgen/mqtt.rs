@@ -162,13 +162,20 @@ fn read_messages(
     buf.resize(1 << 20, 0);
     let mut parsed = Vec::new();
     let mut acks = Vec::new();
+    // What came with the SUBACK is parsed before the first read: a broker
+    // restoring a session may have filled its window with it and wait for
+    // our acknowledgements.
+    let mut first = true;
     while !stop.load(Relaxed) {
-        match s.read(&mut buf[have..]) {
-            Ok(0) => return,
-            Ok(n) => have += n,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
-            Err(_) => return,
+        if !first {
+            match s.read(&mut buf[have..]) {
+                Ok(0) => return,
+                Ok(n) => have += n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+                Err(_) => return,
+            }
         }
+        first = false;
         let mut start = 0;
         parsed.clear();
         acks.clear();

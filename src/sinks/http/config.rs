@@ -12,7 +12,6 @@ use crate::limiter::AdaptiveParams;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub const TIMEOUT_MS_DEFAULT: u64 = 10_000;
@@ -63,12 +62,6 @@ pub struct AdaptiveConfig {
     pub decrease: Option<f64>,
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    pub ca_file: Option<PathBuf>,
-    pub verify: Option<bool>,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Concurrency {
@@ -119,7 +112,7 @@ pub struct Config {
     pub headers: Option<BTreeMap<String, String>>,
     pub idempotency_header: Option<String>,
     pub request: Option<RequestConfig>,
-    pub tls: Option<TlsConfig>,
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 pub fn plan(name: &str, c: &Config) -> Result<HttpTarget, ConfigError> {
@@ -277,9 +270,7 @@ pub fn plan(name: &str, c: &Config) -> Result<HttpTarget, ConfigError> {
     };
 
     let tls_plan = if https {
-        let verify = tls.and_then(|t| t.verify).unwrap_or(true);
-        let ca_file = tls.and_then(|t| t.ca_file.as_deref());
-        let config = client_config(&key("tls.ca_file"), ca_file, verify)?;
+        let (config, verify) = crate::tls::from_config(&key("tls"), tls)?;
         let server_name =
             rustls_pki_types::ServerName::try_from(bare_host.to_string()).map_err(|_| {
                 invalid(
@@ -323,112 +314,6 @@ pub fn plan(name: &str, c: &Config) -> Result<HttpTarget, ConfigError> {
 
 /// Replaces `${VAR}` with the variable's value (`$$` is a literal `$`).
 /// The error names the variable, never a value.
-fn client_config(
-    key: &str,
-    ca_file: Option<&Path>,
-    verify: bool,
-) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
-    use rustls_pki_types::pem::PemObject;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| invalid(key, format!("TLS setup: {e}")))?;
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-                .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
-            for c in certs {
-                let c = c.map_err(|e| {
-                    invalid(
-                        key,
-                        format!("{}: not a PEM certificate: {e}", path.display()),
-                    )
-                })?;
-                roots.add(c).map_err(|e| {
-                    invalid(
-                        key,
-                        format!("{}: unusable CA certificate: {e}", path.display()),
-                    )
-                })?;
-            }
-            if roots.is_empty() {
-                return Err(invalid(
-                    key,
-                    format!("{} holds no certificate", path.display()),
-                ));
-            }
-        }
-        None if verify => {
-            let found = rustls_native_certs::load_native_certs();
-            for c in found.certs {
-                let _ = roots.add(c);
-            }
-            if roots.is_empty() {
-                return Err(invalid(key, "no system root certificates found: install the ca-certificates package or set tls.ca_file"));
-            }
-        }
-        None => {}
-    }
-    let mut config = builder.with_root_certificates(roots).with_no_client_auth();
-    if !verify {
-        config
-            .dangerous()
-            .set_certificate_verifier(Arc::new(NoVerification(provider)));
-    }
-    Ok(Arc::new(config))
-}
-
-/// `tls.verify = false`: accepts any certificate (signatures on the
-/// handshake are still checked, so the session keys are the server's).
-#[derive(Debug)]
-struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls_pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
-        _server_name: &rustls_pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

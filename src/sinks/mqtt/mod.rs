@@ -39,7 +39,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_uring::buf::BoundedBuf;
-use tokio_uring::net::TcpStream;
+use crate::tls::Link;
 
 /// Encoded batches queued per shard before `submit` waits.
 pub const QUEUED_BATCHES: usize = 8;
@@ -69,6 +69,7 @@ pub struct Config {
     pub keep_alive_s: Option<u16>,
     pub inflight: Option<u32>,
     pub retain: Option<bool>,
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -85,6 +86,7 @@ pub struct Target {
     pub keep_alive_s: u16,
     pub inflight: u32,
     pub retain: bool,
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl Kind for Sink {
@@ -97,7 +99,9 @@ impl Kind for Sink {
         let url = c
             .url
             .ok_or_else(|| invalid(cx.key("url"), "an mqtt sink needs a url (mqtt://HOST:PORT)"))?;
-        let address = wire::broker_address(&url).map_err(|m| invalid(cx.key("url"), m))?;
+        let broker = wire::broker(&url).map_err(|m| invalid(cx.key("url"), m))?;
+        let tls = wire::tls_for(&cx.key("tls"), &broker, c.tls.as_ref())?;
+        let address = broker.address;
         let topic = c
             .topic
             .ok_or_else(|| invalid(cx.key("topic"), "an mqtt sink needs a topic"))?;
@@ -173,6 +177,7 @@ impl Kind for Sink {
             keep_alive_s,
             inflight,
             retain: c.retain.unwrap_or(false),
+            tls,
         })
     }
 
@@ -210,7 +215,7 @@ struct State {
     batches: VecDeque<Out>,
     next_seq: u64,
     spare: Vec<Out>,
-    conn: Option<Rc<TcpStream>>,
+    conn: Option<Rc<Link>>,
     /// Bumped at each new connection; a reader of an old one stops.
     epoch: u64,
     /// Written on this connection and not yet acknowledged (QoS 1).
@@ -457,14 +462,13 @@ impl Deliver for MqttOutput {
 
 /// Opens a session: TCP, CONNECT, CONNACK. Returns the stream, the bytes
 /// read past the CONNACK, and the broker's receive maximum.
-async fn open(inner: &Inner, shard: usize) -> Result<(TcpStream, Vec<u8>, Option<u16>), String> {
+async fn open(inner: &Inner, shard: usize) -> Result<(Link, Vec<u8>, Option<u16>), String> {
     let t = &inner.t;
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(t.address)).await {
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, Link::connect(t.address, t.tls.as_ref())).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(format!("cannot connect: {e}")),
+        Ok(Err(e)) => return Err(e),
         Err(_) => return Err("connect timed out".into()),
     };
-    let _ = stream.set_nodelay(true);
     let client_id = format!("{}-{shard}", t.client_id);
     let hello = wire::Hello {
         client_id: &client_id,
@@ -474,8 +478,9 @@ async fn open(inner: &Inner, shard: usize) -> Result<(TcpStream, Vec<u8>, Option
         receive_max: None,
         login: t.login.as_ref().map(|(u, p)| (u.0.as_str(), p.0.as_str())),
     };
-    let packet = wire::connect(t.version, &hello).map_err(|e| e.to_string())?;
-    let (res, _) = stream.write_all(packet.to_vec()).await;
+    let packet = wire::connect(t.version, &hello).map_err(|e| e.to_string())?.to_vec();
+    let n = packet.len();
+    let (res, _) = stream.write(packet, 0..n).await;
     res.map_err(|e| format!("cannot send CONNECT: {e}"))?;
     let mut buf = vec![0u8; 4096];
     let mut have = 0;
@@ -504,23 +509,23 @@ async fn open(inner: &Inner, shard: usize) -> Result<(TcpStream, Vec<u8>, Option
         if have == buf.len() {
             return Err("the CONNACK is too long".into());
         }
-        let read = stream.read(std::mem::take(&mut buf).slice(have..));
-        let (res, slice) = match tokio::time::timeout_at(deadline, read).await {
+        let read = stream.read(std::mem::take(&mut buf), have);
+        let (res, b) = match tokio::time::timeout_at(deadline, read).await {
             Ok(r) => r,
             Err(_) => return Err("no CONNACK within 10 s".into()),
         };
-        buf = slice.into_inner();
+        buf = b;
         match res {
             Ok(0) => return Err("the broker closed the connection before CONNACK".into()),
             Ok(n) => have += n,
-            Err(e) => return Err(format!("read failed: {e}")),
+            Err(e) => return Err(e),
         }
     }
 }
 
 /// Reads one connection's packets: PUBACKs settle messages; ends when the
 /// connection does (or a newer one replaced it).
-async fn reader(inner: Rc<Inner>, stream: Rc<TcpStream>, epoch: u64, mut buf: Vec<u8>) {
+async fn reader(inner: Rc<Inner>, stream: Rc<Link>, epoch: u64, mut buf: Vec<u8>) {
     let version = inner.t.version;
     let mut have = buf.len();
     buf.resize(64 * 1024, 0);
@@ -567,12 +572,12 @@ async fn reader(inner: Rc<Inner>, stream: Rc<TcpStream>, epoch: u64, mut buf: Ve
         if have == buf.len() {
             buf.resize(buf.len() * 2, 0);
         }
-        let (res, slice) = stream.read(buf.slice(have..)).await;
-        buf = slice.into_inner();
+        let (res, b) = stream.read(buf, have).await;
+        buf = b;
         match res {
             Ok(0) => break "the broker closed the connection".to_string(),
             Ok(n) => have += n,
-            Err(e) => break format!("read failed: {e}"),
+            Err(e) => break e,
         }
         if inner.st.borrow().epoch != epoch {
             return;
@@ -586,7 +591,7 @@ async fn reader(inner: Rc<Inner>, stream: Rc<TcpStream>, epoch: u64, mut buf: Ve
                     "{why}; reconnecting (unacknowledged messages are sent again)");
             }
         }
-        let _ = stream.shutdown(std::net::Shutdown::Both);
+        stream.shutdown();
         st.conn = None;
         inner.counters().connected.set(0);
         drop(st);
@@ -721,16 +726,15 @@ async fn writer(inner: Rc<Inner>) {
                 && tokio::time::timeout(idle, wait).await.is_err()
                 && last_write.elapsed() >= idle
             {
-                let (res, _) = conn.write_all(wire::PINGREQ.to_vec()).await;
+                let (res, _) = conn.write(wire::PINGREQ.to_vec(), 0..2).await;
                 if res.is_ok() {
                     last_write = Instant::now();
                 }
             }
             continue;
         };
-        let (res, slice) = conn.write_all(body.slice(a..b)).await;
+        let (res, body) = conn.write(body, a..b).await;
         last_write = Instant::now();
-        let body = slice.into_inner();
         let mut st = inner.st.borrow_mut();
         let i = st
             .batches
@@ -763,7 +767,7 @@ async fn writer(inner: Rc<Inner>) {
                         "write failed; reconnecting (unacknowledged messages are sent again)");
                 }
                 if st.conn.as_ref().is_some_and(|c| Rc::ptr_eq(c, &conn)) {
-                    let _ = conn.shutdown(std::net::Shutdown::Both);
+                    conn.shutdown();
                     st.conn = None;
                     st.epoch += 1;
                     inner.counters().connected.set(0);
@@ -774,8 +778,8 @@ async fn writer(inner: Rc<Inner>) {
     }
     let conn = inner.st.borrow_mut().conn.take();
     if let Some(conn) = conn {
-        let (_, _) = conn.write_all(wire::DISCONNECT.to_vec()).await;
-        let _ = conn.shutdown(std::net::Shutdown::Both);
+        let (_, _) = conn.write(wire::DISCONNECT.to_vec(), 0..2).await;
+        conn.shutdown();
     }
     inner.counters().connected.set(0);
 }
