@@ -171,7 +171,9 @@ fn read_messages(
             match s.read(&mut buf[have..]) {
                 Ok(0) => return,
                 Ok(n) => have += n,
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    continue
+                }
                 Err(_) => return,
             }
         }
