@@ -309,6 +309,8 @@ pub fn connect(version: Version, h: &Hello<'_>) -> Result<BytesMut, WireError> {
             let mut props = v5::ConnectProperties::new();
             props.session_expiry_interval = h.session_expiry_s;
             props.receive_maximum = h.receive_max;
+            // A broker sends us nothing longer (MQTT 5; 3.1.1 cannot say).
+            props.max_packet_size = Some(MAX_PACKET_BYTES as u32);
             let c = v5::Connect {
                 keep_alive: h.keep_alive_s,
                 client_id: h.client_id.to_string(),

@@ -36,6 +36,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The session's read buffer (it grows for a longer packet, and back).
+const READ_BYTES: usize = 64 * 1024;
 /// QoS 1 messages an MQTT 5 broker may send before our acknowledgements
 /// (an MQTT 3.1.1 broker decides for itself: mosquitto's
 /// `max_inflight_messages`).
@@ -175,19 +177,20 @@ async fn serve(
     ));
     let tasks = Tasks(vec![writer, acker]);
 
-    let mut buf: Vec<u8> = vec![0u8; 64 * 1024];
+    let mut buf: Vec<u8> = vec![0u8; READ_BYTES];
     let mut have = 0usize;
     let mut connected = false;
     let mut pkids: Vec<u16> = Vec::new();
     let mut log_bad = LogEvery::ten_seconds();
     let why = loop {
-        // Room for one whole packet of the largest record.
+        // Room for one whole packet, up to the protocol's limit here: a
+        // message longer than max_record_bytes must still be read whole, to
+        // be counted and acknowledged (else the broker sends it forever).
         if have == buf.len() {
-            let most = plan.max_record_bytes + 64 * 1024;
-            if buf.len() >= most + 64 * 1024 {
-                break "a packet longer than max_record_bytes allows".to_string();
+            if buf.len() >= wire::MAX_PACKET_BYTES {
+                break "a packet longer than 16 MiB".to_string();
             }
-            buf.resize((buf.len() * 2).min(most + 64 * 1024), 0);
+            buf.resize((buf.len() * 2).min(wire::MAX_PACKET_BYTES), 0);
         }
         let deadline = (!connected).then(|| tokio::time::Instant::now() + CONNECT_TIMEOUT);
         let read = stream.read(std::mem::take(&mut buf), have);
@@ -319,6 +322,11 @@ async fn serve(
         }
         buf.copy_within(start..have, 0);
         have -= start;
+        if buf.len() > READ_BYTES * 16 && have <= READ_BYTES {
+            // After a long message: back to the usual buffer.
+            buf.truncate(READ_BYTES);
+            buf.shrink_to_fit();
+        }
     };
     // Stopping: give the last records a moment to settle, so their
     // acknowledgements go out and the broker does not send them again.

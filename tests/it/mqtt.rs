@@ -629,3 +629,72 @@ address = "{sink}"
     assert!(ok, "{r}\n{}\n{}", u_.log_text(), broker.log_text());
     assert_eq!((u(&r, "unique"), u(&r, "duplicates")), (20_000, 0), "{r}");
 }
+
+#[test]
+fn an_mqtt_message_longer_than_max_record_bytes_is_counted_and_the_rest_flows() {
+    let a = Broker::start("message_size_limit 0");
+    let sink = free_addr();
+    let rx = Receiver::start(sink, 1_000, 60, &[]);
+    let u_ = Updraft::start(&format!(
+        r#"shards = 1
+[sources.sensors]
+type = "mqtt"
+url = "{}"
+topics = ["sensors/#"]
+max_record_bytes = 1024
+[sinks.out]
+type = "tcp"
+inputs = ["sensors"]
+address = "{sink}"
+"#,
+        a.url()
+    ));
+    u_.wait_metric(
+        r#"updraft_source_connections_open{source="sensors"}"#,
+        1.0,
+        Duration::from_secs(10),
+    );
+    // 2 MiB in one QoS 1 message: far past the record limit and past the
+    // source's usual read buffer.
+    let big = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(big.path(), vec![b'z'; 2 << 20]).unwrap();
+    let status = Command::new("mosquitto_pub")
+        .args([
+            "-p",
+            &a.addr.port().to_string(),
+            "-h",
+            "127.0.0.1",
+            "-q",
+            "1",
+            "-t",
+            "sensors/big",
+            "-f",
+        ])
+        .arg(big.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = publish(
+        &a,
+        &["--connections", "1", "--count", "1000", "--size", "200"],
+    )
+    .wait_with_output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (r, ok) = rx.finish();
+    assert!(ok, "{r}\n{}", u_.log_text());
+    assert_eq!((u(&r, "unique"), u(&r, "malformed")), (1_000, 0), "{r}");
+    assert_eq!(
+        u_.metric(r#"updraft_source_dropped_records_total{source="sensors",reason="oversize"}"#),
+        1.0
+    );
+    // Acknowledged: not sent again after a restart of the session.
+    assert_eq!(
+        u_.metric(r#"updraft_source_connections_accepted_total{source="sensors"}"#),
+        1.0
+    );
+}
