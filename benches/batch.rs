@@ -18,7 +18,7 @@ fn batch(c: &mut Criterion) {
         b.iter(|| {
             let mut batch = pool.take();
             for i in 0..RECORDS {
-                batch.push(i as u64, 0, 0, black_box(&record));
+                batch.push(i as u64, 0, 0, black_box(&record), &[]);
             }
             pool.give(black_box(batch));
         })
@@ -26,7 +26,7 @@ fn batch(c: &mut Criterion) {
 
     let mut full = Batch::with_capacity(RECORDS, RECORDS * (RECORD_BYTES + 1));
     for i in 0..RECORDS {
-        full.push(i as u64, 0, 0, &record);
+        full.push(i as u64, 0, 0, &record, &[]);
     }
     g.bench_function("archive_4096x255B", |b| {
         let mut out = Some(rkyv::util::AlignedVec::with_capacity(2 << 20));
@@ -44,7 +44,7 @@ fn batch(c: &mut Criterion) {
         let mut batch = pool.take();
         b.iter(|| {
             for i in 0..RECORDS {
-                batch.push(i as u64, 0, 0, &record);
+                batch.push(i as u64, 0, 0, &record, &[]);
             }
             let (buf, len) = archive_in_place(&mut batch, spare.take().unwrap()).unwrap();
             black_box(len);

@@ -32,7 +32,7 @@ fn hand_off(batches: u64) -> Duration {
         .map(|_| {
             let mut b = Batch::with_capacity(RECORDS_PER_BATCH as usize, 1 << 16);
             for i in 0..RECORDS_PER_BATCH {
-                b.push(i, 0, 0, b"r");
+                b.push(i, 0, 0, b"r", &[]);
             }
             b
         })

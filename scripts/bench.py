@@ -736,7 +736,7 @@ clean_session = true
 type = "mqtt"
 inputs = ["sensors"]
 url = "mqtt://127.0.0.1:{bport}"
-topic = "gw/all"
+topic = "gw/{{topic}}"
 qos = {qos}
 """)
             bridge = Collector([UPDRAFT, "run", "--config", cfg], mport, mport, log=os.path.join(tmp, "u.log"))

@@ -16,6 +16,7 @@
 //! the collector will write are checked to exist (or be creatable) and be
 //! writable ([`Plan::check_paths`]).
 
+use crate::record::meta::Field;
 use crate::sinks::{PlanCx, Target};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -125,6 +126,23 @@ pub enum SourceKind {
     Udp,
     /// Subscribes at a broker (no socket of its own to bind).
     Mqtt,
+}
+
+impl SourceKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceKind::Tcp => "tcp",
+            SourceKind::Udp => "udp",
+            SourceKind::Mqtt => "mqtt",
+        }
+    }
+
+    /// Whether the kind's records can carry `field` as meta.
+    pub fn supplies(self, field: Field) -> bool {
+        match field {
+            Field::Topic => self == SourceKind::Mqtt,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -326,6 +344,9 @@ pub struct SourcePlan {
     pub mqtt: Option<MqttSourcePlan>,
     /// Ids of the sinks that list this source in `inputs`.
     pub sinks: Vec<usize>,
+    /// What the source attaches to its records as meta because a sink of
+    /// it uses it (a `{topic}` template).
+    pub fields: Vec<Field>,
 }
 
 #[derive(Debug, Clone)]
@@ -739,6 +760,7 @@ impl Plan {
                 idle_timeout_ms,
                 mqtt,
                 sinks,
+                fields: Vec::new(),
             });
         }
 
@@ -780,6 +802,27 @@ impl Plan {
                     )
                 })?;
                 inputs.push(*id);
+            }
+            // What the sink names destinations by must come with every
+            // record it takes.
+            for (k_, field) in target.fields() {
+                for &i in &inputs {
+                    let src = &mut sources[i];
+                    if !src.kind.supplies(field) {
+                        return Err(invalid(
+                            key(k_),
+                            format!(
+                                "{{{}}} needs every input to supply it, and sources.{} ({}) does not: only mqtt sources have a topic",
+                                field.name(),
+                                src.name,
+                                src.kind.name()
+                            ),
+                        ));
+                    }
+                    if !src.fields.contains(&field) {
+                        src.fields.push(field);
+                    }
+                }
             }
             let b = k.batch.as_ref();
             let batch = BatchLimits {

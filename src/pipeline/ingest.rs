@@ -302,7 +302,8 @@ impl Ingest {
         }
     }
 
-    /// Appends a record bound for shard `dest` without waiting.
+    /// Appends a record and its meta (see [`crate::record::meta`]; empty
+    /// for none) bound for shard `dest` without waiting.
     #[inline]
     pub fn try_offer(
         &self,
@@ -311,12 +312,14 @@ impl Ingest {
         ts_ns: u64,
         key_hash: u32,
         record: &[u8],
+        meta: &[u8],
     ) -> Result<(), Blocked> {
+        let len = record.len() + meta.len();
         if dest == self.id {
             let src = &self.plan.sources[source];
             for &s in &src.sinks {
                 let q = &self.sinks[s];
-                if !q.drops_when_full && !q.has_room(record.len(), src.can_wait) {
+                if !q.drops_when_full && !q.has_room(len, src.can_wait) {
                     return Err(Blocked::Sink(s));
                 }
             }
@@ -324,8 +327,8 @@ impl Ingest {
             for &s in &src.sinks {
                 let q = &self.sinks[s];
                 // drop_newest: nobody waits, so no headroom is kept either.
-                if q.has_room(record.len(), src.can_wait && !q.drops_when_full) {
-                    q.append(&mut pool, ts_ns, key_hash, source as u16, record);
+                if q.has_room(len, src.can_wait && !q.drops_when_full) {
+                    q.append(&mut pool, ts_ns, key_hash, source as u16, record, meta);
                 } else {
                     // when_full = "drop_newest" on a memory buffer.
                     self.metrics.sinks[s].buffer_dropped.add(1);
@@ -338,7 +341,7 @@ impl Ingest {
             .expect("a lane to every other shard");
         let mut st = lane.state.borrow_mut();
         let (builder, ring) = &mut *st;
-        if !builder.fits(record.len()) {
+        if !builder.fits(len) {
             if ring.is_full() {
                 return Err(Blocked::Ring(dest));
             }
@@ -346,7 +349,7 @@ impl Ingest {
         }
         let opened = {
             let mut pool = self.ctx.pool.borrow_mut();
-            builder.push(&mut pool, ts_ns, key_hash, source as u16, record)
+            builder.push(&mut pool, ts_ns, key_hash, source as u16, record, meta)
         };
         if opened {
             lane.opened.notify_one();
@@ -368,7 +371,8 @@ impl Ingest {
         }
     }
 
-    /// Appends a record bound for shard `dest`, waiting while it is full.
+    /// Appends a record and its meta bound for shard `dest`, waiting while
+    /// it is full.
     #[inline]
     pub async fn offer(
         &self,
@@ -377,9 +381,10 @@ impl Ingest {
         ts_ns: u64,
         key_hash: u32,
         record: &[u8],
+        meta: &[u8],
     ) {
         loop {
-            let blocked = match self.try_offer(source, dest, ts_ns, key_hash, record) {
+            let blocked = match self.try_offer(source, dest, ts_ns, key_hash, record, meta) {
                 Ok(()) => return,
                 Err(b) => b,
             };
@@ -394,7 +399,7 @@ impl Ingest {
             tokio::pin!(wait);
             wait.as_mut().enable();
             if self
-                .try_offer(source, dest, ts_ns, key_hash, record)
+                .try_offer(source, dest, ts_ns, key_hash, record, meta)
                 .is_ok()
             {
                 return;
@@ -464,8 +469,8 @@ impl Ingest {
                     got = true;
                     self.inbound_busy.set(true);
                     self.wakes[k].space.notify_waiters();
-                    for (e, rec) in batch.iter() {
-                        self.offer(e.source as usize, self.id, e.ts_ns, e.key_hash, rec)
+                    for (e, rec, meta) in batch.iter() {
+                        self.offer(e.source as usize, self.id, e.ts_ns, e.key_hash, rec, meta)
                             .await;
                     }
                     batch.clear();

@@ -112,13 +112,14 @@ impl SinkQueue {
         key_hash: u32,
         source: u16,
         record: &[u8],
+        meta: &[u8],
     ) {
         self.appended.set(self.appended.get() + 1);
         let mut st = self.state.borrow_mut();
-        if !st.builder.fits(record.len()) {
+        if !st.builder.fits(record.len() + meta.len()) {
             self.seal(&mut st);
         }
-        if st.builder.push(pool, ts_ns, key_hash, source, record) {
+        if st.builder.push(pool, ts_ns, key_hash, source, record, meta) {
             self.opened.notify_one();
         }
         if self.checksum {

@@ -29,8 +29,8 @@ impl BatchBuilder {
         self.limits
     }
 
-    /// Whether a record of `len` bytes joins the open batch (or starts one)
-    /// without sealing first.
+    /// Whether a record of `len` bytes (with its meta) joins the open batch
+    /// (or starts one) without sealing first.
     #[inline]
     pub fn fits(&self, len: usize) -> bool {
         self.open
@@ -48,13 +48,14 @@ impl BatchBuilder {
         key_hash: u32,
         source: u16,
         record: &[u8],
+        meta: &[u8],
     ) -> bool {
         let opened = self.open.is_none();
         let batch = self.open.get_or_insert_with(|| pool.take());
         if opened {
             self.opened_at = Instant::now();
         }
-        batch.push(ts_ns, key_hash, source, record);
+        batch.push(ts_ns, key_hash, source, record, meta);
         opened
     }
 

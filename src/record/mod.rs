@@ -1,17 +1,21 @@
 //! Records and batches: the unit everything after the codec moves.
 //!
-//! A [`Batch`] is two reused buffers: `payload`, the records' bytes back to
-//! back, each followed by one `\n`; and `entries`, one fixed-size [`Entry`] per
+//! A [`Batch`] is three reused buffers: `payload`, the records' bytes back to
+//! back, each followed by one `\n`; `entries`, one fixed-size [`Entry`] per
 //! record (receive time, payload offset and length, partition key hash, source
-//! id). The trailing newline is stored so that newline-delimited sinks (TCP,
-//! file) write the whole payload in one call; an entry's length excludes it.
+//! id, length of its meta); and `meta`, what sources attached to records (an
+//! MQTT message's topic: see [`meta`]), back to back in record order. The
+//! trailing newline is stored so that newline-delimited sinks (TCP, file)
+//! write the whole payload in one call; an entry's length excludes it.
 //!
 //! Batches come from a per-shard [`BatchPool`] and go back to it: once the
 //! pool is warm, filling and sending a batch allocates nothing.
 //!
 //! On disk (the write-ahead log) and on the wire a batch is the rkyv archive of
-//! exactly these two arrays ([`ArchivedBatch`]), read in place after
-//! bytecheck validation, never deserialised record by record.
+//! exactly these three arrays ([`ArchivedBatch`]), read in place after
+//! bytecheck validation, never deserialised record by record. Frames written
+//! before records carried meta (two arrays, log version 2) are read as
+//! [`ArchivedBatchV2`].
 //!
 //! The payload buffer is block-aligned and keeps [`HEADROOM`] bytes free in
 //! front of the records, with room behind them for the entries: the
@@ -39,8 +43,9 @@ pub struct Entry {
     pub key_hash: u32,
     /// Index of the source in the plan.
     pub source: u16,
-    /// Reserved; zero.
-    pub flags: u16,
+    /// Bytes of the record's meta: the record's meta starts where the
+    /// previous records' metas end (log version 2 wrote zero here).
+    pub meta_len: u16,
 }
 
 const _: () = assert!(std::mem::size_of::<Entry>() == 24);
@@ -53,6 +58,15 @@ const _: () = assert!(std::mem::size_of::<Entry>() == 24);
 #[derive(Archive, Serialize, Debug, Default, PartialEq, Eq)]
 pub struct Batch {
     pub payload: Payload,
+    pub entries: Vec<Entry>,
+    pub meta: Vec<u8>,
+}
+
+/// A batch as log version 2 archived it: no meta. Only read, from segments
+/// written before the upgrade.
+#[derive(Archive, Serialize)]
+pub struct BatchV2 {
+    pub payload: Vec<u8>,
     pub entries: Vec<Entry>,
 }
 
@@ -202,8 +216,10 @@ impl<S: Fallible + Allocator + Writer + ?Sized> Serialize<S> for Payload {
 /// Buffer bytes a batch of `records` records and `bytes` payload needs to be
 /// archived in place and padded to whole blocks: headroom, payload, entries,
 /// the root and alignment padding.
+///
+/// `bytes` counts the records' meta too (see [`Batch::fits`]).
 pub fn in_place_bytes(records: usize, bytes: usize) -> usize {
-    let archive = bytes + 16 + records * std::mem::size_of::<ArchivedEntry>() + 64;
+    let archive = bytes + 16 + records * std::mem::size_of::<ArchivedEntry>() + 96;
     (HEADROOM + archive).div_ceil(PAYLOAD_ALIGN) * PAYLOAD_ALIGN
 }
 
@@ -215,15 +231,17 @@ const _: () = assert!(std::mem::size_of::<ArchivedEntry>() == std::mem::size_of:
 struct InPlace<'a> {
     payload_len: usize,
     entries: &'a [Entry],
+    meta: &'a [u8],
 }
 
 impl Archive for InPlace<'_> {
     type Archived = ArchivedBatch;
-    type Resolver = (VecResolver, VecResolver);
-    fn resolve(&self, (p, e): Self::Resolver, out: Place<ArchivedBatch>) {
-        rkyv::munge::munge!(let ArchivedBatch { payload, entries } = out);
+    type Resolver = (VecResolver, VecResolver, VecResolver);
+    fn resolve(&self, (p, e, m): Self::Resolver, out: Place<ArchivedBatch>) {
+        rkyv::munge::munge!(let ArchivedBatch { payload, entries, meta } = out);
         ArchivedVec::resolve_from_len(self.payload_len, p, payload);
         ArchivedVec::resolve_from_len(self.entries.len(), e, entries);
+        ArchivedVec::resolve_from_len(self.meta.len(), m, meta);
     }
 }
 
@@ -231,7 +249,8 @@ impl<S: Fallible + Allocator + Writer + ?Sized> Serialize<S> for InPlace<'_> {
     fn serialize(&self, s: &mut S) -> Result<Self::Resolver, S::Error> {
         debug_assert_eq!(s.pos(), HEADROOM + self.payload_len);
         let entries = ArchivedVec::serialize_from_slice(self.entries, s)?;
-        Ok((VecResolver::from_pos(HEADROOM), entries))
+        let meta = ArchivedVec::serialize_from_slice(self.meta, s)?;
+        Ok((VecResolver::from_pos(HEADROOM), entries, meta))
     }
 }
 
@@ -251,6 +270,7 @@ pub fn archive_in_place(
     let value = InPlace {
         payload_len: buf.len() - HEADROOM,
         entries: &batch.entries,
+        meta: &batch.meta,
     };
     let buf = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&value, buf)?;
     let len = buf.len() - HEADROOM;
@@ -316,7 +336,28 @@ impl Batch {
         Batch {
             entries: Vec::with_capacity(records),
             payload: Payload::with_capacity(records, bytes),
+            meta: Vec::new(),
         }
+    }
+
+    /// Copies a batch of log version 2 (records without meta).
+    pub fn from_v2(a: &ArchivedBatchV2) -> Batch {
+        let mut b = Batch::with_capacity(a.entries.len(), a.payload.len());
+        let p = a.payload.as_slice();
+        for e in a.entries.iter() {
+            let start = e.offset.to_native() as usize;
+            let r = p
+                .get(start..start + e.len.to_native() as usize)
+                .unwrap_or(&[]);
+            b.push(
+                e.ts_ns.to_native(),
+                e.key_hash.to_native(),
+                e.source.to_native(),
+                r,
+                &[],
+            );
+        }
+        b
     }
 
     /// Number of records.
@@ -333,34 +374,44 @@ impl Batch {
         self.payload.len()
     }
 
-    /// Whether a record of `len` bytes can join without passing the limits.
-    /// An empty batch takes any record, so an oversized one still travels.
+    /// Whether a record of `len` bytes (with its meta) can join without
+    /// passing the limits, which count meta as bytes. An empty batch takes
+    /// any record, so an oversized one still travels.
     #[inline]
     pub fn fits(&self, len: usize, max_records: usize, max_bytes: usize) -> bool {
         self.entries.is_empty()
-            || (self.entries.len() < max_records && self.payload.len() + len < max_bytes)
+            || (self.entries.len() < max_records
+                && self.payload.len() + self.meta.len() + len < max_bytes)
     }
 
     /// Whether the batch has reached one of its limits.
     #[inline]
     pub fn is_full(&self, max_records: usize, max_bytes: usize) -> bool {
-        self.entries.len() >= max_records || self.payload.len() >= max_bytes
+        self.entries.len() >= max_records || self.payload.len() + self.meta.len() >= max_bytes
     }
 
-    /// Appends a record. Allocates only if the buffers must grow, which a
-    /// pooled batch sized for its limits does not.
+    /// Appends a record and its meta (at most [`meta::MAX_BYTES`]; empty for
+    /// none). Allocates only if the buffers must grow, which a pooled batch
+    /// sized for its limits does not (the meta buffer grows to what its
+    /// records bring, once).
     #[inline]
-    pub fn push(&mut self, ts_ns: u64, key_hash: u32, source: u16, record: &[u8]) {
+    pub fn push(&mut self, ts_ns: u64, key_hash: u32, source: u16, record: &[u8], meta: &[u8]) {
         let offset = self.payload.len();
         debug_assert!(offset + record.len() < u32::MAX as usize);
+        let meta = if meta.len() <= meta::MAX_BYTES {
+            meta
+        } else {
+            &[]
+        };
         self.payload.push_line(record);
+        self.meta.extend_from_slice(meta);
         self.entries.push(Entry {
             ts_ns,
             offset: offset as u32,
             len: record.len() as u32,
             key_hash,
             source,
-            flags: 0,
+            meta_len: meta.len() as u16,
         });
     }
 
@@ -371,12 +422,15 @@ impl Batch {
         &self.payload[e.offset as usize..(e.offset + e.len) as usize]
     }
 
-    /// Each record with its entry, in order.
-    pub fn iter(&self) -> impl Iterator<Item = (&Entry, &[u8])> {
+    /// Each record with its entry and its meta, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Entry, &[u8], &[u8])> {
+        let mut at = 0usize;
         self.entries.iter().map(move |e| {
+            let m = meta::slice(&self.meta, &mut at, e.meta_len);
             (
                 e,
                 &self.payload[e.offset as usize..(e.offset + e.len) as usize],
+                m,
             )
         })
     }
@@ -385,6 +439,7 @@ impl Batch {
     pub fn clear(&mut self) {
         self.entries.clear();
         self.payload.clear();
+        self.meta.clear();
     }
 }
 
@@ -397,7 +452,8 @@ impl ArchivedBatch {
     }
 }
 
-/// A batch to read: in memory, or archived in place in a read buffer.
+/// A batch to read: in memory, or archived in place in a read buffer (a
+/// frame of log version 2 is first copied into a [`Batch`]).
 #[derive(Clone, Copy)]
 pub enum BatchView<'a> {
     Native(&'a Batch),
@@ -425,22 +481,29 @@ impl<'a> BatchView<'a> {
         }
     }
 
-    /// Calls `f(ts_ns, source, record)` for each record in order.
+    /// Calls `f(ts_ns, source, record, meta)` for each record in order.
     #[inline]
-    pub fn for_each(&self, mut f: impl FnMut(u64, u16, &'a [u8])) {
+    pub fn for_each(&self, mut f: impl FnMut(u64, u16, &'a [u8], &'a [u8])) {
+        let mut at = 0usize;
         match *self {
             BatchView::Native(b) => {
                 for e in &b.entries {
                     let r = &b.payload[e.offset as usize..(e.offset + e.len) as usize];
-                    f(e.ts_ns, e.source, r);
+                    f(
+                        e.ts_ns,
+                        e.source,
+                        r,
+                        meta::slice(&b.meta, &mut at, e.meta_len),
+                    );
                 }
             }
             BatchView::Archived(a) => {
-                let p = a.payload.as_slice();
+                let (p, m) = (a.payload.as_slice(), a.meta.as_slice());
                 for e in a.entries.iter() {
                     let start = e.offset.to_native() as usize;
                     let r = &p[start..start + e.len.to_native() as usize];
-                    f(e.ts_ns.to_native(), e.source.to_native(), r);
+                    let meta = meta::slice(m, &mut at, e.meta_len.to_native());
+                    f(e.ts_ns.to_native(), e.source.to_native(), r, meta);
                 }
             }
         }
@@ -460,6 +523,11 @@ pub fn archive_into(
 /// Validates an archive (from a file or a peer) and gives access in place.
 pub fn access(bytes: &[u8]) -> Result<&ArchivedBatch, rkyv::rancor::Error> {
     rkyv::access::<ArchivedBatch, rkyv::rancor::Error>(bytes)
+}
+
+/// Validates an archive of log version 2 and gives access in place.
+pub fn access_v2(bytes: &[u8]) -> Result<&ArchivedBatchV2, rkyv::rancor::Error> {
+    rkyv::access::<ArchivedBatchV2, rkyv::rancor::Error>(bytes)
 }
 
 /// A shard's free batches. Owned by one shard; never shared.
@@ -527,10 +595,70 @@ mod tests {
 
     fn sample() -> Batch {
         let mut b = Batch::with_capacity(4, 256);
-        b.push(1, 7, 0, b"alpha");
-        b.push(2, 8, 1, b"");
-        b.push(3, 9, 2, "ünïcode line".as_bytes());
+        let mut m = Vec::new();
+        meta::put(&mut m, meta::TOPIC, b"sensors/7");
+        b.push(1, 7, 0, b"alpha", &m);
+        b.push(2, 8, 1, b"", &[]);
+        b.push(3, 9, 2, "ünïcode line".as_bytes(), &m);
         b
+    }
+
+    fn topics(v: BatchView<'_>) -> Vec<Option<Vec<u8>>> {
+        let mut out = Vec::new();
+        v.for_each(|_, _, _, m| out.push(meta::find(m, meta::TOPIC).map(<[u8]>::to_vec)));
+        out
+    }
+
+    #[test]
+    fn each_record_keeps_its_own_meta_through_the_archive() {
+        let mut b = sample();
+        let t = Some(b"sensors/7".to_vec());
+        let want = vec![t.clone(), None, t];
+        assert_eq!(topics(BatchView::Native(&b)), want);
+        let (buf, len) = archive_in_place(&mut b, AlignedVec::new()).unwrap();
+        let a = access(&buf[HEADROOM..HEADROOM + len]).unwrap();
+        assert_eq!(topics(BatchView::Archived(a)), want);
+        assert_eq!(a.record(2), "ünïcode line".as_bytes());
+    }
+
+    #[test]
+    fn a_batch_of_log_version_2_is_read_without_meta() {
+        let mut v2 = BatchV2 {
+            payload: b"one\ntwo\n".to_vec(),
+            entries: Vec::new(),
+        };
+        for (i, (offset, len)) in [(0u32, 3u32), (4, 3)].into_iter().enumerate() {
+            v2.entries.push(Entry {
+                ts_ns: 10 + i as u64,
+                offset,
+                len,
+                key_hash: 0,
+                source: i as u16,
+                meta_len: 0,
+            });
+        }
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&v2).unwrap();
+        // The new shape does not pass for the old one.
+        assert!(access(&bytes).is_err());
+        let b = Batch::from_v2(access_v2(&bytes).unwrap());
+        let got: Vec<_> = b
+            .iter()
+            .map(|(e, r, m)| (e.ts_ns, e.source, r, m))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(10, 0, &b"one"[..], &[][..]), (11, 1, b"two", &[])]
+        );
+    }
+
+    #[test]
+    fn meta_counts_toward_the_byte_limit() {
+        let mut b = Batch::with_capacity(8, 64);
+        b.push(0, 0, 0, b"x", &[0u8; 40]);
+        assert!(!b.fits(30, 8, 64));
+        assert!(b.fits(10, 8, 64));
+        b.push(0, 0, 0, b"y", &[0u8; 70_000]);
+        assert_eq!(b.meta.len(), 40, "meta over MAX_BYTES is left off");
     }
 
     #[test]
@@ -576,7 +704,7 @@ mod tests {
         let mut b = Batch::with_capacity(records, bytes);
         let cap = b.payload.capacity();
         while b.fits(100, records, bytes) {
-            b.push(0, 0, 0, &[b'x'; 99]);
+            b.push(0, 0, 0, &[b'x'; 99], &[]);
         }
         let (mut buf, len) = archive_in_place(&mut b, AlignedVec::new()).unwrap();
         buf.resize((HEADROOM + len).div_ceil(PAYLOAD_ALIGN) * PAYLOAD_ALIGN, 0);
@@ -588,7 +716,13 @@ mod tests {
     fn the_running_checksum_covers_a_prefix_of_the_records() {
         let mut b = Batch::with_capacity(1000, 100_000);
         for i in 0..300u32 {
-            b.push(0, 0, 0, format!("record {i} {}", "y".repeat(90)).as_bytes());
+            b.push(
+                0,
+                0,
+                0,
+                format!("record {i} {}", "y".repeat(90)).as_bytes(),
+                &[],
+            );
             b.payload.checksum_ahead();
         }
         let (crc, n) = b.payload.checksum_so_far();
@@ -632,7 +766,7 @@ mod tests {
     fn fits_respects_limits_but_takes_one_oversized() {
         let mut b = Batch::with_capacity(2, 16);
         assert!(b.fits(100, 2, 16));
-        b.push(0, 0, 0, &[b'x'; 100]);
+        b.push(0, 0, 0, &[b'x'; 100], &[]);
         assert!(!b.fits(1, 2, 16));
         assert!(b.is_full(2, 16));
     }
@@ -648,4 +782,5 @@ mod tests {
 }
 
 mod builder;
+pub mod meta;
 pub use builder::BatchBuilder;

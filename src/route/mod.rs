@@ -133,7 +133,7 @@ mod tests {
     fn mesh_carries_and_returns_batches() {
         let mut ends = Mesh::build(3);
         let mut b = Batch::default();
-        b.push(1, 2, 0, b"hello");
+        b.push(1, 2, 0, b"hello", &[]);
         ends[0].out[2].as_mut().unwrap().push(b).unwrap();
         let got = ends[2].inbound[0].as_mut().unwrap().pop().unwrap();
         assert_eq!(got.record(0), b"hello");

@@ -21,6 +21,7 @@ pub mod util;
 
 use crate::config::{ConfigError, SinkPlan};
 use crate::pipeline::{Ack, BatchId, Deliver, SinkCtx, SinkQueue};
+use crate::record::meta::Field;
 use crate::record::{BatchView, FrameBuf, Payload, HEADROOM};
 use std::path::Path;
 use std::rc::Rc;
@@ -55,6 +56,12 @@ pub trait Kind {
     /// Checks what can be checked before start on this machine (paths).
     fn check(_target: &Self::Target, _cx: &PlanCx<'_>) -> Result<(), ConfigError> {
         Ok(())
+    }
+    /// The record fields (meta) the sink uses, each with the key that uses
+    /// it (`topic` for `topic = "gw/{topic}"`): config refuses an input that
+    /// cannot supply one, and tells the others to attach it.
+    fn fields(_target: &Self::Target) -> Vec<(&'static str, Field)> {
+        Vec::new()
     }
 }
 
@@ -126,6 +133,13 @@ macro_rules! sinks {
             pub fn check(&self, cx: &PlanCx<'_>) -> Result<(), ConfigError> {
                 match self {
                     $(Target::$variant(t) => <$module::Sink as Kind>::check(t, cx),)*
+                }
+            }
+
+            /// The record fields the sink uses, each with the key that uses it.
+            pub fn fields(&self) -> Vec<(&'static str, Field)> {
+                match self {
+                    $(Target::$variant(t) => <$module::Sink as Kind>::fields(t),)*
                 }
             }
         }

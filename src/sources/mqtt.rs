@@ -28,6 +28,7 @@ use crate::metrics::DropReason;
 use crate::mqtt::{self as wire, Control, Version};
 use crate::pipeline::ingest::Ingest;
 use crate::pipeline::Backoff;
+use crate::record::meta::{self, Field};
 use crate::tls::Link;
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -181,6 +182,10 @@ async fn serve(
     let mut have = 0usize;
     let mut connected = false;
     let mut pkids: Vec<u16> = Vec::new();
+    // The record's meta, when a sink uses the topic (reused; no allocation
+    // once it fits the longest topic).
+    let keep_topic = plan.fields.contains(&Field::Topic);
+    let mut meta: Vec<u8> = Vec::new();
     let mut log_bad = LogEvery::ten_seconds();
     let why = loop {
         // Room for one whole packet, up to the protocol's limit here: a
@@ -292,7 +297,13 @@ async fn serve(
                 // The payload stays borrowed from `buf` while the offer
                 // waits: nothing else reads into it meanwhile.
                 let record = &buf[packet.start + (total - p.payload.len())..packet.end];
-                ing.offer(source, ing.id, ts, 0, record).await;
+                meta.clear();
+                if keep_topic {
+                    // A topic too long to keep (over 64 KiB less 3 bytes)
+                    // travels without it.
+                    meta::put(&mut meta, meta::TOPIC, p.topic);
+                }
+                ing.offer(source, ing.id, ts, 0, record, &meta).await;
                 records += 1;
             }
             if p.qos > 0 {

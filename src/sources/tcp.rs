@@ -343,7 +343,7 @@ async fn connection(
                         }
                     }
                     records += 1;
-                    shard.offer(source, dest, ts, key, record).await;
+                    shard.offer(source, dest, ts, key, record, &[]).await;
                 }
                 Decoded::NeedMore { consumed } => {
                     start += consumed;
@@ -388,7 +388,7 @@ async fn connection(
             End::Record(record) => match shard.refuse(source, record) {
                 None => {
                     let ts = shard.now_ns();
-                    shard.offer(source, dest, ts, key, record).await;
+                    shard.offer(source, dest, ts, key, record, &[]).await;
                     records += 1;
                 }
                 Some(DropReason::InvalidUtf8) => {

@@ -176,7 +176,7 @@ impl Take<'_> {
             return;
         }
         let ts = shard.now_ns();
-        match shard.try_offer(self.source, dest, ts, key, record) {
+        match shard.try_offer(self.source, dest, ts, key, record, &[]) {
             Ok(()) => counters.records.add(1),
             Err(_) => {
                 counters.drop(DropReason::SinkFull, 1);

@@ -86,6 +86,9 @@ struct Durable {
 struct Seg {
     file: Rc<File>,
     nonce: u32,
+    /// Written by a version before records carried meta: archives are
+    /// read as `BatchV2`.
+    no_meta: bool,
 }
 
 /// What the tasks share.
@@ -188,11 +191,13 @@ pub async fn run<O: Deliver + 'static>(
             Ok(f) => {
                 direct_io(&f);
                 let nonce = rec.nonces.get(id).copied().unwrap_or(0);
+                let no_meta = rec.versions.get(id) == Some(&format::VERSION_NO_META);
                 files.insert(
                     *id,
                     Seg {
                         file: Rc::new(f),
                         nonce,
+                        no_meta,
                     },
                 );
             }
@@ -697,6 +702,7 @@ async fn create_segment(wal: &Wal, id: u64, counters: &SinkCounters) -> std::io:
     let seg = Seg {
         file: Rc::new(f),
         nonce,
+        no_meta: false,
     };
     wal.files.borrow_mut().insert(id, seg.clone());
     Ok(seg)
@@ -957,10 +963,18 @@ async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
                     archive,
                 )
             });
-        let checked = if header_ok {
-            crate::record::access(archive).ok()
-        } else {
-            None
+        // A segment written before records carried meta (log version 2)
+        // holds archives of the older shape; frames kept in memory are new.
+        let no_meta = !from_memory
+            && wal
+                .files
+                .borrow()
+                .get(&id.segment)
+                .is_some_and(|s| s.no_meta);
+        let checked = match (header_ok, no_meta) {
+            (false, _) => None,
+            (true, false) => crate::record::access(archive).ok().map(Stored::Now),
+            (true, true) => crate::record::access_v2(archive).ok().map(Stored::NoMeta),
         };
         let Some(a) = checked else {
             tracing::error!(sink = %plan.name, segment = id.segment, offset = id.offset,
@@ -971,8 +985,17 @@ async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
         };
         if out.takes_batches() {
             // The request encodes the archive in place; the http output
-            // acknowledges the batch when its request succeeds.
-            let submit = out.submit(crate::record::BatchView::Archived(a), id);
+            // acknowledges the batch when its request succeeds. An old
+            // archive is copied first (once, after an upgrade).
+            let copied;
+            let view = match a {
+                Stored::Now(a) => crate::record::BatchView::Archived(a),
+                Stored::NoMeta(a) => {
+                    copied = crate::record::Batch::from_v2(a);
+                    crate::record::BatchView::Native(&copied)
+                }
+            };
+            let submit = out.submit(view, id);
             if shard.stopping.get() && wal.writer_done.get() {
                 if tokio::time::timeout(give_up, submit).await.is_err() {
                     tracing::warn!(sink = %plan.name, shard = shard.id,
@@ -984,9 +1007,12 @@ async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
             }
             continue;
         }
-        let p = a.payload.as_slice();
+        let (p, records) = match a {
+            Stored::Now(a) => (a.payload.as_slice(), a.entries.len()),
+            Stored::NoMeta(a) => (a.payload.as_slice(), a.entries.len()),
+        };
         let start = p.as_ptr() as usize - buf.0.as_ptr() as usize;
-        let (start, end, records) = (start, start + p.len(), a.entries.len());
+        let (start, end) = (start, start + p.len());
         // Stopping: no new write starts after the give-up time; one under
         // way finishes (a write cut off would tear the batch upstream).
         if give_up_at.is_none() && shard.stopping.get() && wal.writer_done.get() {
@@ -1009,6 +1035,13 @@ async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
     }
     drop(buf);
     out.close(&shard).await;
+}
+
+/// A batch archive read back from the log, in the shape its segment's
+/// version wrote.
+enum Stored<'a> {
+    Now(&'a crate::record::ArchivedBatch),
+    NoMeta(&'a crate::record::ArchivedBatchV2),
 }
 
 /// Acknowledges a batch to the log and hands the syncer what it made due.

@@ -9,7 +9,7 @@
 //! ```text
 //! offset size field
 //!      0    8 magic      b"UPDRWAL\0"
-//!      8    4 version    2
+//!      8    4 version    3 (2 is read too)
 //!     12    4 flags      bit 0: written over a retired segment's file
 //!     16    8 segment    the id in the file name
 //!     24    4 nonce      random, new for every segment (and every reuse)
@@ -59,6 +59,11 @@
 //! its own frame). (Version 1 segments, with 16-byte frame headers, are not
 //! read: a pre-release format, set aside like a damaged segment.)
 //!
+//! Version 3 changed only the archive: a batch carries a third array, the
+//! records' meta (`record::Batch`). Version 2 segments have the same framing
+//! and are still replayed after an upgrade, their archives read as
+//! `record::BatchV2`; new segments are always written as version 3.
+//!
 //! ## Reading back
 //!
 //! [`scan`] walks a segment's bytes and classifies what it finds:
@@ -96,7 +101,9 @@ use crate::record::{crc32c, crc32c_append};
 
 /// Segment magic.
 pub const MAGIC: [u8; 8] = *b"UPDRWAL\0";
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
+/// The oldest version still read: its archives lack the records' meta.
+pub const VERSION_NO_META: u32 = 2;
 /// The segment header's block; its first 32 bytes are the header proper.
 pub const SEGMENT_HEADER_BYTES: usize = 4096;
 pub const FRAME_HEADER_BYTES: usize = 64;
@@ -223,6 +230,8 @@ pub struct Scan {
     pub stale_bytes: u64,
     /// The segment's nonce (frame headers are checked with it).
     pub nonce: u32,
+    /// The segment's format version ([`VERSION`] or [`VERSION_NO_META`]).
+    pub version: u32,
 }
 
 /// Why a segment cannot be read at all.
@@ -242,7 +251,7 @@ pub fn scan(id: u64, bytes: &[u8]) -> Result<Scan, SegmentError> {
         return Err(SegmentError::BadHeader);
     }
     let version = u32_at(bytes, 8);
-    if version != VERSION {
+    if version != VERSION && version != VERSION_NO_META {
         return Err(SegmentError::Version(version));
     }
     if crc32c(&bytes[0..28]) != u32_at(bytes, 28) {
@@ -259,6 +268,7 @@ pub fn scan(id: u64, bytes: &[u8]) -> Result<Scan, SegmentError> {
     }
     let mut scan = Scan {
         nonce,
+        version,
         ..Scan::default()
     };
     let mut at = SEGMENT_HEADER_BYTES;
@@ -506,6 +516,17 @@ mod tests {
         let crc = crc32c(&seg[0..24]);
         seg[24..28].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(scan(5, &seg), Err(SegmentError::Version(1)));
+    }
+
+    #[test]
+    fn version_2_segments_are_read_and_say_so() {
+        let mut seg = segment_with(5, &[b"first"]);
+        assert_eq!(scan(5, &seg).unwrap().version, VERSION);
+        seg[8..12].copy_from_slice(&VERSION_NO_META.to_le_bytes());
+        let crc = crc32c(&seg[0..28]);
+        seg[28..32].copy_from_slice(&crc.to_le_bytes());
+        let s = scan(5, &seg).unwrap();
+        assert_eq!((s.version, s.frames.len()), (VERSION_NO_META, 1));
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub struct Recovery {
     pub spares: Vec<std::path::PathBuf>,
     /// The nonce of each kept segment (frame headers are checked with it).
     pub nonces: HashMap<u64, u32>,
+    /// The format version of each kept segment (version 2 archives lack
+    /// the records' meta).
+    pub versions: HashMap<u64, u32>,
 }
 
 /// Gives the checkpoint file its two slots in real (not sparse) blocks now,
@@ -101,6 +104,7 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
     let mut found = Vec::new();
     let mut lens: HashMap<BatchId, u32> = HashMap::new();
     let mut nonces: HashMap<u64, u32> = HashMap::new();
+    let mut versions: HashMap<u64, u32> = HashMap::new();
     let (mut bad_frames, mut damaged_segments) = (0u64, 0u64);
     let (mut torn_tails, mut torn_bytes) = (0u64, 0u64);
     for id in ids {
@@ -147,6 +151,7 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
             cut().map_err(self::at(&path))?;
         }
         nonces.insert(id, s.nonce);
+        versions.insert(id, s.version);
         for fr in &s.frames {
             lens.insert(
                 BatchId {
@@ -183,6 +188,7 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
         torn_bytes,
         spares,
         nonces,
+        versions,
     })
 }
 

@@ -156,9 +156,15 @@ fn an_mqtt_sink_refuses_what_it_cannot_do_naming_the_key() {
     assert!(ok, "{err}");
     let cases = [
         (
+            // The input is a tcp source: its records have no topic.
             mqtt("url = \"mqtt://127.0.0.1:1883\"\ntopic = \"gw/{topic}\""),
             "sinks.up.topic",
-            "not supported yet",
+            "sources.app (tcp)",
+        ),
+        (
+            mqtt("url = \"mqtt://127.0.0.1:1883\"\ntopic = \"gw/{host}\""),
+            "sinks.up.topic",
+            "{host}",
         ),
         (
             mqtt("url = \"mqtt://127.0.0.1:1883\"\ntopic = \"gw/#\""),

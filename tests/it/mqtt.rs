@@ -270,7 +270,7 @@ fn publish(broker: &Broker, args: &[&str]) -> Child {
 }
 
 /// An mqtt source on `a` (topics `sensors/#`, a persistent session) and an
-/// mqtt sink to `b` (topic `gw/all`).
+/// mqtt sink to `b` (topic `gw/{topic}`: `sensors/3` goes to `gw/sensors/3`).
 fn bridge(a: &Broker, b: &Broker, extra: &str) -> String {
     format!(
         r#"shards = 2
@@ -283,7 +283,7 @@ client_id = "gw-bridge"
 type = "mqtt"
 inputs = ["sensors"]
 url = "{}"
-topic = "gw/all"
+topic = "gw/{{topic}}"
 {extra}
 "#,
         a.url(),
@@ -294,7 +294,12 @@ topic = "gw/all"
 #[test]
 fn mqtt_to_mqtt_bridges_200k_qos1_messages_exactly_once() {
     let (a, b) = (Broker::start(""), Broker::start(""));
-    let rx = Receiver::start_mqtt(b.addr, 200_000, 90, &["--topic", "gw/#"]);
+    let rx = Receiver::start_mqtt(
+        b.addr,
+        200_000,
+        90,
+        &["--topic", "gw/#", "--expect-topic", "gw/sensors/{stream}"],
+    );
     let u_ = Updraft::start(&bridge(&a, &b, ""));
     u_.wait_metric(
         r#"updraft_source_connections_open{source="sensors"}"#,
@@ -316,6 +321,8 @@ fn mqtt_to_mqtt_bridges_200k_qos1_messages_exactly_once() {
     assert!(ok, "{r}\n{}", u_.log_text());
     assert_eq!((u(&r, "unique"), u(&r, "duplicates")), (200_000, 0), "{r}");
     assert_eq!(u(&r, "streams"), 4, "{r}");
+    // Each on the topic it came on, under gw/.
+    assert_eq!(u(&r["mqtt"], "wrong_topic"), 0, "{r}");
 }
 
 #[test]
@@ -325,7 +332,14 @@ fn mqtt_with_a_disk_buffer_survives_two_kill_9s_losing_nothing() {
         b.addr,
         200_000,
         120,
-        &["--topic", "gw/#", "--linger-ms", "1000"],
+        &[
+            "--topic",
+            "gw/#",
+            "--linger-ms",
+            "1000",
+            "--expect-topic",
+            "gw/sensors/{stream}",
+        ],
     );
     let mut u_ = Updraft::start(&bridge(&a, &b, "[sinks.cloud.buffer]\ntype = \"disk\""));
     u_.wait_metric(
@@ -362,6 +376,8 @@ fn mqtt_with_a_disk_buffer_survives_two_kill_9s_losing_nothing() {
     assert!(ok, "{r}\n{}", u_.log_text());
     assert_eq!(u(&r, "lost"), 0, "{r}");
     assert_eq!(u(&r, "unique"), 200_000, "{r}");
+    // The topic travels through the disk buffer and its replay.
+    assert_eq!(u(&r["mqtt"], "wrong_topic"), 0, "{r}");
     // Each kill repeats at most what was taken but not yet acknowledged
     // upstream or downstream: bounded by the windows, not the stream.
     let dup = u(&r, "duplicates");

@@ -726,6 +726,8 @@ struct MqttSummary {
     /// Sessions opened (more than one: the broker went away and came back).
     connects: u64,
     messages: u64,
+    /// Records on another topic than `--expect-topic` names.
+    wrong_topic: u64,
 }
 
 /// Parses whole lines of `buf`; returns the bytes used.
@@ -1042,6 +1044,7 @@ fn receive(a: ReceiveArgs) -> Result<bool> {
         mqtt: mqtt_stats.map(|m| MqttSummary {
             connects: m.connects.load(Relaxed),
             messages: m.messages.load(Relaxed),
+            wrong_topic: m.wrong_topic.load(Relaxed),
         }),
     };
     let table = format!(
@@ -1055,6 +1058,13 @@ fn receive(a: ReceiveArgs) -> Result<bool> {
         Some(h) => format!(
             "{table}\nhttp       requests {} ok {} throttled {} failed {} bad {} dedup {} outage-drops {} max-concurrent {}",
             h.requests, h.ok, h.throttled, h.failed, h.bad_requests, h.deduplicated, h.dropped_in_outage, h.max_concurrent
+        ),
+        None => table,
+    };
+    let table = match &summary.mqtt {
+        Some(m) => format!(
+            "{table}\nmqtt       connects {} messages {} wrong-topic {}",
+            m.connects, m.messages, m.wrong_topic
         ),
         None => table,
     };

@@ -29,6 +29,56 @@ pub struct MqttArgs {
     /// `--proto mqtt`: the client id of the (persistent) session.
     #[arg(long, default_value = "updraft-loadgen-receive")]
     pub client_id: String,
+    /// `--proto mqtt`: the topic each record must arrive on, `{stream}`
+    /// standing for its stream id (`gw/sensors/{stream}`); others are
+    /// counted as `wrong_topic`.
+    #[arg(long)]
+    pub expect_topic: Option<String>,
+}
+
+/// `--expect-topic` split around its `{stream}`.
+struct ExpectTopic {
+    prefix: Vec<u8>,
+    /// None: the topic is fixed (no `{stream}`).
+    suffix: Option<Vec<u8>>,
+}
+
+impl ExpectTopic {
+    fn new(t: &str) -> ExpectTopic {
+        match t.split_once("{stream}") {
+            Some((p, s)) => ExpectTopic {
+                prefix: p.as_bytes().to_vec(),
+                suffix: Some(s.as_bytes().to_vec()),
+            },
+            None => ExpectTopic {
+                prefix: t.as_bytes().to_vec(),
+                suffix: None,
+            },
+        }
+    }
+
+    /// Whether `topic` is the one a record of `stream` must arrive on.
+    fn matches(&self, topic: &[u8], stream: u64) -> bool {
+        let Some(suffix) = &self.suffix else {
+            return topic == self.prefix.as_slice();
+        };
+        let Some(mid) = topic
+            .strip_prefix(self.prefix.as_slice())
+            .and_then(|t| t.strip_suffix(suffix.as_slice()))
+        else {
+            return false;
+        };
+        let mut v = 0u64;
+        !mid.is_empty()
+            && mid.len() <= 19
+            && mid.iter().all(|&c| {
+                v = v
+                    .wrapping_mul(10)
+                    .wrapping_add((c as u64).wrapping_sub(b'0' as u64));
+                c.is_ascii_digit()
+            })
+            && v == stream
+    }
 }
 
 /// Counts of the session's life.
@@ -36,6 +86,8 @@ pub struct MqttArgs {
 pub struct MqttStats {
     pub connects: AtomicU64,
     pub messages: AtomicU64,
+    /// Records not on the topic `--expect-topic` names for them.
+    pub wrong_topic: AtomicU64,
 }
 
 fn version(a: &MqttArgs) -> Result<Version> {
@@ -127,6 +179,7 @@ pub fn start(
     let first = session(broker, &a, v)?;
     stats.connects.fetch_add(1, Relaxed);
     eprintln!("subscribed to {:?} at {broker}", a.topic);
+    let expect = a.expect_topic.as_deref().map(ExpectTopic::new);
     Ok(std::thread::spawn(move || {
         let mut conn = Some(first);
         while !stop.load(Relaxed) {
@@ -143,7 +196,7 @@ pub fn start(
                     }
                 },
             };
-            read_messages(s, rest, v, &tracker, &stop, &stats);
+            read_messages(s, rest, v, &tracker, &stop, &stats, expect.as_ref());
         }
         Ok(())
     }))
@@ -157,6 +210,7 @@ fn read_messages(
     tracker: &Mutex<Tracker>,
     stop: &AtomicBool,
     stats: &MqttStats,
+    expect: Option<&ExpectTopic>,
 ) {
     let mut have = buf.len();
     buf.resize(1 << 20, 0);
@@ -181,7 +235,7 @@ fn read_messages(
         let mut start = 0;
         parsed.clear();
         acks.clear();
-        let (mut malformed, mut bytes) = (0u64, 0u64);
+        let (mut malformed, mut bytes, mut wrong_topic) = (0u64, 0u64, 0u64);
         loop {
             let (first, header, total) = match wire::frame(&buf[start..have]) {
                 Ok(Some(f)) => f,
@@ -195,7 +249,12 @@ fn read_messages(
                 bytes += p.payload.len() as u64;
                 let line = p.payload.strip_suffix(b"\n").unwrap_or(p.payload);
                 match parse_record(line) {
-                    Some(r) => parsed.push(r),
+                    Some(r) => {
+                        if expect.is_some_and(|e| !e.matches(p.topic, r.0)) {
+                            wrong_topic += 1;
+                        }
+                        parsed.push(r)
+                    }
                     None => malformed += 1,
                 }
                 if p.qos > 0 {
@@ -207,6 +266,7 @@ fn read_messages(
         stats
             .messages
             .fetch_add(parsed.len() as u64 + malformed, Relaxed);
+        stats.wrong_topic.fetch_add(wrong_topic, Relaxed);
         tracker
             .lock()
             .expect("tracker")
@@ -358,5 +418,23 @@ impl Publisher {
         s.write_all(&wire::DISCONNECT)?;
         let _ = s.shutdown(std::net::Shutdown::Both);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ExpectTopic;
+
+    #[test]
+    fn expect_topic_puts_the_stream_in_its_place() {
+        let e = ExpectTopic::new("gw/sensors/{stream}");
+        assert!(e.matches(b"gw/sensors/7", 7));
+        assert!(!e.matches(b"gw/sensors/7", 8));
+        assert!(!e.matches(b"gw/sensors/", 0));
+        assert!(!e.matches(b"gw/sensors/7x", 7));
+        assert!(!e.matches(b"sensors/7", 7));
+        let fixed = ExpectTopic::new("site-7/app");
+        assert!(fixed.matches(b"site-7/app", 3));
+        assert!(!fixed.matches(b"site-7/ap", 3));
     }
 }

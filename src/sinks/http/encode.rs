@@ -103,13 +103,13 @@ impl Encoder {
                 Encoding::Raw => unreachable!("handled above"),
                 Encoding::Ndjson => {
                     let mut second = SecondPrefix::default();
-                    batch.for_each(|ts, source, r| {
+                    batch.for_each(|ts, source, r, _| {
                         let name = self.sources.get(source as usize).map_or("", String::as_str);
                         ndjson_line(target, ts, name, r, &mut second);
                         done.records += 1;
                     })
                 }
-                Encoding::Influx => batch.for_each(|ts, _, r| {
+                Encoding::Influx => batch.for_each(|ts, _, r, _| {
                     if influx_line(target, ts, r) {
                         done.records += 1;
                     } else {
@@ -377,7 +377,7 @@ mod tests {
     fn batch(lines: &[&[u8]]) -> Batch {
         let mut b = Batch::default();
         for (i, l) in lines.iter().enumerate() {
-            b.push(TS + i as u64, 0, (i % 2) as u16, l);
+            b.push(TS + i as u64, 0, (i % 2) as u16, l, &[]);
         }
         b
     }

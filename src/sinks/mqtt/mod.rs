@@ -30,7 +30,9 @@ use crate::config::{expand_env, invalid, ConfigError, Redacted};
 use crate::logging::LogEvery;
 use crate::mqtt::{self as wire, Control, Version};
 use crate::pipeline::{Ack, BatchId, Deliver, SinkCtx};
+use crate::record::meta::Field;
 use crate::record::BatchView;
+use super::util::template::Template;
 use serde::Deserialize;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -57,7 +59,7 @@ pub struct Sink;
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// `mqtt://HOST:PORT` (`mqtts://` is not supported yet).
+    /// `mqtt://HOST:PORT` or `mqtts://HOST[:PORT]` (TLS).
     pub url: Option<String>,
     pub topic: Option<String>,
     pub qos: Option<u8>,
@@ -77,7 +79,8 @@ pub struct Target {
     /// The url as configured (for logs).
     pub url: String,
     pub address: SocketAddr,
-    pub topic: String,
+    /// Fixed, or naming the record's `{topic}`.
+    pub topic: Template,
     pub qos: u8,
     pub version: Version,
     /// Each shard connects as `<client_id>-<shard>`.
@@ -108,17 +111,15 @@ impl Kind for Sink {
         if topic.is_empty() || topic.len() > 65_535 {
             return Err(invalid(cx.key("topic"), "1 to 65535 bytes"));
         }
-        if topic.contains(['+', '#']) {
+        let topic = Template::parse(&topic).map_err(|m| invalid(cx.key("topic"), m))?;
+        if topic.literal_text().contains(['+', '#']) {
             return Err(invalid(
                 cx.key("topic"),
                 "a topic to publish to may not hold the wildcards + or #",
             ));
         }
-        if topic.contains('{') {
-            return Err(invalid(
-                cx.key("topic"),
-                "templates such as {topic} are not supported yet (records do not carry their topic); use a fixed topic",
-            ));
+        if topic.fixed() == Some("") {
+            return Err(invalid(cx.key("topic"), "1 to 65535 bytes"));
         }
         let qos = c.qos.unwrap_or(1);
         if qos > 1 {
@@ -184,6 +185,10 @@ impl Kind for Sink {
     fn output(cx: &Rc<SinkCtx>, sink: usize, t: &Target, ack: Option<Ack>) -> MqttOutput {
         MqttOutput::new(cx, sink, t.clone(), ack)
     }
+
+    fn fields(t: &Target) -> Vec<(&'static str, Field)> {
+        t.topic.fields().into_iter().map(|f| ("topic", f)).collect()
+    }
 }
 
 /// One batch's messages, encoded.
@@ -243,6 +248,8 @@ struct Inner {
 pub struct MqttOutput {
     inner: Rc<Inner>,
     writer: Option<tokio::task::JoinHandle<()>>,
+    /// A record's topic rendered from the template (reused).
+    topic: Vec<u8>,
 }
 
 impl MqttOutput {
@@ -272,6 +279,7 @@ impl MqttOutput {
         MqttOutput {
             inner,
             writer: Some(writer),
+            topic: Vec::new(),
         }
     }
 }
@@ -401,13 +409,37 @@ impl Deliver for MqttOutput {
         body.clear();
         let t = &inner.t;
         let mut seq = o.first_seq;
-        batch.for_each(|_, _, record| {
+        let fixed = t.topic.fixed().map(str::as_bytes);
+        let rendered = &mut self.topic;
+        let mut unnamed = 0u64;
+        batch.for_each(|_, _, record, meta| {
+            let topic = match fixed {
+                Some(f) => f,
+                None => {
+                    rendered.clear();
+                    t.topic.render(meta, rendered);
+                    rendered.as_slice()
+                }
+            };
+            if topic.is_empty() || topic.len() > 65_535 {
+                // A record whose topic could not travel with it (over 64 KiB).
+                unnamed += 1;
+                return;
+            }
             o.offsets.push(body.len() as u32);
             let pkid = if t.qos > 0 { Inner::pkid(seq) } else { 0 };
-            wire::put_publish(body, t.version, t.topic.as_bytes(), t.qos, t.retain, pkid, record);
+            wire::put_publish(body, t.version, topic, t.qos, t.retain, pkid, record);
             seq += 1;
         });
         o.offsets.push(body.len() as u32);
+        if unnamed > 0 {
+            inner.counters().buffer_dropped.add(unnamed);
+            if let Some(held) = inner.log.borrow_mut().ready() {
+                tracing::warn!(sink = inner.name(), broker = %t.url, records = unnamed, suppressed = held,
+                    "records whose topic renders empty or longer than 65535 bytes are dropped");
+            }
+        }
+        let n = seq - o.first_seq;
         o.acked.resize(n as usize, false);
         st.next_seq = seq;
         if n == 0 {

@@ -5,6 +5,7 @@
 
 pub mod dead_letter;
 pub mod stream;
+pub mod template;
 
 pub use crate::pipeline::Backoff;
 

@@ -1,0 +1,129 @@
+//! A record's meta: what its source knew about it beside its bytes (an MQTT
+//! message's topic), kept in the batch's `meta` buffer and written to the log
+//! with it, so that a sink can name a destination from it (`{topic}`).
+//!
+//! A record's meta is a run of items, each:
+//!
+//! ```text
+//! size field
+//!    1 kind   what the item is (`TOPIC`, ...)
+//!    2 len    bytes of value, little-endian
+//!  len value
+//! ```
+//!
+//! A record's meta is at most [`MAX_BYTES`]; a reader skips kinds it does
+//! not know and stops at an item that runs past the end (never panics).
+
+/// The topic an MQTT message arrived on.
+pub const TOPIC: u8 = 1;
+
+/// The most meta one record carries (its length is an entry's `u16`).
+pub const MAX_BYTES: usize = u16::MAX as usize;
+
+/// What a source can attach to its records, and a sink can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    /// The MQTT topic the record arrived on.
+    Topic,
+}
+
+impl Field {
+    /// The name in a template (`{topic}`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Field::Topic => "topic",
+        }
+    }
+
+    pub fn kind(self) -> u8 {
+        match self {
+            Field::Topic => TOPIC,
+        }
+    }
+}
+
+/// Appends one item to a record's meta being built in `out`; false (and
+/// `out` unchanged) when it would pass [`MAX_BYTES`].
+pub fn put(out: &mut Vec<u8>, kind: u8, value: &[u8]) -> bool {
+    if out.len() + 3 + value.len() > MAX_BYTES {
+        return false;
+    }
+    out.push(kind);
+    out.extend_from_slice(&(value.len() as u16).to_le_bytes());
+    out.extend_from_slice(value);
+    true
+}
+
+/// The value of the first item of `kind` in a record's meta.
+pub fn find(meta: &[u8], kind: u8) -> Option<&[u8]> {
+    let mut at = 0usize;
+    while at + 3 <= meta.len() {
+        let len = u16::from_le_bytes([meta[at + 1], meta[at + 2]]) as usize;
+        let value = meta.get(at + 3..at + 3 + len)?;
+        if meta[at] == kind {
+            return Some(value);
+        }
+        at += 3 + len;
+    }
+    None
+}
+
+/// The next record's meta of `len` bytes from a batch's meta buffer at
+/// `*at`, which moves past it; empty when the buffer is shorter (a damaged
+/// archive).
+#[inline]
+pub fn slice<'a>(all: &'a [u8], at: &mut usize, len: u16) -> &'a [u8] {
+    let start = *at;
+    *at += len as usize;
+    all.get(start..*at).unwrap_or(&[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_are_found_by_kind_and_unknown_kinds_skipped() {
+        let mut m = Vec::new();
+        assert!(put(&mut m, 9, b"other"));
+        assert!(put(&mut m, TOPIC, b"sensors/7"));
+        assert_eq!(find(&m, TOPIC), Some(&b"sensors/7"[..]));
+        assert_eq!(find(&m, 2), None);
+        assert_eq!(find(&[], TOPIC), None);
+    }
+
+    #[test]
+    fn a_damaged_meta_gives_nothing_and_no_panic() {
+        let mut m = Vec::new();
+        put(&mut m, TOPIC, b"abc");
+        for cut in 0..m.len() {
+            assert_eq!(find(&m[..cut], TOPIC), None);
+        }
+        let mut x = 0x1234_5678_9abc_def0u64;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let bytes = x.to_le_bytes();
+            let _ = find(&bytes[..(x % 9) as usize], (x >> 60) as u8);
+        }
+    }
+
+    #[test]
+    fn meta_past_the_limit_is_refused() {
+        let mut m = Vec::new();
+        assert!(!put(&mut m, TOPIC, &vec![b'a'; MAX_BYTES - 2]));
+        assert!(m.is_empty());
+        assert!(put(&mut m, TOPIC, &vec![b'a'; MAX_BYTES - 3]));
+        assert_eq!(m.len(), MAX_BYTES);
+    }
+
+    #[test]
+    fn slices_walk_the_buffer_and_stop_at_its_end() {
+        let all = b"aabbb";
+        let mut at = 0;
+        assert_eq!(slice(all, &mut at, 2), b"aa");
+        assert_eq!(slice(all, &mut at, 3), b"bbb");
+        assert_eq!(slice(all, &mut at, 1), b"");
+    }
+}
