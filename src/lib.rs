@@ -21,7 +21,7 @@
 //!    sink's output; with `buffer.type = "disk"` they pass through the [`wal`]
 //!    (write-ahead log, group-committed) first and are sent once durable.
 //!    Either buffer sees an output only through [`pipeline::Deliver`]; the
-//!    outputs ([`sinks`]: TCP, file, HTTP, blackhole) are one folder per kind,
+//!    outputs ([`sinks`]: TCP, file, HTTP, MQTT, NATS, blackhole) are one folder per kind,
 //!    registered in one line each.
 //! 6. [`metrics`] sums per-shard counters into Prometheus text, off the hot path.
 //!
@@ -40,6 +40,7 @@ pub mod limiter;
 pub mod logging;
 pub mod metrics;
 pub mod mqtt;
+pub mod nats;
 pub mod pipeline;
 pub mod record;
 pub mod route;

@@ -29,6 +29,88 @@ impl TlsConfig {
     }
 }
 
+/// A peer's url resolved once at start: its address, the host as written
+/// (the TLS server name) and whether the url asks for TLS.
+pub struct Endpoint {
+    pub address: std::net::SocketAddr,
+    pub host: String,
+    pub tls: bool,
+}
+
+/// The url schemes of a kind of peer, with their default ports, and what
+/// the peer is called in errors ("broker", "server").
+pub struct Schemes {
+    pub plain: (&'static str, u16),
+    pub tls: (&'static str, u16),
+    pub peer: &'static str,
+}
+
+/// Resolves `SCHEME://HOST[:PORT]` once; the error says what is wrong.
+pub fn endpoint(url: &str, s: &Schemes) -> Result<Endpoint, String> {
+    use std::net::ToSocketAddrs;
+    let (plain, tls) = (s.plain.0, s.tls.0);
+    let (tls, port, rest) = if let Some(r) = url.strip_prefix(&format!("{plain}://")) {
+        (false, s.plain.1, r)
+    } else if let Some(r) = url.strip_prefix(&format!("{tls}://")) {
+        (true, s.tls.1, r)
+    } else {
+        return Err(format!("{url:?} must start with {plain}:// or {tls}://"));
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') || authority.contains('@') {
+        return Err(format!(
+            "the url is {plain}://HOST:PORT (credentials have their own keys)"
+        ));
+    }
+    let (host, with_port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') => (h, authority.to_string()),
+        _ => (authority, format!("{authority}:{port}")),
+    };
+    let address = with_port
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("cannot resolve {authority:?}"))?;
+    Ok(Endpoint {
+        address,
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        tls,
+    })
+}
+
+/// The TLS client settings for an endpoint (`key` names the `tls` table):
+/// none for a plain url, where a `tls` table is refused.
+pub fn for_endpoint(
+    key: &str,
+    e: &Endpoint,
+    t: Option<&TlsConfig>,
+    s: &Schemes,
+) -> Result<Option<ClientTls>, ConfigError> {
+    if !e.tls {
+        return match t {
+            Some(_) => Err(invalid(
+                key,
+                format!("tls settings need a {}:// url", s.tls.0),
+            )),
+            None => Ok(None),
+        };
+    }
+    let (config, verify) = from_config(key, t)?;
+    if !verify {
+        tracing::warn!(
+            key,
+            "tls.verify = false: the {}'s certificate is NOT checked",
+            s.peer
+        );
+    }
+    let name = rustls_pki_types::ServerName::try_from(e.host.clone())
+        .map_err(|_| invalid(key, format!("{:?} is not a valid TLS server name", e.host)))?;
+    Ok(Some((config, name)))
+}
+
 /// The client configuration for a `tls` table (`key` names it; absent:
 /// the defaults, the system's roots), and whether certificates are checked.
 pub fn from_config(
@@ -239,23 +321,34 @@ impl Link {
         address: std::net::SocketAddr,
         tls: Option<&ClientTls>,
     ) -> Result<Link, String> {
+        let link = Link::connect_plain(address).await?;
+        match tls {
+            Some(t) => link.start_tls(t).await,
+            None => Ok(link),
+        }
+    }
+
+    /// Connects without TLS (a protocol that greets in the clear first,
+    /// as NATS does, calls [`Link::start_tls`] after the greeting).
+    pub async fn connect_plain(address: std::net::SocketAddr) -> Result<Link, String> {
         let stream = tokio_uring::net::TcpStream::connect(address)
             .await
             .map_err(|e| format!("cannot connect: {e}"))?;
         let _ = stream.set_nodelay(true);
-        let tls = match tls {
-            Some((config, name)) => Some(std::cell::RefCell::new(
-                rustls::ClientConnection::new(config.clone(), name.clone())
-                    .map_err(|e| format!("TLS: {e}"))?,
-            )),
-            None => None,
-        };
-        let link = Link {
+        Ok(Link {
             stream,
-            tls,
+            tls: None,
             out: std::cell::Cell::new(Vec::new()),
             inb: std::cell::Cell::new(Vec::new()),
-        };
+        })
+    }
+
+    /// Starts TLS on a plain connection and completes the handshake.
+    pub async fn start_tls(mut self, (config, name): &ClientTls) -> Result<Link, String> {
+        let conn = rustls::ClientConnection::new(config.clone(), name.clone())
+            .map_err(|e| format!("TLS: {e}"))?;
+        self.tls = Some(std::cell::RefCell::new(conn));
+        let link = self;
         if let Some(t) = &link.tls {
             while t.borrow().is_handshaking() {
                 link.flush()

@@ -23,47 +23,18 @@ pub enum Version {
 
 /// A broker's url resolved: `mqtt://HOST[:PORT]` (port 1883) or
 /// `mqtts://HOST[:PORT]` (TLS, port 8883).
-pub struct Broker {
-    pub address: std::net::SocketAddr,
-    /// The host as written (the TLS server name).
-    pub host: String,
-    pub tls: bool,
-}
+pub type Broker = crate::tls::Endpoint;
+
+/// The schemes of a broker's url.
+pub const SCHEMES: crate::tls::Schemes = crate::tls::Schemes {
+    plain: ("mqtt", 1883),
+    tls: ("mqtts", 8883),
+    peer: "broker",
+};
 
 /// Resolves a broker's url once; the error says what is wrong with it.
 pub fn broker(url: &str) -> Result<Broker, String> {
-    use std::net::ToSocketAddrs;
-    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
-        (false, r)
-    } else if let Some(r) = url.strip_prefix("mqtts://") {
-        (true, r)
-    } else {
-        return Err(format!("{url:?} must start with mqtt:// or mqtts://"));
-    };
-    let authority = rest.trim_end_matches('/');
-    if authority.is_empty() || authority.contains('/') || authority.contains('@') {
-        return Err("the url is mqtt://HOST:PORT (credentials go in username and password)".into());
-    }
-    let (host, with_port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !p.contains(']') => (h, authority.to_string()),
-        _ => (
-            authority,
-            format!("{authority}:{}", if tls { 8883 } else { 1883 }),
-        ),
-    };
-    let address = with_port
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| format!("cannot resolve {authority:?}"))?;
-    Ok(Broker {
-        address,
-        host: host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string(),
-        tls,
-    })
+    crate::tls::endpoint(url, &SCHEMES)
 }
 
 /// The TLS client settings for a broker (`key` names the `tls` table).
@@ -72,26 +43,7 @@ pub fn tls_for(
     b: &Broker,
     t: Option<&crate::tls::TlsConfig>,
 ) -> Result<Option<crate::tls::ClientTls>, crate::config::ConfigError> {
-    if !b.tls {
-        return match t {
-            Some(_) => Err(crate::config::invalid(
-                key,
-                "tls settings need an mqtts:// url",
-            )),
-            None => Ok(None),
-        };
-    }
-    let (config, verify) = crate::tls::from_config(key, t)?;
-    if !verify {
-        tracing::warn!(
-            key,
-            "tls.verify = false: the broker's certificate is NOT checked"
-        );
-    }
-    let name = rustls_pki_types::ServerName::try_from(b.host.clone()).map_err(|_| {
-        crate::config::invalid(key, format!("{:?} is not a valid TLS server name", b.host))
-    })?;
-    Ok(Some((config, name)))
+    crate::tls::for_endpoint(key, b, t, &SCHEMES)
 }
 
 /// The largest packet accepted from a broker.

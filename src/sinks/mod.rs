@@ -269,5 +269,6 @@ sinks! {
     File => file,
     Http => http,
     Mqtt => mqtt,
+    Nats => nats,
     Tcp => tcp,
 }

@@ -201,3 +201,57 @@ fn an_mqtt_sink_refuses_what_it_cannot_do_naming_the_key() {
         );
     }
 }
+
+#[test]
+fn a_nats_sink_refuses_what_it_cannot_do_naming_the_key() {
+    let nats = |keys: &str| {
+        GOOD.replace(
+            "type = \"tcp\"\ninputs = [\"app\"]\naddress = \"127.0.0.1:16000\"",
+            &format!(
+                "type = \"nats\"\ninputs = [\"app\"]\nurl = \"nats://127.0.0.1:4222\"\n{keys}"
+            ),
+        )
+    };
+    let (ok, err) = check("validate", &nats("subject = \"gw.app\""));
+    assert!(ok, "{err}");
+    let cases = [
+        (nats("subject = \"gw.*\""), "sinks.up.subject", "wildcards"),
+        (nats("subject = \"gw..app\""), "sinks.up.subject", "empty"),
+        (
+            nats("subject = \"gw.{topic}\""),
+            "sinks.up.subject",
+            "sources.app (tcp)",
+        ),
+        (nats(""), "sinks.up.subject", "needs a subject"),
+        (
+            nats("subject = \"gw\"\ntoken = \"t\"\nusername = \"u\""),
+            "sinks.up.token",
+            "not both",
+        ),
+        (
+            nats("subject = \"gw\"\ninflight = 0"),
+            "sinks.up.inflight",
+            "between",
+        ),
+        (
+            nats("subject = \"gw\"\ntoken = \"${UPDRAFT_NOT_SET_ANYWHERE}\""),
+            "sinks.up.token",
+            "UPDRAFT_NOT_SET_ANYWHERE",
+        ),
+    ];
+    for (text, key, why) in cases {
+        let (ok, err) = check("validate", &text);
+        assert!(!ok, "validate accepted {key}:\n{text}");
+        assert!(
+            err.contains(key) && err.contains(why),
+            "{err:?} should name {key} ({why})"
+        );
+    }
+    let bad_url =
+        nats("subject = \"gw\"").replace("nats://127.0.0.1:4222", "http://127.0.0.1:4222");
+    let (ok, err) = check("validate", &bad_url);
+    assert!(
+        !ok && err.contains("sinks.up.url") && err.contains("nats://"),
+        "{err}"
+    );
+}

@@ -12,5 +12,6 @@ mod input;
 mod layout;
 mod loadgen;
 mod mqtt;
+mod nats;
 mod runtime;
 mod wal;

@@ -4,6 +4,7 @@
 //! [`crate::pipeline`]; rate-limited logging is [`crate::logging::LogEvery`]).
 
 pub mod dead_letter;
+pub mod publisher;
 pub mod stream;
 pub mod template;
 

@@ -1,0 +1,354 @@
+//! The nats sink against a real server: Debian's nats-server with JetStream
+//! (`-js`), started by each test on loopback with its own config, port and
+//! store directory; the streams are made and counted over the server's own
+//! JetStream API by a small client here.
+
+use crate::harness::{free_addr, send, spawn_send, Updraft};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NATS_SERVER: &str = "/usr/sbin/nats-server";
+
+/// A nats-server with JetStream on loopback, its store in a temporary
+/// directory (kept across a restart).
+pub struct Server {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    dir: tempfile::TempDir,
+    conf: PathBuf,
+}
+
+impl Server {
+    /// `extra` is appended to the config (e.g. an `authorization` block).
+    pub fn start(extra: &str) -> Server {
+        assert!(
+            std::path::Path::new(NATS_SERVER).exists(),
+            "nats-server is installed (scripts/test.sh installs the Debian package)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let addr = free_addr();
+        let conf = dir.path().join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: {addr}\njetstream {{ store_dir: \"{}\" }}\n{extra}\n",
+                dir.path().join("js").display()
+            ),
+        )
+        .unwrap();
+        let mut s = Server {
+            child: None,
+            addr,
+            dir,
+            conf,
+        };
+        s.run();
+        s
+    }
+
+    fn run(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("nats.log"))
+            .unwrap();
+        self.child = Some(
+            Command::new(NATS_SERVER)
+                .arg("-c")
+                .arg(&self.conf)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(self.addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on {}",
+                self.addr
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the server gracefully (its stream store stays).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://{}", self.addr)
+    }
+
+    /// A JetStream API request (`$JS.API.<api>`) and its JSON answer.
+    pub fn api(&self, api: &str, body: &str, token: Option<&str>) -> Value {
+        let s = TcpStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.starts_with("INFO"), "{line}");
+        let auth = token.map_or(String::new(), |t| format!(",\"auth_token\":\"{t}\""));
+        write!(
+            w,
+            "CONNECT {{\"verbose\":false,\"headers\":true,\"no_responders\":true{auth}}}\r\nSUB _INBOX.test.* 1\r\nPUB $JS.API.{api} _INBOX.test.1 {}\r\n{body}\r\n",
+            body.len()
+        )
+        .unwrap();
+        loop {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            if line.starts_with("PING") {
+                w.write_all(b"PONG\r\n").unwrap();
+                continue;
+            }
+            assert!(line.starts_with("MSG"), "{line}");
+            let n: usize = line.split_whitespace().last().unwrap().parse().unwrap();
+            let mut buf = vec![0u8; n + 2];
+            r.read_exact(&mut buf).unwrap();
+            return serde_json::from_slice(&buf[..n]).unwrap();
+        }
+    }
+
+    /// Makes stream `name` capturing `subjects` (file storage).
+    pub fn create_stream(&self, name: &str, subjects: &[&str]) {
+        let v = self.api(
+            &format!("STREAM.CREATE.{name}"),
+            &serde_json::json!({"name": name, "subjects": subjects, "storage": "file"}).to_string(),
+            None,
+        );
+        assert!(v.get("error").is_none(), "{v}");
+    }
+
+    /// Messages the stream holds.
+    pub fn stream_messages(&self, name: &str) -> u64 {
+        let v = self.api(&format!("STREAM.INFO.{name}"), "", None);
+        v["state"]["messages"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{v}"))
+    }
+
+    /// Waits until the stream holds `n` messages (or the time is up);
+    /// returns what it holds.
+    pub fn wait_stream(&self, name: &str, n: u64, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let have = self.stream_messages(name);
+            if have >= n || Instant::now() > deadline {
+                // A little longer: more than `n` would be duplicates.
+                std::thread::sleep(Duration::from_millis(300));
+                return self.stream_messages(name);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn config(src: SocketAddr, server: &Server, sink_extra: &str) -> String {
+    format!(
+        r#"shards = 2
+[sources.app]
+type = "tcp"
+address = "{src}"
+[sinks.cloud]
+type = "nats"
+inputs = ["app"]
+url = "{}"
+subject = "gw.app"
+{sink_extra}
+"#,
+        server.url()
+    )
+}
+
+const SENT: &str = r#"updraft_sink_sent_records_total{sink="cloud",type="nats"}"#;
+
+#[test]
+fn tcp_to_jetstream_stores_1m_records_exactly_once() {
+    let server = Server::start("");
+    server.create_stream("GW", &["gw.>"]);
+    let src = free_addr();
+    let u_ = Updraft::start(&config(src, &server, ""));
+    send(
+        src,
+        &["--connections", "4", "--count", "1000000", "--size", "200"],
+    );
+    let n = server.wait_stream("GW", 1_000_000, Duration::from_secs(120));
+    assert_eq!(n, 1_000_000, "{}", u_.log_text());
+    assert_eq!(
+        u_.wait_metric(SENT, 1_000_000.0, Duration::from_secs(10)),
+        1_000_000.0
+    );
+}
+
+#[test]
+fn jetstream_with_a_disk_buffer_survives_kill_9_holding_every_record_once() {
+    const N: u64 = 300_000;
+    let server = Server::start("");
+    server.create_stream("GW", &["gw.>"]);
+    let src = free_addr();
+    // A small window, so the sink is still publishing when it is killed.
+    let mut u_ = Updraft::start(&config(
+        src,
+        &server,
+        "inflight = 4\n[sinks.cloud.buffer]\ntype = \"disk\"",
+    ));
+    send(
+        src,
+        &[
+            "--connections",
+            "2",
+            "--count",
+            &N.to_string(),
+            "--size",
+            "200",
+        ],
+    );
+    // Every record is in the disk buffer before the kill (TCP senders get
+    // no acknowledgement, so a kill while they send would lose what the
+    // kernel had taken: that is not what this test is about).
+    u_.wait_metric(
+        r#"updraft_sink_durable_records_total{sink="cloud",type="nats"}"#,
+        N as f64,
+        Duration::from_secs(30),
+    );
+    let before = server.stream_messages("GW");
+    u_.kill9();
+    assert!(
+        before > 0 && before < N,
+        "the kill must come while the sink publishes: the stream held {before} of {N}"
+    );
+    u_.restart();
+    let replayed =
+        u_.metric(r#"updraft_sink_wal_replayed_batches_total{sink="cloud",type="nats"}"#);
+    assert!(replayed > 0.0, "{}", u_.log_text());
+    // Every record once: the replay starts at the checkpoint, before what
+    // the stream already held, and its messages carry the same ids, so the
+    // stream's duplicate window drops those.
+    let n = server.wait_stream("GW", N, Duration::from_secs(60));
+    eprintln!("the stream held {before} at the kill; {replayed} batches replayed");
+    assert_eq!(n, N, "{}", u_.log_text());
+}
+
+#[test]
+fn a_server_stopped_for_ten_seconds_mid_stream_loses_nothing() {
+    let mut server = Server::start("");
+    server.create_stream("GW", &["gw.>"]);
+    let src = free_addr();
+    let u_ = Updraft::start(&config(
+        src,
+        &server,
+        "[sinks.cloud.retry]\ninitial_backoff_ms = 50\nmax_backoff_ms = 500",
+    ));
+    let sender = spawn_send(
+        src,
+        &[
+            "--connections",
+            "2",
+            "--count",
+            "200000",
+            "--size",
+            "200",
+            "--rate",
+            "20000",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    server.stop();
+    std::thread::sleep(Duration::from_secs(10));
+    server.run();
+    let out = sender.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let n = server.wait_stream("GW", 200_000, Duration::from_secs(60));
+    assert_eq!(n, 200_000, "{}", u_.log_text());
+    assert!(
+        u_.log_text().contains("connected to the server again"),
+        "{}",
+        u_.log_text()
+    );
+}
+
+#[test]
+fn a_subject_no_stream_captures_goes_to_dead_letters_with_the_reason() {
+    let server = Server::start("");
+    server.create_stream("GW", &["gw.>"]);
+    let src = free_addr();
+    let u_ = Updraft::start(&config(src, &server, "").replace("gw.app", "elsewhere.app"));
+    send(
+        src,
+        &["--connections", "1", "--count", "1000", "--size", "100"],
+    );
+    let dead = u_.wait_metric(
+        r#"updraft_sink_dead_letter_records_total{sink="cloud",type="nats"}"#,
+        1000.0,
+        Duration::from_secs(20),
+    );
+    assert_eq!(dead, 1000.0, "{}", u_.log_text());
+    assert_eq!(server.stream_messages("GW"), 0);
+    let dlq = u_.data_dir().join("dlq").join("cloud");
+    let notes: Vec<String> = std::fs::read_dir(&dlq)
+        .unwrap_or_else(|e| panic!("{}: {e}\n{}", dlq.display(), u_.log_text()))
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            (p.extension()? == "json").then(|| std::fs::read_to_string(p).unwrap())
+        })
+        .collect();
+    assert!(!notes.is_empty());
+    assert!(
+        notes
+            .iter()
+            .all(|n| n.contains("no stream captures the subject")),
+        "{notes:?}"
+    );
+    assert!(u_.log_text().contains("dead-letter"), "{}", u_.log_text());
+}
+
+#[test]
+fn a_bad_token_is_refused_with_a_clear_line_and_never_logged() {
+    let server = Server::start("authorization { token: \"right-token\" }");
+    std::env::set_var("UPDRAFT_TEST_NATS_TOKEN", "wrong-secret-token");
+    let src = free_addr();
+    let u_ = Updraft::start(&config(
+        src,
+        &server,
+        "token = \"${UPDRAFT_TEST_NATS_TOKEN}\"\njetstream = false",
+    ));
+    send(
+        src,
+        &["--connections", "1", "--count", "10", "--size", "100"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !u_.log_text().contains("refused the connection") {
+        assert!(Instant::now() < deadline, "{}", u_.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = u_.log_text();
+    assert!(log.contains("Authorization Violation"), "{log}");
+    assert!(log.contains(&server.url()), "{log}");
+    assert!(!log.contains("wrong-secret-token"), "{log}");
+    let metrics = crate::harness::http_get(u_.metrics, "/metrics").unwrap();
+    assert!(!metrics.contains("wrong-secret-token"));
+}
