@@ -422,3 +422,93 @@ max_backoff_ms = 200
 "#
     )
 }
+
+/// A server the test starts on loopback from a distribution package (a
+/// broker, a database): `program -c <config>` with its own directory, its
+/// stderr in `<name>.log` there. Stopped gracefully by [`stop`](Self::stop)
+/// (so it keeps what it stored), killed when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    program: &'static str,
+    name: &'static str,
+}
+
+impl Daemon {
+    /// Writes `config(dir)` to `<dir>/<name>.conf` and starts the server on it.
+    pub fn start(
+        program: &'static str,
+        name: &'static str,
+        addr: SocketAddr,
+        config: impl FnOnce(&std::path::Path) -> String,
+    ) -> Daemon {
+        assert!(
+            std::path::Path::new(program).exists(),
+            "{program} is installed (scripts/test.sh installs the Debian package)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let text = config(dir.path());
+        std::fs::write(dir.path().join(format!("{name}.conf")), text).unwrap();
+        let mut d = Daemon {
+            child: None,
+            addr,
+            dir,
+            program,
+            name,
+        };
+        d.run();
+        d
+    }
+
+    /// Starts the server (again) and waits until it listens.
+    pub fn run(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", self.name)))
+            .unwrap();
+        self.child = Some(
+            Command::new(self.program)
+                .arg("-c")
+                .arg(self.dir.path().join(format!("{}.conf", self.name)))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(self.addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not listen on {}",
+                self.program,
+                self.addr
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the server gracefully (SIGTERM; it keeps what it stored).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.name)))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

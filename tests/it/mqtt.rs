@@ -1,10 +1,9 @@
 //! The mqtt sink against a real broker: Debian's mosquitto, started by each
 //! test on loopback with its own config, port and persistence directory.
 
-use crate::harness::{free_addr, send, spawn_send, u, Receiver, Updraft};
+use crate::harness::{free_addr, send, spawn_send, u, Daemon, Receiver, Updraft};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
@@ -12,107 +11,51 @@ const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 /// A mosquitto broker on loopback that keeps its state on disk (so a
 /// graceful restart keeps what it acknowledged and queued).
 pub struct Broker {
-    child: Option<Child>,
+    d: Daemon,
     pub addr: SocketAddr,
-    dir: tempfile::TempDir,
-    conf: PathBuf,
 }
 
 impl Broker {
     /// `extra` is appended to the config (e.g. a password file).
     pub fn start(extra: &str) -> Broker {
-        assert!(
-            std::path::Path::new(MOSQUITTO).exists(),
-            "mosquitto is installed (scripts/test.sh installs the Debian package)"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        // mosquitto started as root drops to its own user: it must be able
-        // to write its database here.
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-            .unwrap();
         let addr = free_addr();
-        let conf = dir.path().join("mosquitto.conf");
         let anonymous = if extra.contains("password_file") {
             "false"
         } else {
             "true"
         };
-        std::fs::write(
-            &conf,
+        let d = Daemon::start(MOSQUITTO, "mosquitto", addr, |dir| {
+            // mosquitto started as root drops to its own user: it must be
+            // able to write its database here.
+            let data = dir.join("data");
+            std::fs::create_dir(&data).unwrap();
+            std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+                .unwrap();
             format!(
                 "listener {} 127.0.0.1\nallow_anonymous {anonymous}\npersistence true\npersistence_location {}/\nautosave_interval 0\nmax_queued_messages 0\nmax_inflight_messages 100\nlog_dest stderr\n{extra}\n",
                 addr.port(),
                 data.display()
-            ),
-        )
-        .unwrap();
-        let mut b = Broker {
-            child: None,
-            addr,
-            dir,
-            conf,
-        };
-        b.run();
-        b
-    }
-
-    fn run(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("mosquitto.log"))
-            .unwrap();
-        self.child = Some(
-            Command::new(MOSQUITTO)
-                .arg("-c")
-                .arg(&self.conf)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::net::TcpStream::connect(self.addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto did not listen on {}",
-                self.addr
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            )
+        });
+        Broker { d, addr }
     }
 
     /// Stops the broker gracefully (it saves its database).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
-        }
+        self.d.stop();
     }
 
     pub fn restart(&mut self) {
-        self.stop();
-        self.run();
+        self.d.stop();
+        self.d.run();
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+        self.d.log_text()
     }
 
     pub fn url(&self) -> String {
         format!("mqtt://{}", self.addr)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 

@@ -3,86 +3,41 @@
 //! store directory; the streams are made and counted over the server's own
 //! JetStream API by a small client here.
 
-use crate::harness::{free_addr, send, spawn_send, Updraft};
+use crate::harness::{free_addr, send, spawn_send, Daemon, Updraft};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const NATS_SERVER: &str = "/usr/sbin/nats-server";
 
-/// A nats-server with JetStream on loopback, its store in a temporary
-/// directory (kept across a restart).
+/// A nats-server with JetStream on loopback, its store in its directory
+/// (kept across a restart).
 pub struct Server {
-    child: Option<Child>,
+    d: Daemon,
     pub addr: SocketAddr,
-    dir: tempfile::TempDir,
-    conf: PathBuf,
 }
 
 impl Server {
     /// `extra` is appended to the config (e.g. an `authorization` block).
     pub fn start(extra: &str) -> Server {
-        assert!(
-            std::path::Path::new(NATS_SERVER).exists(),
-            "nats-server is installed (scripts/test.sh installs the Debian package)"
-        );
-        let dir = tempfile::tempdir().unwrap();
         let addr = free_addr();
-        let conf = dir.path().join("nats.conf");
-        std::fs::write(
-            &conf,
+        let d = Daemon::start(NATS_SERVER, "nats", addr, |dir| {
             format!(
                 "listen: {addr}\njetstream {{ store_dir: \"{}\" }}\n{extra}\n",
-                dir.path().join("js").display()
-            ),
-        )
-        .unwrap();
-        let mut s = Server {
-            child: None,
-            addr,
-            dir,
-            conf,
-        };
-        s.run();
-        s
-    }
-
-    fn run(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("nats.log"))
-            .unwrap();
-        self.child = Some(
-            Command::new(NATS_SERVER)
-                .arg("-c")
-                .arg(&self.conf)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(self.addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not listen on {}",
-                self.addr
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+                dir.join("js").display()
+            )
+        });
+        Server { d, addr }
     }
 
     /// Stops the server gracefully (its stream store stays).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
-        }
+        self.d.stop();
+    }
+
+    pub fn run(&mut self) {
+        self.d.run();
     }
 
     pub fn url(&self) -> String {
@@ -150,15 +105,6 @@ impl Server {
                 return self.stream_messages(name);
             }
             std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
         }
     }
 }
