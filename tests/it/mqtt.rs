@@ -1,7 +1,7 @@
 //! The mqtt sink against a real broker: Debian's mosquitto, started by each
 //! test on loopback with its own config, port and persistence directory.
 
-use crate::harness::{free_addr, send, spawn_send, u, Daemon, Receiver, Updraft};
+use crate::harness::{free_addr, pki, send, spawn_send, u, Daemon, Receiver, Updraft};
 use std::net::SocketAddr;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -381,39 +381,6 @@ uri = "http://{sink}/ingest"
     assert_eq!((u(&r, "unique"), u(&r, "duplicates")), (100_000, 0), "{r}");
     drop(u_);
     // tcp source -> mqtt sink is tcp_to_mqtt_carries_every_record_once_over_3_1_1_and_5.
-}
-
-/// A CA and, signed by it, a certificate for 127.0.0.1 and a client
-/// certificate: (ca, cert, key, client cert, client key) files in `dir`.
-fn pki(dir: &std::path::Path, name: &str) -> [String; 5] {
-    let write = |file: &str, pem: &str| {
-        let p = dir.join(format!("{name}-{file}"));
-        std::fs::write(&p, pem).unwrap();
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-        p.display().to_string()
-    };
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, format!("updraft test CA {name}"));
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-    let server_key = rcgen::KeyPair::generate().unwrap();
-    let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key).unwrap();
-    let mut client = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    client
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "gateway-7");
-    let client_key = rcgen::KeyPair::generate().unwrap();
-    let client_cert = client.signed_by(&client_key, &ca_cert, &ca_key).unwrap();
-    [
-        write("ca.pem", &ca_cert.pem()),
-        write("cert.pem", &server_cert.pem()),
-        write("key.pem", &server_key.serialize_pem()),
-        write("client-cert.pem", &client_cert.pem()),
-        write("client-key.pem", &client_key.serialize_pem()),
-    ]
 }
 
 #[test]

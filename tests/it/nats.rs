@@ -3,7 +3,7 @@
 //! store directory; the streams are made and counted over the server's own
 //! JetStream API by a small client here.
 
-use crate::harness::{free_addr, send, spawn_send, Daemon, Updraft};
+use crate::harness::{free_addr, pki, send, spawn_send, Daemon, Updraft};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -16,7 +16,12 @@ const NATS_SERVER: &str = "/usr/sbin/nats-server";
 pub struct Server {
     d: Daemon,
     pub addr: SocketAddr,
+    /// How the test's own client speaks TLS to a server that requires it.
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
+
+trait Rw: Read + Write {}
+impl<T: Read + Write> Rw for T {}
 
 impl Server {
     /// `extra` is appended to the config (e.g. an `authorization` block).
@@ -28,7 +33,13 @@ impl Server {
                 dir.join("js").display()
             )
         });
-        Server { d, addr }
+        Server { d, addr, tls: None }
+    }
+
+    /// The test's client speaks TLS with `config` to this server.
+    pub fn with_client_tls(mut self, config: std::sync::Arc<rustls::ClientConfig>) -> Server {
+        self.tls = Some(config);
+        self
     }
 
     /// Stops the server gracefully (its stream store stays).
@@ -46,25 +57,40 @@ impl Server {
 
     /// A JetStream API request (`$JS.API.<api>`) and its JSON answer.
     pub fn api(&self, api: &str, body: &str, token: Option<&str>) -> Value {
-        let s = TcpStream::connect(self.addr).unwrap();
+        let mut s = TcpStream::connect(self.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
-        let mut w = s;
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        assert!(line.starts_with("INFO"), "{line}");
+        // INFO comes in the clear, byte by byte so as not to read past it.
+        let mut info = Vec::new();
+        let mut b = [0u8; 1];
+        while !info.ends_with(b"\r\n") {
+            s.read_exact(&mut b).unwrap();
+            info.push(b[0]);
+        }
+        assert!(info.starts_with(b"INFO"), "{info:?}");
+        let stream: Box<dyn Rw> = match &self.tls {
+            Some(c) => {
+                let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+                let conn = rustls::ClientConnection::new(c.clone(), name).unwrap();
+                Box::new(rustls::StreamOwned::new(conn, s))
+            }
+            None => Box::new(s),
+        };
+        let mut r = BufReader::new(stream);
         let auth = token.map_or(String::new(), |t| format!(",\"auth_token\":\"{t}\""));
+        let tls = self.tls.is_some();
         write!(
-            w,
-            "CONNECT {{\"verbose\":false,\"headers\":true,\"no_responders\":true{auth}}}\r\nSUB _INBOX.test.* 1\r\nPUB $JS.API.{api} _INBOX.test.1 {}\r\n{body}\r\n",
+            r.get_mut(),
+            "CONNECT {{\"verbose\":false,\"headers\":true,\"no_responders\":true,\"tls_required\":{tls}{auth}}}\r\nSUB _INBOX.test.* 1\r\nPUB $JS.API.{api} _INBOX.test.1 {}\r\n{body}\r\n",
             body.len()
         )
         .unwrap();
+        r.get_mut().flush().unwrap();
+        let mut line = String::new();
         loop {
             line.clear();
             r.read_line(&mut line).unwrap();
             if line.starts_with("PING") {
-                w.write_all(b"PONG\r\n").unwrap();
+                r.get_mut().write_all(b"PONG\r\n").unwrap();
                 continue;
             }
             assert!(line.starts_with("MSG"), "{line}");
@@ -297,4 +323,59 @@ fn a_bad_token_is_refused_with_a_clear_line_and_never_logged() {
     assert!(!log.contains("wrong-secret-token"), "{log}");
     let metrics = crate::harness::http_get(u_.metrics, "/metrics").unwrap();
     assert!(!metrics.contains("wrong-secret-token"));
+}
+
+#[test]
+fn jetstream_over_tls_with_a_client_certificate_the_server_requires() {
+    let dir = tempfile::tempdir().unwrap();
+    let [ca, cert, key, client_cert, client_key] = pki(dir.path(), "nats");
+    let server = Server::start(&format!(
+        "tls {{\n  cert_file: \"{cert}\"\n  key_file: \"{key}\"\n  ca_file: \"{ca}\"\n  verify: true\n}}"
+    ))
+    .with_client_tls(
+        updraft::tls::client_config(
+            "test",
+            Some(std::path::Path::new(&ca)),
+            true,
+            Some((
+                std::path::Path::new(&client_cert),
+                std::path::Path::new(&client_key),
+            )),
+        )
+        .unwrap(),
+    );
+    server.create_stream("GW", &["gw.>"]);
+    let tls_table = format!(
+        "[sinks.cloud.tls]\nca_file = \"{ca}\"\ncert_file = \"{client_cert}\"\nkey_file = \"{client_key}\""
+    );
+    // nats:// to a server that requires TLS: the sink starts TLS after the
+    // server's INFO.
+    let src = free_addr();
+    let u_ = Updraft::start(&config(src, &server, &tls_table));
+    send(
+        src,
+        &["--connections", "2", "--count", "50000", "--size", "200"],
+    );
+    let n = server.wait_stream("GW", 50_000, Duration::from_secs(30));
+    assert_eq!(n, 50_000, "{}", u_.log_text());
+    drop(u_);
+    // Without the client certificate the server refuses the handshake:
+    // logged, nothing stored, the sink keeps trying.
+    let src = free_addr();
+    let bad = Updraft::start(&config(
+        src,
+        &server,
+        &format!("[sinks.cloud.tls]\nca_file = \"{ca}\""),
+    ));
+    send(
+        src,
+        &["--connections", "1", "--count", "10", "--size", "100"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !bad.log_text().contains("TLS") {
+        assert!(Instant::now() < deadline, "{}", bad.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(bad.log_text().contains(&server.url()), "{}", bad.log_text());
+    assert_eq!(server.stream_messages("GW"), 50_000);
 }
