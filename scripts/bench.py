@@ -778,6 +778,106 @@ def mqtt_bench(a, tmp, log):
             log(median_run(runs))
 
 
+# --- NATS JetStream -------------------------------------------------------------
+
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+
+def nats_api(port, api, body=""):
+    """A JetStream API request over a plain socket; its JSON answer."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    f = s.makefile("rb")
+    f.readline()  # INFO
+    b = body.encode()
+    s.sendall(b'CONNECT {"verbose":false,"headers":true,"no_responders":true}\r\nSUB _INBOX.b.* 1\r\n'
+              + f"PUB $JS.API.{api} _INBOX.b.1 {len(b)}\r\n".encode() + b + b"\r\n")
+    while True:
+        line = f.readline()
+        if line.startswith(b"PING"):
+            s.sendall(b"PONG\r\n")
+            continue
+        n = int(line.split()[-1])
+        data = f.read(n + 2)[:n]
+        s.close()
+        return json.loads(data)
+
+
+def nats_stream_messages(port):
+    return nats_api(port, "STREAM.INFO.GW")["state"]["messages"]
+
+
+def nats_run(tmp, who, n, size=256, conns=4):
+    """One run into a fresh JetStream stream: the ceiling (the load
+    generator publishing to the server itself, a window of 1,000 PubAcks
+    per connection) or updraft (the load generator over tcp to a tcp
+    source -> nats sink, memory buffer). Throughput: messages stored over
+    the time from the first send until the stream holds them all."""
+    port = free_port()
+    store = os.path.join(tmp, "js")
+    shutil.rmtree(store, ignore_errors=True)
+    conf = os.path.join(tmp, "nats.conf")
+    with open(conf, "w") as f:
+        f.write(f'listen: 127.0.0.1:{port}\njetstream {{ store_dir: "{store}" }}\n')
+    server = Collector([NATS_SERVER, "-c", conf], port, log=os.path.join(tmp, "nats.log"))
+    procs = [server]
+    try:
+        v = nats_api(port, "STREAM.CREATE.GW", json.dumps({"name": "GW", "subjects": ["gw.>"], "storage": "file"}))
+        if "error" in v:
+            raise RuntimeError(f"stream: {v}")
+        cpu = rss = None
+        t0 = time.time()
+        if who == "ceiling":
+            subprocess.run([LOADGEN, "send", "--proto", "nats", "--target", f"127.0.0.1:{port}",
+                            "--topic", "gw.lg.{stream}", "--connections", str(conns), "--count", str(n),
+                            "--size", str(size), "--json"], capture_output=True, text=True, check=True, timeout=300)
+        else:
+            mport, src = free_port(), free_port()
+            cfg = os.path.join(tmp, "nats-sink.toml")
+            with open(cfg, "w") as f:
+                f.write(f"""shards = 2
+data_dir = "{os.path.join(tmp, 'data')}"
+[metrics]
+address = "127.0.0.1:{mport}"
+[sources.app]
+type = "tcp"
+address = "127.0.0.1:{src}"
+[sinks.js]
+type = "nats"
+inputs = ["app"]
+url = "nats://127.0.0.1:{port}"
+subject = "gw.app"
+""")
+            c = Collector([UPDRAFT, "run", "--config", cfg], src, mport, log=os.path.join(tmp, "u.log"))
+            procs.append(c)
+            t0 = time.time()
+            send(src, "tcp", conns, n, size)
+        deadline = time.time() + 300
+        while nats_stream_messages(port) < n and time.time() < deadline:
+            time.sleep(0.05)
+        took = time.time() - t0
+        stored = nats_stream_messages(port)
+        if who != "ceiling":
+            cpu, rss = procs[-1].usage()
+        return row("->nats jetstream", who, size, conns,
+                   2 if who != "ceiling" else 0, stored / took, None, cpu, rss, n, max(0, n - stored),
+                   max(0, stored - n), note=f"{stored} stored in {took:.2f} s")
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        shutil.rmtree(os.path.join(tmp, "data"), ignore_errors=True)
+
+
+NATS_RUNS = 3
+
+
+def nats_bench(a, tmp, log):
+    n = a.count or 500_000
+    print(f"nats JetStream, 256 B, 4 connections, {n} messages (median of {NATS_RUNS})", flush=True)
+    for who in ("ceiling", "updraft"):
+        runs = [nats_run(tmp, who, n) for _ in range(NATS_RUNS)]
+        log(median_run(runs))
+
+
 # --- two builds side by side ---------------------------------------------------
 
 def against(a, tmp):
@@ -854,7 +954,7 @@ def main():
     ap.add_argument("--count", type=int, default=0,
                     help="records per TCP run (default: about a second at the ceiling); "
                          "longer runs show steady state rather than start-up")
-    ap.add_argument("--only", choices=["all", "http", "disk", "mqtt"], default="all",
+    ap.add_argument("--only", choices=["all", "http", "disk", "mqtt", "nats"], default="all",
                     help="http or disk: only 256 B x 4 connections, the ceilings, memory mode and that scenario")
     ap.add_argument("--against", metavar="BIN",
                     help="compare with another updraft binary: tcp->tcp and tcp->http, memory and disk, "
@@ -904,6 +1004,9 @@ def main():
     try:
         if a.only == "mqtt":
             mqtt_bench(a, tmp, log)
+            raise StopIteration
+        if a.only == "nats":
+            nats_bench(a, tmp, log)
             raise StopIteration
         for size in sizes:
             for conns in conns_list:

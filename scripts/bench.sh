@@ -9,6 +9,8 @@
 # this build against another, tcp->tcp and tcp->http, memory and disk, in
 # alternating pairs (bench-results/against.md). `--only mqtt`: the MQTT
 # ceiling, mosquitto's bridge and updraft between two brokers, QoS 0 and 1.
+# `--only nats`: tcp -> nats (JetStream) beside the load generator publishing
+# to the same server.
 # Results: bench-results/{results.json,results.md,throughput.png,latency.png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +25,10 @@ if [ ! -x /usr/sbin/mosquitto ]; then
 fi
 if ! python3 -c 'import matplotlib' 2>/dev/null; then
     python3 -m pip install --quiet matplotlib
+fi
+if [ ! -x /usr/sbin/nats-server ]; then
+    # --only nats: JetStream.
+    as_root apt-get update -qq && as_root env RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nats-server
 fi
 cargo build --release --bins
 exec python3 scripts/bench.py "$@"

@@ -174,15 +174,16 @@ fn tcp_to_jetstream_stores_1m_records_exactly_once() {
 
 #[test]
 fn jetstream_with_a_disk_buffer_survives_kill_9_holding_every_record_once() {
-    const N: u64 = 300_000;
+    const N: u64 = 100_000;
     let server = Server::start("");
     server.create_stream("GW", &["gw.>"]);
     let src = free_addr();
-    // A small window, so the sink is still publishing when it is killed.
+    // One message in flight: the sink publishes far slower than the disk
+    // buffer fills, so it is still at it when killed.
     let mut u_ = Updraft::start(&config(
         src,
         &server,
-        "inflight = 4\n[sinks.cloud.buffer]\ntype = \"disk\"",
+        "inflight = 1\n[sinks.cloud.buffer]\ntype = \"disk\"",
     ));
     send(
         src,
@@ -203,15 +204,18 @@ fn jetstream_with_a_disk_buffer_survives_kill_9_holding_every_record_once() {
         N as f64,
         Duration::from_secs(30),
     );
-    let before = server.stream_messages("GW");
     u_.kill9();
+    let before = server.stream_messages("GW");
     assert!(
         before > 0 && before < N,
         "the kill must come while the sink publishes: the stream held {before} of {N}"
     );
     u_.restart();
-    let replayed =
-        u_.metric(r#"updraft_sink_wal_replayed_batches_total{sink="cloud",type="nats"}"#);
+    let replayed = u_.wait_metric(
+        r#"updraft_sink_wal_replayed_batches_total{sink="cloud",type="nats"}"#,
+        1.0,
+        Duration::from_secs(10),
+    );
     assert!(replayed > 0.0, "{}", u_.log_text());
     // Every record once: the replay starts at the checkpoint, before what
     // the stream already held, and its messages carry the same ids, so the

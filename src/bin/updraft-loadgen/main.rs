@@ -24,6 +24,7 @@
 
 mod http;
 mod mqtt;
+mod nats;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -59,6 +60,9 @@ enum Proto {
     /// `send`: publish to the broker at `--target`; `receive`: subscribe
     /// at the broker at `--listen`.
     Mqtt,
+    /// `send` only: publish to the NATS server at `--target` (JetStream
+    /// unless `--nats-core`).
+    Nats,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
@@ -129,6 +133,10 @@ struct SendArgs {
     /// `--proto mqtt`: "3.1.1" or "5".
     #[arg(long, default_value = "3.1.1")]
     mqtt_version: String,
+    /// `--proto nats`: core NATS (plain PUB, no acknowledgements) instead
+    /// of JetStream.
+    #[arg(long)]
+    nats_core: bool,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -354,12 +362,17 @@ fn send(a: SendArgs) -> Result<()> {
             qos: a.qos,
             version: a.mqtt_version.clone(),
         };
+        let nats_pub = nats::Publisher {
+            subject: a.topic.replace("{stream}", &stream.to_string()),
+            jetstream: !a.nats_core,
+        };
         threads.push(std::thread::spawn(move || -> Result<()> {
             match proto {
                 Proto::Tcp => send_tcp(target, stream, count, size, framing, rate, &progress),
                 Proto::Udp => send_udp(target, stream, count, size, rate, &progress),
                 Proto::Mqtt => pubs.send(target, stream, count, size, rate, &progress),
-                Proto::Http => bail!("send speaks tcp, udp or mqtt; http is for receive"),
+                Proto::Nats => nats_pub.send(target, stream, count, size, rate, &progress),
+                Proto::Http => bail!("send speaks tcp, udp, mqtt or nats; http is for receive"),
             }
         }));
     }
@@ -569,7 +582,7 @@ const RELAY_BUFFER_BYTES: usize = 1 << 20;
 
 fn relay(a: RelayArgs) -> Result<()> {
     match a.proto {
-        Proto::Http | Proto::Mqtt => bail!("relay speaks tcp or udp"),
+        Proto::Http | Proto::Mqtt | Proto::Nats => bail!("relay speaks tcp or udp"),
         Proto::Tcp => {
             let listener = bind_tcp(a.listen)?;
             listener.set_nonblocking(false)?;
@@ -962,6 +975,7 @@ fn receive(a: ReceiveArgs) -> Result<bool> {
                 mqtt_stats = Some(stats.clone());
                 mqtt::start(listen, a.mqtt.clone(), tracker, stop, stats)?
             }
+            Proto::Nats => bail!("receive speaks tcp, udp, http or mqtt; nats is for send"),
             Proto::Http => {
                 let l = bind_tcp(listen)?;
                 let ep = Arc::new(http::Endpoint::new(a.http.clone(), tracker)?);
