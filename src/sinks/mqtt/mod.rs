@@ -9,8 +9,8 @@
 //! never reused while its message is unacknowledged. A refusal of the
 //! connection (CONNACK) is logged with the broker's address and reason, and
 //! retried; an MQTT 5 PUBACK with a failure reason refuses that message for
-//! good: it is dropped and counted
-//! (`updraft_sink_buffer_dropped_records_total`) with the reason logged.
+//! good: it is not sent again, and goes to the dead-letter directory with
+//! the reason (`updraft_sink_dead_letter_records_total`).
 
 use super::util::publisher::{Answer, Opened, Protocol, Publisher};
 use super::util::template::Template;
