@@ -146,13 +146,16 @@ fn a_broker_stopped_for_ten_seconds_mid_stream_loses_nothing() {
         u(&r["mqtt"], "connects") >= 2,
         "the receiver saw the outage: {r}"
     );
-    // Resent messages are the ones unacknowledged when the broker went:
-    // at most the in-flight window per shard.
-    assert!(u(&r, "duplicates") <= 2 * 1000, "{r}");
+    // Resent messages are the ones unacknowledged when a connection broke:
+    // at most the in-flight window per shard each time a shard connected
+    // again (a connection taken while the broker restarts can break too),
+    // and the receiver's own window, which the broker sends it again.
+    let log = u_.log_text();
+    let reconnects = log.matches("connected to the broker again").count() as u64;
+    assert!(reconnects >= 1, "{log}");
     assert!(
-        u_.log_text().contains("connected to the broker again"),
-        "{}",
-        u_.log_text()
+        u(&r, "duplicates") <= reconnects * 1000 + 100,
+        "{reconnects} reconnects: {r}"
     );
     assert!(u_.metric(r#"updraft_sink_send_errors_total{sink="cloud",type="mqtt"}"#) > 0.0);
 }
