@@ -40,6 +40,7 @@ pub mod limiter;
 pub mod logging;
 pub mod metrics;
 pub mod mqtt;
+pub mod native;
 pub mod nats;
 pub mod pipeline;
 pub mod record;

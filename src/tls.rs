@@ -1,7 +1,9 @@
 //! TLS for the collector's client connections (the http sink, MQTT), with
 //! rustls: the keys a user writes (`tls.ca_file`, `tls.cert_file` and
 //! `tls.key_file` for a client certificate, `tls.verify`) and the client
-//! configuration they become, checked at start. The connections drive
+//! configuration they become, checked at start; and for the one server
+//! (the `updraft` source: its certificate and key, and optionally the CA
+//! its clients' certificates must chain to). The connections drive
 //! rustls over their own io_uring sockets (rustls is sans-I/O).
 
 use crate::config::{invalid, ConfigError};
@@ -246,6 +248,88 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// The PEM certificates in `path` (an error names `key` and the file).
+fn pem_certs(
+    key: &str,
+    path: &Path,
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, ConfigError> {
+    use rustls_pki_types::pem::PemObject;
+    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            invalid(
+                key,
+                format!("{}: not a PEM certificate: {e}", path.display()),
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(invalid(
+            key,
+            format!("{} holds no certificate", path.display()),
+        ));
+    }
+    Ok(certs)
+}
+
+/// A rustls server configuration from a source's `tls` table (`key`
+/// names it): `cert_file` and `key_file` (required), and `ca_file`, which
+/// makes a client certificate signed by one of its CAs required.
+pub fn server_config(key: &str, t: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
+    use rustls_pki_types::pem::PemObject;
+    let (Some(cert), Some(key_file)) = (&t.cert_file, &t.key_file) else {
+        return Err(invalid(
+            format!("{key}.cert_file"),
+            "a TLS server needs its cert_file and key_file",
+        ));
+    };
+    if t.verify.is_some() {
+        return Err(invalid(
+            format!("{key}.verify"),
+            "a server does not verify; set ca_file to require client certificates",
+        ));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(key, format!("TLS setup: {e}")))?;
+    let builder = match &t.ca_file {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in pem_certs(&format!("{key}.ca_file"), ca)? {
+                roots.add(c).map_err(|e| {
+                    invalid(
+                        format!("{key}.ca_file"),
+                        format!("{}: unusable CA certificate: {e}", ca.display()),
+                    )
+                })?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| invalid(format!("{key}.ca_file"), format!("TLS setup: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let chain = pem_certs(&format!("{key}.cert_file"), cert)?;
+    let private = rustls_pki_types::PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
+        invalid(
+            format!("{key}.key_file"),
+            format!("{}: not a PEM private key: {e}", key_file.display()),
+        )
+    })?;
+    let config = builder.with_single_cert(chain, private).map_err(|e| {
+        invalid(
+            key,
+            format!("the certificate and key do not go together: {e}"),
+        )
+    })?;
+    Ok(Arc::new(config))
+}
+
 /// `tls.verify = false`: accepts any certificate (signatures on the
 /// handshake are still checked, so the session keys are the server's).
 #[derive(Debug)]
@@ -303,13 +387,14 @@ pub type ClientTls = (
     rustls_pki_types::ServerName<'static>,
 );
 
-/// A client connection, plain TCP or TLS, over the shard's io_uring: one
+/// A connection, plain TCP or TLS (as a client, or as a server for the
+/// native protocol's source), over the shard's io_uring: one
 /// task may read while another writes (neither holds the TLS state across
 /// an await). Only the writer writes to the socket: what TLS itself has to
 /// send while reading goes out with the next write.
 pub struct Link {
     stream: tokio_uring::net::TcpStream,
-    tls: Option<std::cell::RefCell<rustls::ClientConnection>>,
+    tls: Option<std::cell::RefCell<rustls::Connection>>,
     /// Ciphertext on its way out (the writer's) and in (the reader's).
     out: std::cell::Cell<Vec<u8>>,
     inb: std::cell::Cell<Vec<u8>>,
@@ -343,11 +428,39 @@ impl Link {
         })
     }
 
+    /// An accepted connection, plain until [`Link::accept_tls`].
+    pub fn from_stream(stream: tokio_uring::net::TcpStream) -> Link {
+        Link {
+            stream,
+            tls: None,
+            out: std::cell::Cell::new(Vec::new()),
+            inb: std::cell::Cell::new(Vec::new()),
+        }
+    }
+
+    /// The socket back (the connection's owner closes it).
+    pub fn into_stream(self) -> tokio_uring::net::TcpStream {
+        self.stream
+    }
+
     /// Starts TLS on a plain connection and completes the handshake.
     pub async fn start_tls(mut self, (config, name): &ClientTls) -> Result<Link, String> {
         let conn = rustls::ClientConnection::new(config.clone(), name.clone())
             .map_err(|e| format!("TLS: {e}"))?;
-        self.tls = Some(std::cell::RefCell::new(conn));
+        self.tls = Some(std::cell::RefCell::new(conn.into()));
+        self.handshake().await?;
+        Ok(self)
+    }
+
+    /// Serves TLS on an accepted connection and completes the handshake.
+    pub async fn accept_tls(&mut self, config: &Arc<rustls::ServerConfig>) -> Result<(), String> {
+        let conn =
+            rustls::ServerConnection::new(config.clone()).map_err(|e| format!("TLS: {e}"))?;
+        self.tls = Some(std::cell::RefCell::new(conn.into()));
+        self.handshake().await
+    }
+
+    async fn handshake(&self) -> Result<(), String> {
         let link = self;
         if let Some(t) = &link.tls {
             while t.borrow().is_handshaking() {
@@ -364,7 +477,7 @@ impl Link {
             }
             link.flush().await.map_err(|e| format!("TLS: {e}"))?;
         }
-        Ok(link)
+        Ok(())
     }
 
     pub fn fd(&self) -> std::os::fd::RawFd {

@@ -126,6 +126,8 @@ pub enum SourceKind {
     Udp,
     /// Subscribes at a broker (no socket of its own to bind).
     Mqtt,
+    /// Takes batches from other updrafts (the native protocol).
+    Updraft,
 }
 
 impl SourceKind {
@@ -134,13 +136,15 @@ impl SourceKind {
             SourceKind::Tcp => "tcp",
             SourceKind::Udp => "udp",
             SourceKind::Mqtt => "mqtt",
+            SourceKind::Updraft => "updraft",
         }
     }
 
     /// Whether the kind's records can carry `field` as meta.
     pub fn supplies(self, field: Field) -> bool {
         match field {
-            Field::Topic => self == SourceKind::Mqtt,
+            // A sender's records keep the meta they came with.
+            Field::Topic => matches!(self, SourceKind::Mqtt | SourceKind::Updraft),
         }
     }
 }
@@ -199,9 +203,24 @@ pub struct SourceConfig {
     pub username: Option<String>,
     pub password: Option<String>,
     pub keep_alive_s: Option<u16>,
-    /// mqtt (mqtts://): trusted CAs, a client certificate.
+    /// mqtt (mqtts://): trusted CAs, a client certificate; updraft: the
+    /// server's certificate and key, and the CA clients must show a
+    /// certificate of.
     pub tls: Option<crate::tls::TlsConfig>,
+    /// updraft: the longest batch frame taken from a sender.
+    pub max_frame_bytes: Option<usize>,
 }
+
+/// An updraft source's keys, resolved.
+#[derive(Debug, Clone)]
+pub struct NativeSourcePlan {
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    pub max_frame_bytes: u32,
+}
+
+/// The longest frame an updraft source takes by default, and at most.
+pub const MAX_FRAME_BYTES_DEFAULT: usize = 64 * 1024 * 1024;
+pub const MAX_FRAME_BYTES_LIMIT: usize = 512 * 1024 * 1024;
 
 /// An mqtt source's subscription, resolved.
 #[derive(Debug, Clone)]
@@ -342,6 +361,8 @@ pub struct SourcePlan {
     pub idle_timeout_ms: u64,
     /// mqtt: the broker and the subscription (`address` is the broker's).
     pub mqtt: Option<MqttSourcePlan>,
+    /// updraft: TLS and the frame bound.
+    pub native: Option<NativeSourcePlan>,
     /// Ids of the sinks that list this source in `inputs`.
     pub sinks: Vec<usize>,
     /// What the source attaches to its records as meta because a sink of
@@ -440,6 +461,40 @@ pub fn expand_env(v: &str) -> Result<String, String> {
 }
 
 /// Checks and resolves an mqtt source's keys.
+/// Resolves an updraft source's own keys.
+fn native_source(name: &str, s: &SourceConfig) -> Result<NativeSourcePlan, ConfigError> {
+    let key = |k: &str| format!("sources.{name}.{k}");
+    let mqtt_only = [
+        ("url", s.url.is_some()),
+        ("topics", s.topics.is_some()),
+        ("qos", s.qos.is_some()),
+        ("protocol", s.protocol.is_some()),
+        ("client_id", s.client_id.is_some()),
+        ("clean_session", s.clean_session.is_some()),
+        ("username", s.username.is_some()),
+        ("password", s.password.is_some()),
+        ("keep_alive_s", s.keep_alive_s.is_some()),
+    ];
+    if let Some((k, _)) = mqtt_only.iter().find(|(_, set)| *set) {
+        return Err(invalid(key(k), "only an mqtt source takes this key"));
+    }
+    let max_frame_bytes = s.max_frame_bytes.unwrap_or(MAX_FRAME_BYTES_DEFAULT);
+    if !(4096..=MAX_FRAME_BYTES_LIMIT).contains(&max_frame_bytes) {
+        return Err(invalid(
+            key("max_frame_bytes"),
+            format!("must be between 4096 and {MAX_FRAME_BYTES_LIMIT}, got {max_frame_bytes}"),
+        ));
+    }
+    let tls = match &s.tls {
+        None => None,
+        Some(t) => Some(crate::tls::server_config(&key("tls"), t)?),
+    };
+    Ok(NativeSourcePlan {
+        tls,
+        max_frame_bytes: max_frame_bytes as u32,
+    })
+}
+
 fn mqtt_source(name: &str, s: &SourceConfig) -> Result<MqttSourcePlan, ConfigError> {
     let key = |k: &str| format!("sources.{name}.{k}");
     let url = s
@@ -596,8 +651,13 @@ impl Plan {
         let mut sources = Vec::with_capacity(file.sources.len());
         for (name, s) in &file.sources {
             let key = |k: &str| format!("sources.{name}.{k}");
+            let mut native = None;
             let mqtt = match s.kind {
                 SourceKind::Mqtt => Some(mqtt_source(name, s)?),
+                SourceKind::Updraft => {
+                    native = Some(native_source(name, s)?);
+                    None
+                }
                 _ => {
                     let mqtt_only = [
                         ("url", s.url.is_some()),
@@ -610,9 +670,17 @@ impl Plan {
                         ("password", s.password.is_some()),
                         ("keep_alive_s", s.keep_alive_s.is_some()),
                         ("tls", s.tls.is_some()),
+                        ("max_frame_bytes", s.max_frame_bytes.is_some()),
                     ];
                     if let Some((k, _)) = mqtt_only.iter().find(|(_, set)| *set) {
-                        return Err(invalid(key(k), "only an mqtt source takes this key"));
+                        let who = if *k == "tls" {
+                            "an mqtt or updraft source"
+                        } else if *k == "max_frame_bytes" {
+                            "an updraft source"
+                        } else {
+                            "an mqtt source"
+                        };
+                        return Err(invalid(key(k), format!("only {who} takes this key")));
                     }
                     None
                 }
@@ -629,7 +697,7 @@ impl Plan {
                 (None, None) => {
                     return Err(invalid(
                         key("address"),
-                        "a tcp or udp source needs an address (IP:PORT)",
+                        "a tcp, udp or updraft source needs an address (IP:PORT)",
                     ))
                 }
             };
@@ -639,6 +707,13 @@ impl Plan {
                     return Err(invalid(
                         key("framing"),
                         "an mqtt source takes one record per message",
+                    ))
+                }
+                (SourceKind::Updraft, None) => Framing::Datagram,
+                (SourceKind::Updraft, Some(_)) => {
+                    return Err(invalid(
+                        key("framing"),
+                        "an updraft source takes batches as senders framed them",
                     ))
                 }
                 (SourceKind::Udp, None | Some(Framing::Datagram)) => Framing::Datagram,
@@ -660,7 +735,9 @@ impl Plan {
             let max_record_bytes = match (s.kind, s.max_record_bytes) {
                 (_, Some(m)) => m,
                 (SourceKind::Udp, None) => MAX_RECORD_BYTES_DEFAULT.min(UDP_PAYLOAD_BYTES_MAX),
-                (SourceKind::Tcp | SourceKind::Mqtt, None) => MAX_RECORD_BYTES_DEFAULT,
+                (SourceKind::Tcp | SourceKind::Mqtt | SourceKind::Updraft, None) => {
+                    MAX_RECORD_BYTES_DEFAULT
+                }
             };
             if max_record_bytes == 0 || max_record_bytes > MAX_RECORD_BYTES_LIMIT {
                 return Err(invalid(
@@ -726,6 +803,20 @@ impl Plan {
                 }
                 (_, t) => t.unwrap_or(IDLE_TIMEOUT_MS_DEFAULT),
             };
+            if s.kind == SourceKind::Updraft
+                && (s.partition_by.is_some_and(|p| p != PartitionBy::None)
+                    || s.rate_limit.is_some())
+            {
+                let k = if s.rate_limit.is_some() {
+                    "rate_limit"
+                } else {
+                    "partition_by"
+                };
+                return Err(invalid(
+                    key(k),
+                    "an updraft source keeps each batch on the shard it came to, whole (senders are held back when its sinks are full)",
+                ));
+            }
             if s.kind == SourceKind::Mqtt && s.partition_by.is_some_and(|p| p != PartitionBy::None)
             {
                 return Err(invalid(
@@ -734,7 +825,10 @@ impl Plan {
                 ));
             }
             if let Some(other) = sources.iter().find(|o: &&SourcePlan| {
-                o.kind == s.kind && o.kind != SourceKind::Mqtt && o.address == address
+                let stream = |k| matches!(k, SourceKind::Tcp | SourceKind::Updraft);
+                (o.kind == s.kind || (stream(o.kind) && stream(s.kind)))
+                    && o.kind != SourceKind::Mqtt
+                    && o.address == address
             }) {
                 return Err(invalid(
                     key("address"),
@@ -753,12 +847,17 @@ impl Plan {
                 max_record_bytes,
                 max_connections,
                 receive_buffer_bytes: s.receive_buffer_bytes,
-                utf8: s.utf8.unwrap_or_default(),
+                // An updraft source's records were checked by their sender.
+                utf8: s.utf8.unwrap_or(match s.kind {
+                    SourceKind::Updraft => Utf8Policy::Pass,
+                    _ => Utf8Policy::default(),
+                }),
                 rate_limit,
                 // An mqtt source stops reading and the broker queues.
                 can_wait: s.kind != SourceKind::Udp,
                 idle_timeout_ms,
                 mqtt,
+                native,
                 sinks,
                 fields: Vec::new(),
             });

@@ -125,6 +125,14 @@ pub struct SourceCounters {
     /// Idle connections closed to make room for a new one at
     /// `max_connections`.
     pub connections_evicted: Counter,
+    /// updraft source: batch frames taken from senders.
+    pub frames: Counter,
+    /// updraft source: frames sent again that were taken before,
+    /// acknowledged without taking their records twice.
+    pub frames_duplicate: Counter,
+    /// updraft source: connections closed for a protocol error (a bad
+    /// greeting, tag, CRC or archive), by the peer's fault.
+    pub protocol_errors: Counter,
 }
 
 impl SourceCounters {
@@ -369,6 +377,27 @@ impl Collector for Exposition {
             "Idle TCP connections closed to make room for a new one at max_connections.",
             MetricType::Counter,
             source_counter(|c| c.connections_evicted.get()),
+        )?;
+        family(
+            &mut enc,
+            "source_frames",
+            "Batch frames an updraft source took from senders.",
+            MetricType::Counter,
+            source_counter(|c| c.frames.get()),
+        )?;
+        family(
+            &mut enc,
+            "source_duplicate_frames",
+            "Frames sent again that an updraft source had taken before: acknowledged, their records not taken twice.",
+            MetricType::Counter,
+            source_counter(|c| c.frames_duplicate.get()),
+        )?;
+        family(
+            &mut enc,
+            "source_protocol_errors",
+            "Connections an updraft source closed because the peer broke the protocol (bad greeting, tag, CRC or archive).",
+            MetricType::Counter,
+            source_counter(|c| c.protocol_errors.get()),
         )?;
         family(
             &mut enc,

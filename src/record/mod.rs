@@ -458,6 +458,13 @@ impl ArchivedBatch {
 pub enum BatchView<'a> {
     Native(&'a Batch),
     Archived(&'a ArchivedBatch),
+    /// An archive read back from the disk buffer together with its bytes
+    /// (an output that forwards frames as they are, the native protocol,
+    /// sends the bytes).
+    Framed {
+        batch: &'a ArchivedBatch,
+        archive: &'a [u8],
+    },
 }
 
 impl<'a> BatchView<'a> {
@@ -465,7 +472,7 @@ impl<'a> BatchView<'a> {
     pub fn len(&self) -> usize {
         match self {
             BatchView::Native(b) => b.entries.len(),
-            BatchView::Archived(a) => a.entries.len(),
+            BatchView::Archived(a) | BatchView::Framed { batch: a, .. } => a.entries.len(),
         }
     }
 
@@ -477,7 +484,7 @@ impl<'a> BatchView<'a> {
     pub fn payload(&self) -> &'a [u8] {
         match self {
             BatchView::Native(b) => b.payload.as_slice(),
-            BatchView::Archived(a) => a.payload.as_slice(),
+            BatchView::Archived(a) | BatchView::Framed { batch: a, .. } => a.payload.as_slice(),
         }
     }
 
@@ -497,7 +504,7 @@ impl<'a> BatchView<'a> {
                     );
                 }
             }
-            BatchView::Archived(a) => {
+            BatchView::Archived(a) | BatchView::Framed { batch: a, .. } => {
                 let (p, m) = (a.payload.as_slice(), a.meta.as_slice());
                 for e in a.entries.iter() {
                     let start = e.offset.to_native() as usize;

@@ -124,7 +124,7 @@ fn check_port_free(src: &crate::config::SourcePlan) -> Result<(), StartError> {
         return Ok(());
     }
     let (ty, proto, kind) = match src.kind {
-        SourceKind::Tcp => (Type::STREAM, Protocol::TCP, "tcp"),
+        SourceKind::Tcp | SourceKind::Updraft => (Type::STREAM, Protocol::TCP, "tcp"),
         SourceKind::Udp => (Type::DGRAM, Protocol::UDP, "udp"),
         SourceKind::Mqtt => return Ok(()),
     };
@@ -134,7 +134,7 @@ fn check_port_free(src: &crate::config::SourcePlan) -> Result<(), StartError> {
         error,
     };
     let s = Socket::new(Domain::for_address(src.address), ty, Some(proto)).map_err(bind_error)?;
-    if src.kind == SourceKind::Tcp {
+    if ty == Type::STREAM {
         // TIME_WAIT leftovers of an earlier run are no conflict; a listener is.
         s.set_reuse_address(true).map_err(bind_error)?;
     }

@@ -271,4 +271,5 @@ sinks! {
     Mqtt => mqtt,
     Nats => nats,
     Tcp => tcp,
+    Updraft => updraft,
 }

@@ -9,6 +9,7 @@
 pub mod mqtt;
 pub mod tcp;
 pub mod udp;
+pub mod updraft;
 
 use crate::config::{SourceKind, SourcePlan};
 use crate::pipeline::ingest::Ingest;
@@ -40,7 +41,7 @@ pub fn bind(source: usize, plan: &SourcePlan) -> std::io::Result<BoundSocket> {
     let domain = Domain::for_address(plan.address);
     match plan.kind {
         SourceKind::Mqtt => Ok(BoundSocket::Mqtt { source }),
-        SourceKind::Tcp => {
+        SourceKind::Tcp | SourceKind::Updraft => {
             let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
             s.set_reuse_address(true)?;
             s.set_reuse_port(true)?;
@@ -102,7 +103,21 @@ pub fn start(shard: &Rc<Ingest>, sockets: Vec<BoundSocket>) {
         match s {
             BoundSocket::Tcp { source, listener } => {
                 let listener = tokio_uring::net::TcpListener::from_std(listener);
-                shard.spawn_source(tcp::accept_loop(shard.clone(), source, listener));
+                if shard.plan.sources[source].kind == SourceKind::Updraft {
+                    shard.spawn_source(tcp::accept_loop(
+                        shard.clone(),
+                        source,
+                        listener,
+                        updraft::serve,
+                    ));
+                } else {
+                    shard.spawn_source(tcp::accept_loop(
+                        shard.clone(),
+                        source,
+                        listener,
+                        tcp::serve,
+                    ));
+                }
             }
             BoundSocket::Udp { source, socket } => {
                 shard.spawn_source(udp::receive_loop(shard.clone(), source, socket));

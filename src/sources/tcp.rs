@@ -45,22 +45,27 @@ const SMALL_READS_TO_SHRINK: u32 = 16;
 pub const EVICT_IDLE_MS: u64 = 1_000;
 
 /// One open connection, as the sweeper and the accept loop see it.
-struct Watch {
+pub struct Watch {
     fd: RawFd,
     /// When the read in flight began (`None` between reads: the connection
     /// is busy, or held back by a full sink, which is not the peer's doing).
-    reading_since: Cell<Option<Instant>>,
+    pub reading_since: Cell<Option<Instant>>,
     /// Why it was shut down from outside, if it was.
     closed_for: Cell<Option<Closed>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Closed {
+pub enum Closed {
     Idle,
     Evicted,
 }
 
 impl Watch {
+    /// Whether the connection was shut down from outside (idle, evicted).
+    pub fn closed_from_outside(&self) -> bool {
+        self.closed_for.get().is_some()
+    }
+
     fn shut(&self, why: Closed) {
         self.closed_for.set(Some(why));
         // SAFETY: shutdown(2) on a socket its connection task keeps open
@@ -70,11 +75,12 @@ impl Watch {
 }
 
 /// What one source's connections on one shard share.
-struct Conns {
+pub struct Conns {
     open: RefCell<HashMap<u64, Rc<Watch>>>,
     next_key: Cell<u64>,
     log_refused: RefCell<LogEvery>,
-    log_input: RefCell<LogEvery>,
+    /// Rate-limits the log lines about a peer's bad input.
+    pub log_input: RefCell<LogEvery>,
     log_closed: RefCell<LogEvery>,
     /// Connections that ended since the sweeper last looked.
     ended: Cell<u64>,
@@ -125,7 +131,35 @@ async fn sweep(conns: Rc<Conns>, idle_timeout: Duration) {
     }
 }
 
-pub async fn accept_loop(shard: Rc<Ingest>, source: usize, listener: TcpListener) {
+/// Serves one accepted connection until it ends; gives the socket back
+/// (the accept loop closes it once the connection's watch is gone).
+pub type Serve = fn(
+    Rc<Ingest>,
+    usize,
+    TcpStream,
+    SocketAddr,
+    Rc<Watch>,
+    Rc<Conns>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = TcpStream>>>;
+
+/// A tcp source's connection ([`Serve`]).
+pub fn serve(
+    shard: Rc<Ingest>,
+    source: usize,
+    stream: TcpStream,
+    peer: SocketAddr,
+    watch: Rc<Watch>,
+    conns: Rc<Conns>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = TcpStream>>> {
+    Box::pin(async move {
+        connection(&shard, source, &stream, peer, &watch, &conns).await;
+        stream
+    })
+}
+
+/// Accepts a stream source's connections (tcp, updraft) within its
+/// bounds, and serves each with `serve`.
+pub async fn accept_loop(shard: Rc<Ingest>, source: usize, listener: TcpListener, serve: Serve) {
     let plan = &shard.plan.sources[source];
     let counters = &shard.metrics.sources[source];
     let fd_key = shard.watch_fd(listener.as_raw_fd());
@@ -188,7 +222,7 @@ pub async fn accept_loop(shard: Rc<Ingest>, source: usize, listener: TcpListener
         let c = conns.clone();
         shard.spawn_source(async move {
             let counters = &s.metrics.sources[source];
-            connection(&s, source, &stream, peer, &watch, &c).await;
+            let stream = serve(s.clone(), source, stream, peer, watch.clone(), c.clone()).await;
             c.open.borrow_mut().remove(&key);
             match watch.closed_for.get() {
                 Some(Closed::Idle) => counters.connections_idle_closed.add(1),

@@ -989,7 +989,7 @@ async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
             // archive is copied first (once, after an upgrade).
             let copied;
             let view = match a {
-                Stored::Now(a) => crate::record::BatchView::Archived(a),
+                Stored::Now(a) => crate::record::BatchView::Framed { batch: a, archive },
                 Stored::NoMeta(a) => {
                     copied = crate::record::Batch::from_v2(a);
                     crate::record::BatchView::Native(&copied)

@@ -112,6 +112,23 @@ pub trait Protocol: Sized + 'static {
     ) -> bool;
     /// Why `encode` refused a message (for the log line).
     fn why_unsendable(&self) -> &'static str;
+    /// Whether a batch goes as one message (the native protocol's frame)
+    /// rather than as one message per record: then [`encode_frame`](Self::encode_frame)
+    /// is called instead of `encode`, and the peer never refuses a message.
+    fn frames(&self) -> bool {
+        false
+    }
+    /// Appends batch `id` as message `seq` to `body` (when `frames`); false
+    /// when it cannot be sent.
+    fn encode_frame(
+        &self,
+        _body: &mut Vec<u8>,
+        _seq: u64,
+        _id: BatchId,
+        _batch: &BatchView<'_>,
+    ) -> bool {
+        unreachable!("only a protocol that sends frames encodes them")
+    }
     /// Marks the message at `at` in `body` as sent before (MQTT's DUP).
     fn mark_resend(&self, body: &mut [u8], at: usize);
     /// Reads the answer at the front of `buf`: `Ok(None)` when more bytes
@@ -145,6 +162,8 @@ struct Out {
     /// Messages refused for good, and the first reason given.
     refused: Vec<u32>,
     refused_why: String,
+    /// Records the messages carry (one each, or a whole batch in a frame).
+    records: u64,
 }
 
 /// A batch's refused messages, waiting to be written as a dead letter.
@@ -280,7 +299,7 @@ impl<P: Protocol> Inner<P> {
         if o.acked_count == o.count() {
             o.done = true;
             let c = self.counters();
-            c.records.add(u64::from(o.count()) - o.refused.len() as u64);
+            c.records.add(o.records - o.refused.len() as u64);
             c.bytes.add(o.payload_bytes);
             c.batches.add(1);
             if let Some(ack) = &self.ack {
@@ -420,6 +439,7 @@ impl<P: Protocol> Deliver for Publisher<P> {
             done: false,
             refused: Vec::new(),
             refused_why: String::new(),
+            records: 0,
         });
         o.id = id;
         o.first_seq = st.next_seq;
@@ -436,17 +456,28 @@ impl<P: Protocol> Deliver for Publisher<P> {
         let mut unsendable = 0u64;
         let mut index = 0u32;
         let scratch = &mut self.scratch;
-        batch.for_each(|_, _, record, meta| {
-            let at = body.len();
-            if inner.p.encode(scratch, body, seq, id, index, record, meta) {
-                o.offsets.push(at as u32);
+        if inner.p.frames() {
+            if inner.p.encode_frame(body, seq, id, &batch) {
+                o.offsets.push(0);
                 seq += 1;
             } else {
-                body.truncate(at);
-                unsendable += 1;
+                body.clear();
+                unsendable = n;
             }
-            index += 1;
-        });
+        } else {
+            batch.for_each(|_, _, record, meta| {
+                let at = body.len();
+                if inner.p.encode(scratch, body, seq, id, index, record, meta) {
+                    o.offsets.push(at as u32);
+                    seq += 1;
+                } else {
+                    body.truncate(at);
+                    unsendable += 1;
+                }
+                index += 1;
+            });
+        }
+        o.records = n - unsendable;
         o.offsets.push(body.len() as u32);
         if unsendable > 0 {
             inner.counters().buffer_dropped.add(unsendable);
