@@ -285,6 +285,9 @@ pub fn start(plan: Plan) -> Result<Running, StartError> {
         }
         if src.kind == SourceKind::Udp {
             tracing::info!(source = %src.name, address = %src.address, shards = n, "listening (udp)");
+        } else if src.kind == SourceKind::Updraft {
+            let tls = src.native.as_ref().is_some_and(|n| n.tls.is_some());
+            tracing::info!(source = %src.name, address = %src.address, shards = n, tls, "listening (updraft protocol)");
         } else {
             tracing::info!(source = %src.name, address = %src.address, shards = n, framing = ?src.framing, "listening (tcp)");
         }

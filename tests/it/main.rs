@@ -12,6 +12,7 @@ mod input;
 mod layout;
 mod loadgen;
 mod mqtt;
+mod native;
 mod nats;
 mod runtime;
 mod wal;
