@@ -594,7 +594,7 @@ def add_ratios(rows):
             r["ratio_to_memory"] = r["records_per_sec"] / m if m else None
             if m:
                 r["note"] += f"; {r['ratio_to_memory']:.2f}x memory mode"
-        forwarded = r["scenario"] == "tcp->tcp (disk)" or r["scenario"].startswith("tcp->http")
+        forwarded = r["scenario"] == "tcp->tcp (disk)" or r["scenario"].startswith(("tcp->http", "tcp->updraft"))
         k = ("tcp->tcp", r["size"], r["connections"]) if forwarded else key(r)
         c, p = ceilings.get(k), peers.get(k)
         r["ratio_to_ceiling"] = r["records_per_sec"] / c if c else None
@@ -878,6 +878,72 @@ def nats_bench(a, tmp, log):
         log(median_run(runs))
 
 
+def native_run(tmp, n, disk, size=256, conns=4, shards=2):
+    """edge -> aggregator -> tcp: the load generator over tcp to an edge
+    updraft (tcp source, updraft sink), which forwards over the native
+    protocol to an aggregator updraft (updraft source, tcp sink) whose
+    records the receiver counts. CPU is both collectors'; RSS each's."""
+    rx_port, agg_port = free_port(), free_port()
+    rx = receiver(rx_port, n, 180)
+    buf = '[sinks.{}.buffer]\ntype = "disk"' if disk else ""
+    procs = []
+    try:
+        def start(name, source, sink):
+            mport, src = free_port(), (agg_port if name == "agg" else free_port())
+            cfg = os.path.join(tmp, f"{name}.toml")
+            with open(cfg, "w") as f:
+                f.write(f"""shards = {shards}
+data_dir = "{os.path.join(tmp, 'data-' + name)}"
+[metrics]
+address = "127.0.0.1:{mport}"
+[sources.in]
+type = "{source}"
+address = "127.0.0.1:{src}"
+[sinks.out]
+inputs = ["in"]
+{sink}
+{buf.format('out')}
+""")
+            c = Collector([UPDRAFT, "run", "--config", cfg], src, mport, log=os.path.join(tmp, f"{name}.log"))
+            procs.append(c)
+            return c, src
+        agg, _ = start("agg", "updraft", f'type = "tcp"\naddress = "127.0.0.1:{rx_port}"')
+        edge, src = start("edge", "tcp", f'type = "updraft"\nurl = "updraft://127.0.0.1:{agg_port}"')
+        send(src, "tcp", conns, n, size)
+        r = finish(rx)
+        (ce, re_), (ca, ra) = edge.usage(), agg.usage()
+        name = "tcp->updraft->tcp" + (" (disk)" if disk else "")
+        return row(name, "updraft x2", size, conns, shards, r["records_per_sec"], r["latency_us"], ce + ca,
+                   re_ + ra, n, r["lost"], r["duplicates"],
+                   note=f"CPU edge {ce * 1e6 / n:.2f} + aggregator {ca * 1e6 / n:.2f} s/M; RSS {re_:.0f} + {ra:.0f} MiB")
+    finally:
+        for p in procs:
+            p.stop()
+        for d in ("data-agg", "data-edge"):
+            shutil.rmtree(os.path.join(tmp, d), ignore_errors=True)
+
+
+NATIVE_PAIRS = 3
+
+
+def native_bench(a, tmp, log):
+    """Two hops over the native protocol beside one hop tcp->tcp, memory and
+    disk buffers, in alternating pairs (rows: the median run)."""
+    n = a.count or count_for(256, a.quick)
+    print(f"native protocol, 256 B, 4 connections, 2 shards, {n} records (median of {NATIVE_PAIRS} pairs)", flush=True)
+    log(tcp_ceiling_relay(256, 4, n))
+    for disk in (False, True):
+        one, two = [], []
+        for _ in range(NATIVE_PAIRS):
+            one.append(updraft_tcp_disk(tmp, 256, 4, 2, n) if disk else updraft_tcp_forward(tmp, 256, 4, 2, n))
+            two.append(native_run(tmp, n, disk))
+        log(median_run(one))
+        t = median_run(two)
+        t["note"] += "; pairs two hops / one hop: " + ", ".join(
+            f"{y['records_per_sec'] / x['records_per_sec']:.2f}" for x, y in zip(one, two))
+        log(t)
+
+
 # --- two builds side by side ---------------------------------------------------
 
 def against(a, tmp):
@@ -954,14 +1020,19 @@ def main():
     ap.add_argument("--count", type=int, default=0,
                     help="records per TCP run (default: about a second at the ceiling); "
                          "longer runs show steady state rather than start-up")
-    ap.add_argument("--only", choices=["all", "http", "disk", "mqtt", "nats"], default="all",
-                    help="http or disk: only 256 B x 4 connections, the ceilings, memory mode and that scenario")
+    ap.add_argument("--only", default="all",
+                    help="all, or a comma-separated list of: http, disk (only 256 B x 4 connections, the ceilings, "
+                         "memory mode and that scenario), mqtt, nats, native")
     ap.add_argument("--against", metavar="BIN",
                     help="compare with another updraft binary: tcp->tcp and tcp->http, memory and disk, "
                          "in alternating pairs (writes against.md and against.json)")
     ap.add_argument("--pairs", type=int, default=5, help="pairs per scenario with --against")
     ap.add_argument("--scenario", default="", help="with --against: only scenarios whose name holds this")
     a = ap.parse_args()
+    only = set(a.only.split(","))
+    unknown = only - {"all", "http", "disk", "mqtt", "nats", "native"}
+    if unknown or ("all" in only and len(only) > 1):
+        ap.error(f"--only: unknown or mixed with all: {a.only}")
     os.makedirs(a.out, exist_ok=True)
     if a.against:
         tmp = tempfile.mkdtemp(prefix="updraft-bench-")
@@ -1002,11 +1073,13 @@ def main():
         rows.append(r)
 
     try:
-        if a.only == "mqtt":
+        if "mqtt" in only:
             mqtt_bench(a, tmp, log)
-            raise StopIteration
-        if a.only == "nats":
+        if "nats" in only:
             nats_bench(a, tmp, log)
+        if "native" in only:
+            native_bench(a, tmp, log)
+        if not only & {"all", "http", "disk"}:
             raise StopIteration
         for size in sizes:
             for conns in conns_list:
@@ -1015,7 +1088,7 @@ def main():
                 log(tcp_ceiling_direct(size, conns, n))
                 log(tcp_ceiling_relay(size, conns, n))
                 for shards in shard_list:
-                    if size == 256 and conns == 4 and a.only in ("all", "disk"):
+                    if size == 256 and conns == 4 and only & {"all", "disk"}:
                         # Disk beside memory: alternating pairs, each row the
                         # median run, since one pair on a shared 2-core box
                         # varies by +-20% (how the kernel spreads 4
@@ -1034,7 +1107,7 @@ def main():
                         log(d)
                     else:
                         log(updraft_tcp_forward(tmp, size, conns, shards, n))
-                    if size == 256 and conns == 4 and a.only in ("all", "http"):
+                    if size == 256 and conns == 4 and only & {"all", "http"}:
                         for compression in ("none", "gzip", "zstd"):
                             log(updraft_tcp_http(tmp, size, conns, shards, n, compression))
                 if a.only == "all":

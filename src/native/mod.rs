@@ -215,31 +215,32 @@ pub fn frame_bytes(len: usize) -> usize {
 }
 
 /// Appends a FRAME carrying `archive` to `out`.
-pub fn put_frame(
-    out: &mut Vec<u8>,
-    seq: u64,
-    segment: u64,
-    offset: u64,
-    records: u32,
-    archive: &[u8],
-) {
-    let crc = crate::record::crc32c(archive);
-    put_frame_with_crc(out, seq, segment, offset, records, archive, crc);
+pub fn put_frame(out: &mut Vec<u8>, seq: u64, segment: u64, offset: u64, records: u32, archive: &[u8]) {
+    let at = begin_frame(out);
+    out.extend_from_slice(archive);
+    finish_frame(out, at, seq, segment, offset, records);
 }
 
-/// [`put_frame`] with the archive's CRC already known.
-pub fn put_frame_with_crc(
-    out: &mut Vec<u8>,
-    seq: u64,
-    segment: u64,
-    offset: u64,
-    records: u32,
-    archive: &[u8],
-    crc: u32,
-) {
-    let mut h = [0u8; FRAME_HEADER_BYTES];
+/// Starts a FRAME at the end of `out` (which must end on a multiple of
+/// [`FRAME_ALIGN`], as frames do): room for its header. The archive is then
+/// appended (or serialised in place: its alignment inside `out` is the one
+/// it has on the receiver's side), and [`finish_frame`] seals it. Returns
+/// where the frame starts.
+pub fn begin_frame(out: &mut Vec<u8>) -> usize {
+    debug_assert!(out.len().is_multiple_of(FRAME_ALIGN));
+    let at = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
+    at
+}
+
+/// Seals the FRAME begun at `at`: everything after its header is the
+/// archive; writes the header and pads the frame.
+pub fn finish_frame(out: &mut Vec<u8>, at: usize, seq: u64, segment: u64, offset: u64, records: u32) {
+    let len = out.len() - at - FRAME_HEADER_BYTES;
+    let crc = crate::record::crc32c(&out[at + FRAME_HEADER_BYTES..]);
+    let h = &mut out[at..at + FRAME_HEADER_BYTES];
     h[0..4].copy_from_slice(FRAME_TAG);
-    h[4..8].copy_from_slice(&(archive.len() as u32).to_le_bytes());
+    h[4..8].copy_from_slice(&(len as u32).to_le_bytes());
     h[8..12].copy_from_slice(&crc.to_le_bytes());
     h[12..16].copy_from_slice(&records.to_le_bytes());
     h[16..24].copy_from_slice(&seq.to_le_bytes());
@@ -247,9 +248,7 @@ pub fn put_frame_with_crc(
     h[32..40].copy_from_slice(&offset.to_le_bytes());
     let hcrc = crate::record::crc32c(&h[..40]);
     h[40..44].copy_from_slice(&hcrc.to_le_bytes());
-    out.extend_from_slice(&h);
-    out.extend_from_slice(archive);
-    let pad = frame_bytes(archive.len()) - FRAME_HEADER_BYTES - archive.len();
+    let pad = frame_bytes(len) - FRAME_HEADER_BYTES - len;
     out.extend_from_slice(&[0u8; FRAME_ALIGN][..pad]);
 }
 

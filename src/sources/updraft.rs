@@ -43,8 +43,10 @@ use tokio_uring::net::TcpStream;
 const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes a connection reads at once (more when a frame is longer).
 const READ_BYTES: usize = 256 * 1024;
-/// Frames a sender may keep unacknowledged (told in the WELCOME).
-const WINDOW: u32 = 8;
+/// Frames a sender may keep unacknowledged (told in the WELCOME). The
+/// reader holds one frame at a time; what is unacknowledged waits in the
+/// sink queues and the log, so this bounds only the acknowledgements queued.
+const WINDOW: u32 = 256;
 /// Streams (sender, shard) whose last frame id is remembered.
 pub const STREAMS_MAX: usize = 65_536;
 

@@ -22,17 +22,19 @@ use crate::pipeline::{Ack, BatchId, SinkCtx};
 use crate::record::BatchView;
 use crate::tls::Link;
 use serde::Deserialize;
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
 pub struct Sink;
 
-/// Batches a connection keeps unacknowledged by default, and at most (the
-/// publisher queues no more per shard).
-pub const INFLIGHT_DEFAULT: u32 = 8;
-const INFLIGHT_MAX: u32 = super::util::publisher::QUEUED_BATCHES as u32;
+/// Batches a connection keeps unacknowledged by default, and at most. A
+/// shard holds a copy of each until acknowledged (up to `inflight` ×
+/// `batch.max_bytes`); an aggregator with a disk buffer acknowledges once
+/// its log is synced, so the window must carry more than a sync's worth.
+pub const INFLIGHT_DEFAULT: u32 = 16;
+const INFLIGHT_MAX: u32 = 256;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEP_ALIVE_S_DEFAULT: u16 = 30;
 /// The default port of the native protocol (`updraft://` and `updrafts://`).
@@ -113,7 +115,6 @@ impl Kind for Sink {
             t: t.clone(),
             sender,
             stream: cx.id as u32,
-            scratch: RefCell::new(rkyv::util::AlignedVec::new()),
             max_frame: Cell::new(u32::MAX),
         };
         Publisher::new(cx, sink, s, ack)
@@ -149,8 +150,6 @@ pub struct Session {
     t: Target,
     sender: u64,
     stream: u32,
-    /// A memory buffer's batch is archived here before it is framed.
-    scratch: RefCell<rkyv::util::AlignedVec>,
     /// The longest archive the aggregator takes (from its WELCOME).
     max_frame: Cell<u32>,
 }
@@ -272,17 +271,17 @@ impl Protocol for Session {
                 wire::put_frame(body, seq, id.segment, id.offset, records, archive);
             }
             BatchView::Native(b) => {
-                let mut scratch = self.scratch.borrow_mut();
-                let out = std::mem::take(&mut *scratch);
-                let Ok(a) = crate::record::archive_into(b, out) else {
-                    return false;
-                };
-                let ok = fits(a.len());
-                if ok {
-                    wire::put_frame(body, seq, id.segment, id.offset, records, &a);
+                // Archived straight into the message, behind its header.
+                let at = wire::begin_frame(body);
+                match rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(b, std::mem::take(body)) {
+                    Ok(v) => *body = v,
+                    Err(_) => return false,
                 }
-                *scratch = a;
-                return ok;
+                if !fits(body.len() - at - wire::FRAME_HEADER_BYTES) {
+                    body.truncate(at);
+                    return false;
+                }
+                wire::finish_frame(body, at, seq, id.segment, id.offset, records);
             }
             // Only the disk buffer reads archives, and it hands their bytes.
             BatchView::Archived(_) => return false,

@@ -23,7 +23,8 @@
 //! settled, the batch's refused messages go to the dead-letter directory
 //! together, as they were sent, with the peer's reason.
 //!
-//! Bounds: at most [`QUEUED_BATCHES`] encoded batches per shard (submit
+//! Bounds: at most [`QUEUED_BATCHES`] encoded batches per shard (or the
+//! window, for a protocol of whole-batch frames; submit
 //! waits, and the sink's queue fills behind it: sources are held back); the
 //! sequence numbers in flight stay within the protocol's `seq_span`; at most
 //! [`QUEUED_BATCHES`] batches of dead letters wait to be written (more are
@@ -419,7 +420,13 @@ impl<P: Protocol> Deliver for Publisher<P> {
             {
                 let st = inner.st.borrow();
                 let span = st.batches.front().map_or(0, |o| st.next_seq - o.first_seq);
-                if st.batches.len() < QUEUED_BATCHES && (span == 0 || span + n <= span_max) {
+                // A protocol of frames keeps a window of whole batches.
+                let queued = if inner.p.frames() {
+                    QUEUED_BATCHES.max(inner.p.window() as usize)
+                } else {
+                    QUEUED_BATCHES
+                };
+                if st.batches.len() < queued && (span == 0 || span + n <= span_max) {
                     break;
                 }
             }
