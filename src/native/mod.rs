@@ -215,7 +215,14 @@ pub fn frame_bytes(len: usize) -> usize {
 }
 
 /// Appends a FRAME carrying `archive` to `out`.
-pub fn put_frame(out: &mut Vec<u8>, seq: u64, segment: u64, offset: u64, records: u32, archive: &[u8]) {
+pub fn put_frame(
+    out: &mut Vec<u8>,
+    seq: u64,
+    segment: u64,
+    offset: u64,
+    records: u32,
+    archive: &[u8],
+) {
     let at = begin_frame(out);
     out.extend_from_slice(archive);
     finish_frame(out, at, seq, segment, offset, records);
@@ -235,7 +242,14 @@ pub fn begin_frame(out: &mut Vec<u8>) -> usize {
 
 /// Seals the FRAME begun at `at`: everything after its header is the
 /// archive; writes the header and pads the frame.
-pub fn finish_frame(out: &mut Vec<u8>, at: usize, seq: u64, segment: u64, offset: u64, records: u32) {
+pub fn finish_frame(
+    out: &mut Vec<u8>,
+    at: usize,
+    seq: u64,
+    segment: u64,
+    offset: u64,
+    records: u32,
+) {
     let len = out.len() - at - FRAME_HEADER_BYTES;
     let crc = crate::record::crc32c(&out[at + FRAME_HEADER_BYTES..]);
     let h = &mut out[at..at + FRAME_HEADER_BYTES];

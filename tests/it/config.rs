@@ -242,6 +242,65 @@ fn a_nats_sink_refuses_what_it_cannot_do_naming_the_key() {
     );
 }
 
+#[test]
+fn updraft_sources_and_sinks_refuse_what_they_cannot_do_naming_the_key() {
+    let source = |keys: &str| {
+        GOOD.replace(
+            "type = \"tcp\"\naddress = \"127.0.0.1:5140\"",
+            &format!("type = \"updraft\"\naddress = \"127.0.0.1:9800\"\n{keys}"),
+        )
+    };
+    let sink = |keys: &str| {
+        GOOD.replace(
+            "type = \"tcp\"\ninputs = [\"app\"]\naddress = \"127.0.0.1:16000\"",
+            &format!("type = \"updraft\"\ninputs = [\"app\"]\n{keys}"),
+        )
+    };
+    for good in [source(""), sink("url = \"updraft://127.0.0.1\"")] {
+        let (ok, err) = check("validate", &good);
+        assert!(ok, "{err}\n{good}");
+    }
+    let cases = [
+        (
+            source("partition_by = \"peer\""),
+            "sources.app.partition_by",
+            "keeps each batch",
+        ),
+        (
+            source("framing = \"newline\""),
+            "sources.app.framing",
+            "as senders framed them",
+        ),
+        (
+            source("max_frame_bytes = 10"),
+            "sources.app.max_frame_bytes",
+            "between 4096",
+        ),
+        (
+            source("topics = [\"a\"]"),
+            "sources.app.topics",
+            "only an mqtt source",
+        ),
+        (
+            source("[sources.app.tls]\nca_file = \"/etc/ssl/ca.pem\""),
+            "sources.app.tls.cert_file",
+            "needs its cert_file and key_file",
+        ),
+        (sink(""), "sinks.up.url", "needs a url"),
+        (
+            sink("url = \"tcp://127.0.0.1:9800\""),
+            "sinks.up.url",
+            "updraft://",
+        ),
+        (
+            sink("url = \"updraft://127.0.0.1\"\ninflight = 0"),
+            "sinks.up.inflight",
+            "between 1 and 256",
+        ),
+    ];
+    assert_refused(cases);
+}
+
 /// Each config is refused by `validate` with an error naming its key and
 /// saying why.
 fn assert_refused<const N: usize>(cases: [(String, &str, &str); N]) {
