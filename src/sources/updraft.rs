@@ -283,6 +283,7 @@ async fn connection(
                 Err(why) => return bad(ing, source, link, why).await,
             };
             counters.frames.add(1);
+            counters.bytes.add(bytes as u64);
             let id = (h.segment, h.offset);
             let duplicate = taken_before(stream_key, id);
             if duplicate {
@@ -303,10 +304,12 @@ async fn connection(
             acks.more.notify_one();
             start += bytes;
         };
-        // Keep the partial message; make room for the rest of it.
+        // Keep the partial message; make room for (more of) the rest of
+        // it: the buffer grows at most twice what came, so a header that
+        // claims a long frame costs memory only as its bytes arrive.
         buf.copy_within(start..have, 0);
         have -= start;
-        let want = (need - start).max(READ_BYTES);
+        let want = (need - start).clamp(READ_BYTES, (2 * have).max(READ_BYTES));
         start = 0;
         if buf.len() > READ_BYTES * 2 && want <= READ_BYTES {
             buf.truncate(READ_BYTES); // after a long frame: back to the usual buffer
@@ -341,7 +344,7 @@ async fn take(ing: &Ingest, source: usize, batch: &crate::record::ArchivedBatch)
     let counters = &ing.metrics.sources[source];
     let (p, m) = (batch.payload.as_slice(), batch.meta.as_slice());
     let mut at = 0usize;
-    let (mut records, mut bytes) = (0u64, 0u64);
+    let mut records = 0u64;
     for e in batch.entries.iter() {
         let start = e.offset.to_native() as usize;
         let record = &p[start..start + e.len.to_native() as usize];
@@ -357,10 +360,8 @@ async fn take(ing: &Ingest, source: usize, batch: &crate::record::ArchivedBatch)
         ing.offer(source, ing.id, e.ts_ns.to_native(), 0, record, meta)
             .await;
         records += 1;
-        bytes += record.len() as u64;
     }
     counters.records.add(records);
-    counters.bytes.add(bytes);
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

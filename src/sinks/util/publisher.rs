@@ -533,10 +533,16 @@ impl<P: Protocol> Deliver for Publisher<P> {
                     .batches
                     .iter()
                     .filter(|o| !o.done)
-                    .map(|o| u64::from(o.count() - o.acked_count))
+                    .map(|o| {
+                        if inner.p.frames() {
+                            o.records // a frame is one message carrying them all
+                        } else {
+                            u64::from(o.count() - o.acked_count)
+                        }
+                    })
                     .sum();
-                tracing::warn!(sink = inner.name(), shard = cx.id, url = inner.p.url(), messages = open,
-                    "messages not acknowledged by the {} at shutdown are abandoned (a disk buffer sends them again at the next start)", P::PEER);
+                tracing::warn!(sink = inner.name(), shard = cx.id, url = inner.p.url(), records = open,
+                    "records not acknowledged by the {} at shutdown are abandoned (a disk buffer sends them again at the next start)", P::PEER);
                 if inner.ack.is_none() {
                     inner.counters().buffer_dropped.add(open);
                 }
