@@ -16,6 +16,14 @@
 //!   oversized length is fatal for the connection.
 //!
 //! One record per datagram needs no decoder: see [`datagram_record`].
+//!
+//! Decodings locate a framed record's fields in place, without copying or
+//! allocating: [`syslog`] (RFC 5424 and 3164), [`influx`] (line protocol)
+//! and [`json`] (one object per record).
+
+pub mod influx;
+pub mod json;
+pub mod syslog;
 
 use crate::config::Framing;
 

@@ -158,12 +158,111 @@ pub enum Framing {
     Datagram,
 }
 
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+/// `partition_by` as written: `"none"`, `"peer"` or `{ field = "…" }`.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum PartitionByConfig {
+    Named(PartitionNamed),
+    Field { field: String },
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum PartitionBy {
-    #[default]
+pub enum PartitionNamed {
     None,
     Peer,
+}
+
+/// Which shard owns a source's records.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum PartitionBy {
+    /// The shard that received it.
+    #[default]
+    None,
+    /// A hash of the sender's address.
+    Peer,
+    /// A hash of a field's value (the source's `decoding` locates it); a
+    /// record without the field stays on the shard that received it.
+    Field(FieldRef),
+}
+
+/// A field of a decoded record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FieldRef {
+    /// syslog
+    Host,
+    App,
+    ProcId,
+    MsgId,
+    Severity,
+    Facility,
+    /// influx
+    Measurement,
+    Tag(Box<[u8]>),
+    /// json: a top-level key
+    Key(Box<[u8]>),
+}
+
+impl FieldRef {
+    /// The field `name` means under `decoding`, or why it means none.
+    pub fn parse(decoding: Decoding, name: &str) -> Result<FieldRef, String> {
+        let f = match (decoding, name) {
+            (Decoding::Raw, _) => {
+                return Err(
+                    "a field needs a decoding on the source (syslog, influx or json)".into(),
+                )
+            }
+            (Decoding::Syslog, "host") => FieldRef::Host,
+            (Decoding::Syslog, "app") => FieldRef::App,
+            (Decoding::Syslog, "procid") => FieldRef::ProcId,
+            (Decoding::Syslog, "msgid") => FieldRef::MsgId,
+            (Decoding::Syslog, "severity") => FieldRef::Severity,
+            (Decoding::Syslog, "facility") => FieldRef::Facility,
+            (Decoding::Syslog, _) => {
+                return Err(format!(
+                    "{name:?} is not a syslog field (host, app, procid, msgid, severity, facility)"
+                ))
+            }
+            (Decoding::Influx, "measurement") => FieldRef::Measurement,
+            (Decoding::Influx, n) => match n.strip_prefix("tag.") {
+                Some(t) if !t.is_empty() => FieldRef::Tag(t.as_bytes().into()),
+                _ => {
+                    return Err(format!(
+                        "{name:?} is not a line protocol field (measurement, or tag.<key>)"
+                    ))
+                }
+            },
+            (Decoding::Json, n) if !n.is_empty() => FieldRef::Key(n.as_bytes().into()),
+            (Decoding::Json, _) => return Err("a JSON key is not empty".into()),
+        };
+        Ok(f)
+    }
+}
+
+/// How a source's records are read (`decoding`).
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Decoding {
+    /// Opaque bytes (the default).
+    #[default]
+    Raw,
+    /// RFC 5424 or RFC 3164.
+    Syslog,
+    /// InfluxDB line protocol.
+    Influx,
+    /// One JSON object per record.
+    Json,
+}
+
+/// What a source does with a record its decoding cannot read.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Counted, and passed on as it came (the default).
+    #[default]
+    Pass,
+    /// Counted, and dropped (`reason="decode"`).
+    Drop,
 }
 
 /// What a source does with a record that is not valid UTF-8.
@@ -185,7 +284,9 @@ pub struct SourceConfig {
     /// tcp, udp: where to listen.
     pub address: Option<String>,
     pub framing: Option<Framing>,
-    pub partition_by: Option<PartitionBy>,
+    pub partition_by: Option<PartitionByConfig>,
+    pub decoding: Option<Decoding>,
+    pub on_error: Option<OnError>,
     pub max_record_bytes: Option<usize>,
     pub max_connections: Option<usize>,
     pub receive_buffer_bytes: Option<usize>,
@@ -349,6 +450,8 @@ pub struct SourcePlan {
     pub address: SocketAddr,
     pub framing: Framing,
     pub partition_by: PartitionBy,
+    pub decoding: Decoding,
+    pub on_error: OnError,
     pub max_record_bytes: usize,
     pub max_connections: usize,
     pub receive_buffer_bytes: Option<usize>,
@@ -732,6 +835,30 @@ impl Plan {
                 }
                 (SourceKind::Tcp, Some(f)) => f,
             };
+            let decoding = s.decoding.unwrap_or_default();
+            if decoding != Decoding::Raw && !matches!(s.kind, SourceKind::Tcp | SourceKind::Udp) {
+                return Err(invalid(
+                    key("decoding"),
+                    format!(
+                        "a {} source takes records as they are (\"raw\")",
+                        s.kind.name()
+                    ),
+                ));
+            }
+            if s.on_error.is_some() && decoding == Decoding::Raw {
+                return Err(invalid(
+                    key("on_error"),
+                    "on_error needs a decoding (syslog, influx or json)",
+                ));
+            }
+            let partition_by = match &s.partition_by {
+                None | Some(PartitionByConfig::Named(PartitionNamed::None)) => PartitionBy::None,
+                Some(PartitionByConfig::Named(PartitionNamed::Peer)) => PartitionBy::Peer,
+                Some(PartitionByConfig::Field { field }) => PartitionBy::Field(
+                    FieldRef::parse(decoding, field)
+                        .map_err(|m| invalid(key("partition_by.field"), m))?,
+                ),
+            };
             let max_record_bytes = match (s.kind, s.max_record_bytes) {
                 (_, Some(m)) => m,
                 (SourceKind::Udp, None) => MAX_RECORD_BYTES_DEFAULT.min(UDP_PAYLOAD_BYTES_MAX),
@@ -803,10 +930,8 @@ impl Plan {
                 }
                 (_, t) => t.unwrap_or(IDLE_TIMEOUT_MS_DEFAULT),
             };
-            if s.kind == SourceKind::Updraft
-                && (s.partition_by.is_some_and(|p| p != PartitionBy::None)
-                    || s.rate_limit.is_some())
-            {
+            let partitioned = partition_by != PartitionBy::None;
+            if s.kind == SourceKind::Updraft && (partitioned || s.rate_limit.is_some()) {
                 let k = if s.rate_limit.is_some() {
                     "rate_limit"
                 } else {
@@ -817,8 +942,7 @@ impl Plan {
                     "an updraft source keeps each batch on the shard it came to, whole (senders are held back when its sinks are full)",
                 ));
             }
-            if s.kind == SourceKind::Mqtt && s.partition_by.is_some_and(|p| p != PartitionBy::None)
-            {
+            if s.kind == SourceKind::Mqtt && partitioned {
                 return Err(invalid(
                     key("partition_by"),
                     "an mqtt source runs on one shard and keeps its records there (\"none\")",
@@ -843,7 +967,9 @@ impl Plan {
                 kind: s.kind,
                 address,
                 framing,
-                partition_by: s.partition_by.unwrap_or_default(),
+                partition_by,
+                decoding,
+                on_error: s.on_error.unwrap_or_default(),
                 max_record_bytes,
                 max_connections,
                 receive_buffer_bytes: s.receive_buffer_bytes,

@@ -80,10 +80,12 @@ pub enum DropReason {
     /// A counted frame (octet counting, length prefix) cut short by the end
     /// of its connection.
     Truncated,
+    /// Not readable by the source's decoding (with `on_error = "drop"`).
+    Decode,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::Oversize,
         DropReason::Framing,
         DropReason::InvalidUtf8,
@@ -93,6 +95,7 @@ impl DropReason {
         DropReason::NoSink,
         DropReason::RateLimit,
         DropReason::Truncated,
+        DropReason::Decode,
     ];
 
     pub fn label(self) -> &'static str {
@@ -106,6 +109,7 @@ impl DropReason {
             DropReason::NoSink => "no_sink",
             DropReason::RateLimit => "rate_limit",
             DropReason::Truncated => "truncated",
+            DropReason::Decode => "decode",
         }
     }
 }
@@ -125,6 +129,9 @@ pub struct SourceCounters {
     /// Idle connections closed to make room for a new one at
     /// `max_connections`.
     pub connections_evicted: Counter,
+    /// Records the source's decoding could not read (passed on or dropped,
+    /// as `on_error` says).
+    pub decode_errors: Counter,
     /// updraft source: batch frames taken from senders.
     pub frames: Counter,
     /// updraft source: frames sent again that were taken before,
@@ -219,6 +226,8 @@ pub struct ShardMetrics {
     pub ring_batches: Gauge,
     /// Batches this shard's pool has allocated since start.
     pub pool_batches_made: Gauge,
+    /// Records this shard sent to another over the mesh (`partition_by`).
+    pub crossed_records: Counter,
 }
 
 impl ShardMetrics {
@@ -228,6 +237,7 @@ impl ShardMetrics {
             sinks: (0..sinks).map(|_| SinkCounters::default()).collect(),
             ring_batches: Gauge::default(),
             pool_batches_made: Gauge::default(),
+            crossed_records: Counter::default(),
         }
     }
 }
@@ -377,6 +387,13 @@ impl Collector for Exposition {
             "Idle TCP connections closed to make room for a new one at max_connections.",
             MetricType::Counter,
             source_counter(|c| c.connections_evicted.get()),
+        )?;
+        family(
+            &mut enc,
+            "source_decode_errors",
+            "Records a source's decoding could not read (passed on raw, or dropped with on_error = \"drop\").",
+            MetricType::Counter,
+            source_counter(|c| c.decode_errors.get()),
         )?;
         family(
             &mut enc,
@@ -666,6 +683,18 @@ impl Collector for Exposition {
             "Records the sink's encoding cannot express (e.g. not InfluxDB line protocol), dropped.",
             MetricType::Counter,
             sink_counter(|c| c.encode_dropped.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "shard_crossed_records",
+            "Records a shard handed to another over the mesh (partition_by peer or a field).",
+            MetricType::Counter,
+            m.shards.iter().enumerate().map(|(k, s)| {
+                (
+                    vec![("shard", k.to_string())],
+                    ConstCounter::new(s.crossed_records.get()),
+                )
+            }),
         )?;
         family(
             &mut enc,

@@ -14,7 +14,8 @@
 //! its lifecycle; sources see nothing of the runtime.
 
 use super::{SinkCtx, SinkQueue};
-use crate::config::{BatchLimits, PartitionBy, Plan, Utf8Policy};
+use crate::codec::{influx, json, syslog};
+use crate::config::{BatchLimits, Decoding, FieldRef, PartitionBy, Plan, Utf8Policy};
 use crate::metrics::DropReason;
 use crate::metrics::ShardMetrics;
 use crate::record::{Batch, BatchBuilder, BatchPool};
@@ -36,6 +37,15 @@ pub const CROSSING_BATCH: BatchLimits = BatchLimits {
     max_bytes: 256 * 1024,
     linger_ms: 1,
 };
+
+/// Where [`Ingest::route`] sends a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routed {
+    /// To this (key, shard); with why it did not decode, when it did not.
+    To((u32, usize), Option<&'static str>),
+    /// Dropped (counted): why it did not decode.
+    Dropped(&'static str),
+}
 
 /// Why a record could not be taken now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,12 +241,99 @@ impl Ingest {
     #[inline]
     pub fn owner(&self, source: usize, peer: &std::net::SocketAddr) -> (u32, usize) {
         match self.plan.sources[source].partition_by {
-            PartitionBy::None => (0, self.id),
+            // A field's owner comes from `decode`, record by record.
+            PartitionBy::None | PartitionBy::Field(_) => (0, self.id),
             PartitionBy::Peer => {
                 let k = crate::route::peer_key(peer);
                 (k, crate::route::owner(k, self.shards))
             }
         }
+    }
+
+    /// Decodes `record` when its source has a decoding (`now_ns` dates an
+    /// RFC 3164 timestamp): with `partition_by = { field }`, the key of the
+    /// field's value and the shard that owns it (`None` when the record
+    /// lacks the field, or the source partitions otherwise: the caller's
+    /// owner stands); `Err` says why the record does not decode.
+    #[inline]
+    pub fn decode(
+        &self,
+        source: usize,
+        record: &[u8],
+        now_ns: u64,
+    ) -> Result<Option<(u32, usize)>, &'static str> {
+        let plan = &self.plan.sources[source];
+        if plan.decoding == Decoding::Raw {
+            return Ok(None);
+        }
+        let field = match &plan.partition_by {
+            PartitionBy::Field(f) => Some(f),
+            _ => None,
+        };
+        let key = match plan.decoding {
+            Decoding::Raw => None,
+            Decoding::Syslog => {
+                let m = syslog::parse(record, now_ns).map_err(|e| e.reason())?;
+                let span = match field {
+                    Some(FieldRef::Host) => m.host,
+                    Some(FieldRef::App) => m.app,
+                    Some(FieldRef::ProcId) => m.procid,
+                    Some(FieldRef::MsgId) => m.msgid,
+                    Some(FieldRef::Severity) => return Ok(Some(self.keyed(&[m.severity]))),
+                    Some(FieldRef::Facility) => return Ok(Some(self.keyed(&[m.facility]))),
+                    _ => None,
+                };
+                span.map(|s| self.keyed(s.of(record)))
+            }
+            Decoding::Influx => {
+                let l = influx::parse(record).map_err(|e| e.reason())?;
+                let span = match field {
+                    Some(FieldRef::Measurement) => Some(l.measurement),
+                    Some(FieldRef::Tag(t)) => influx::tag(record, &l, t),
+                    _ => None,
+                };
+                span.map(|s| self.keyed(s.of(record)))
+            }
+            Decoding::Json => {
+                let k = match field {
+                    Some(FieldRef::Key(k)) => Some(&**k),
+                    _ => None,
+                };
+                json::parse(record, k)
+                    .map_err(|e| e.reason())?
+                    .map(|s| self.keyed(s.of(record)))
+            }
+        };
+        Ok(key)
+    }
+
+    /// Where a record goes, its source's decoding applied (see
+    /// [`decode`](Self::decode)): `routed` is the owner without it. A record
+    /// that does not decode is counted (`decode_errors`), and passed on
+    /// where `routed` says or dropped (counted, `reason="decode"`) as the
+    /// source's `on_error` says; the reason comes back for the log.
+    #[inline]
+    pub fn route(&self, source: usize, record: &[u8], now_ns: u64, routed: (u32, usize)) -> Routed {
+        match self.decode(source, record, now_ns) {
+            Ok(Some(r)) => Routed::To(r, None),
+            Ok(None) => Routed::To(routed, None),
+            Err(why) => {
+                let c = &self.metrics.sources[source];
+                c.decode_errors.add(1);
+                if self.plan.sources[source].on_error == crate::config::OnError::Drop {
+                    c.drop(DropReason::Decode, 1);
+                    Routed::Dropped(why)
+                } else {
+                    Routed::To(routed, Some(why))
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn keyed(&self, value: &[u8]) -> (u32, usize) {
+        let k = crate::route::value_key(value);
+        (k, crate::route::owner(k, self.shards))
     }
 
     /// Starts what moves records on this shard for its life: each sink
@@ -363,6 +460,7 @@ impl Ingest {
     /// Seals the lane's open batch into the ring to `dest` (which has room).
     fn cross(&self, builder: &mut BatchBuilder, ring: &mut Producer<Batch>, dest: usize) {
         if let Some(b) = builder.seal() {
+            self.metrics.crossed_records.add(b.len() as u64);
             if ring.push(b).is_err() {
                 unreachable!("the caller checked the ring has room");
             }

@@ -19,10 +19,10 @@
 //! shard, naming the peer.
 
 use crate::codec::{Decoded, Decoder, End};
-use crate::config::WhenExceeded;
+use crate::config::{Decoding, WhenExceeded};
 use crate::logging::LogEvery;
 use crate::metrics::{DropReason, SourceCounters};
-use crate::pipeline::ingest::Ingest;
+use crate::pipeline::ingest::{Ingest, Routed};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -376,6 +376,20 @@ async fn connection(
                             shard.rate_wait(source).await;
                         }
                     }
+                    let (key, dest) = match plan.decoding {
+                        Decoding::Raw => (key, dest),
+                        _ => match shard.route(source, record, ts, (key, dest)) {
+                            Routed::To(r, None) => r,
+                            Routed::To(r, Some(why)) => {
+                                log_bad(why, from);
+                                r
+                            }
+                            Routed::Dropped(why) => {
+                                log_bad(why, from);
+                                continue;
+                            }
+                        },
+                    };
                     records += 1;
                     shard.offer(source, dest, ts, key, record, &[]).await;
                 }
@@ -422,8 +436,11 @@ async fn connection(
             End::Record(record) => match shard.refuse(source, record) {
                 None => {
                     let ts = shard.now_ns();
-                    shard.offer(source, dest, ts, key, record, &[]).await;
-                    records += 1;
+                    if let Routed::To((key, dest), _) = shard.route(source, record, ts, (key, dest))
+                    {
+                        shard.offer(source, dest, ts, key, record, &[]).await;
+                        records += 1;
+                    }
                 }
                 Some(DropReason::InvalidUtf8) => {
                     log_bad("record is not valid UTF-8; dropped (set utf8 = \"pass\" for binary records)", start);

@@ -12,7 +12,7 @@
 use crate::codec::datagram_record;
 use crate::logging::LogEvery;
 use crate::metrics::DropReason;
-use crate::pipeline::ingest::Ingest;
+use crate::pipeline::ingest::{Ingest, Routed};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
@@ -164,7 +164,27 @@ impl Take<'_> {
             }
             return;
         }
-        let (key, dest) = shard.owner(self.source, &peer);
+        let ts = shard.now_ns();
+        let (key, dest) = match shard.route(
+            self.source,
+            record,
+            ts,
+            shard.owner(self.source, &peer),
+        ) {
+            Routed::To(r, None) => r,
+            Routed::To(r, Some(why)) => {
+                if let Some(held) = self.log_bad.ready() {
+                    tracing::warn!(source = %plan.name, %peer, suppressed = held, "{why}; passed on as it came");
+                }
+                r
+            }
+            Routed::Dropped(why) => {
+                if let Some(held) = self.log_bad.ready() {
+                    tracing::warn!(source = %plan.name, %peer, suppressed = held, "{why}; dropped (counted as decode)");
+                }
+                return;
+            }
+        };
         if plan.rate_limit.is_some() && !shard.rate_admit(self.source) {
             // A datagram cannot wait: over the rate it is dropped, whatever
             // `when_exceeded` says.
@@ -175,7 +195,6 @@ impl Take<'_> {
             }
             return;
         }
-        let ts = shard.now_ns();
         match shard.try_offer(self.source, dest, ts, key, record, &[]) {
             Ok(()) => counters.records.add(1),
             Err(_) => {

@@ -14,5 +14,6 @@ mod loadgen;
 mod mqtt;
 mod native;
 mod nats;
+mod records;
 mod runtime;
 mod wal;

@@ -65,6 +65,18 @@ enum Proto {
     Nats,
 }
 
+/// The shape of a record around its `stream=S seq=N ts=T` (which the
+/// receiver finds wherever it is).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum RecordFormat {
+    /// `stream=S seq=N ts=T xxx…`
+    Raw,
+    /// An RFC 5424 message: `<13>1 TIMESTAMP gwS appS - - - stream=S …`.
+    Syslog,
+    /// InfluxDB line protocol: `lg,device=dNNNNNN stream=NNNNNN,seq=N,ts=T,pad="xxx…"`.
+    Influx,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
 enum Framing {
     Newline,
@@ -123,6 +135,15 @@ struct SendArgs {
     /// Id of the first connection's stream (the next get the following ids).
     #[arg(long, default_value_t = 0)]
     stream_base: u64,
+    /// What a record looks like around its stream, seq and ts (tcp, udp).
+    #[arg(long, value_enum, default_value = "raw")]
+    format: RecordFormat,
+    /// `--format influx`: records of this many devices, each its own
+    /// stream (its id is the device number, in the `device` tag): connection
+    /// c sends for devices c, c + connections, ..., in turn, so that each
+    /// device's records go over one connection, in order.
+    #[arg(long)]
+    devices: Option<u64>,
     /// `--proto mqtt`: the topic each connection publishes to (`{stream}`
     /// is its stream id).
     #[arg(long, default_value = "sensors/{stream}")]
@@ -223,24 +244,66 @@ struct Block {
     seq_at: usize,
     ts_at: usize,
     records: usize,
+    /// `--devices`: where the device number is written (twice: the tag and
+    /// the stream), and which devices this connection sends for.
+    devices: Option<Devices>,
 }
+
+/// The devices one connection sends for: `first`, `first + step`, … (`count`
+/// of them), in turn.
+#[derive(Clone, Copy, Debug)]
+struct Devices {
+    first: u64,
+    step: u64,
+    count: u64,
+    tag_at: usize,
+    stream_at: usize,
+}
+
+const DEVICE_DIGITS: usize = 6;
 
 impl Block {
     fn new(stream: u64, size: usize, framing: Framing, records: usize) -> Result<Block> {
-        let head = format!(
-            "stream={stream} seq={} ts={} ",
-            "0".repeat(SEQ_DIGITS),
-            "0".repeat(TS_DIGITS)
-        );
-        if size < head.len() + 1 {
+        Block::shaped(stream, size, framing, records, RecordFormat::Raw, None)
+    }
+
+    /// `devices`: (first, step, count) of this connection's devices.
+    fn shaped(
+        stream: u64,
+        size: usize,
+        framing: Framing,
+        records: usize,
+        format: RecordFormat,
+        devices: Option<(u64, u64, u64)>,
+    ) -> Result<Block> {
+        let seq = "0".repeat(SEQ_DIGITS);
+        let ts = "0".repeat(TS_DIGITS);
+        let dev = "0".repeat(DEVICE_DIGITS);
+        let (head, tail) = match format {
+            RecordFormat::Raw => (format!("stream={stream} seq={seq} ts={ts} "), ""),
+            RecordFormat::Syslog => (
+                format!("<13>1 2026-12-03T12:00:00.000Z gw{stream} app{stream} - - - stream={stream} seq={seq} ts={ts} "),
+                "",
+            ),
+            RecordFormat::Influx if devices.is_some() => (
+                format!("lg,device=d{dev} stream={dev},seq={seq},ts={ts},pad=\""),
+                "\"",
+            ),
+            RecordFormat::Influx => (
+                format!("lg,device=d{stream} stream={stream},seq={seq},ts={ts},pad=\""),
+                "\"",
+            ),
+        };
+        if size < head.len() + tail.len() + 1 {
             bail!(
                 "--size {size} is too small: a record needs at least {} bytes",
-                head.len() + 1
+                head.len() + tail.len() + 1
             );
         }
         // The record without its newline, then the frame around it.
         let mut record = head.clone().into_bytes();
-        record.resize(size - 1, b'x');
+        record.resize(size - 1 - tail.len(), b'x');
+        record.extend_from_slice(tail.as_bytes());
         let (prefix, suffix): (Vec<u8>, &[u8]) = match framing {
             Framing::Newline => (Vec::new(), b"\n"),
             Framing::OctetCounting => (format!("{} ", record.len()).into_bytes(), b""),
@@ -253,28 +316,55 @@ impl Block {
             bytes.extend_from_slice(&record);
             bytes.extend_from_slice(suffix);
         }
-        let seq_at = prefix.len() + head.find(" seq=").expect("in head") + 5;
-        let ts_at = prefix.len() + head.find(" ts=").expect("in head") + 4;
+        let after = |pat: &str| prefix.len() + head.find(pat).expect("in head") + pat.len();
+        let (seq_at, ts_at) = match format {
+            RecordFormat::Influx => (after(",seq="), after(",ts=")),
+            _ => (after(" seq="), after(" ts=")),
+        };
+        let devices = devices.map(|(first, step, count)| Devices {
+            first,
+            step,
+            count: count.max(1),
+            tag_at: after("device=d"),
+            stream_at: after(" stream="),
+        });
         Ok(Block {
             bytes,
             frame,
             seq_at,
             ts_at,
             records,
+            devices,
         })
     }
 
     /// Patches the first `n` records with sequence numbers from `first` and
-    /// the send time `ts`; returns the bytes to write.
+    /// the send time `ts`; returns the bytes to write. With devices, record
+    /// `first + i` is for device `(first + i) % count` of this connection's,
+    /// and its sequence number is that device's (`(first + i) / count`).
     fn fill(&mut self, first: u64, n: usize, ts: u64) -> &[u8] {
         debug_assert!(n <= self.records);
         let mut ts_digits = [0u8; TS_DIGITS];
         put_digits(&mut ts_digits, ts);
         for i in 0..n {
             let base = i * self.frame;
+            let k = first + i as u64;
+            let seq = match self.devices {
+                None => k,
+                Some(d) => {
+                    let device = d.first + (k % d.count) * d.step;
+                    for at in [d.tag_at, d.stream_at] {
+                        put_digits(
+                            &mut self.bytes[base + at..base + at + DEVICE_DIGITS],
+                            device,
+                        );
+                    }
+                    k / d.count
+                }
+            };
             put_digits(
                 &mut self.bytes[base + self.seq_at..base + self.seq_at + SEQ_DIGITS],
-                first + i as u64,
+                seq,
             );
             self.bytes[base + self.ts_at..base + self.ts_at + TS_DIGITS]
                 .copy_from_slice(&ts_digits);
@@ -283,7 +373,8 @@ impl Block {
     }
 }
 
-/// Parses `stream=S seq=N ts=T ...`.
+/// Parses `stream=S seq=N ts=T ...` (or `stream=S,seq=N,ts=T`), at the
+/// start of the record or after other fields (`--format`).
 fn parse_record(line: &[u8]) -> Option<(u64, u64, u64)> {
     fn digits(b: &[u8]) -> Option<(u64, &[u8])> {
         let n = b.iter().take_while(|c| c.is_ascii_digit()).count();
@@ -296,11 +387,23 @@ fn parse_record(line: &[u8]) -> Option<(u64, u64, u64)> {
         }
         Some((v, &b[n..]))
     }
-    let rest = line.strip_prefix(b"stream=")?;
+    let rest = match line.strip_prefix(b"stream=") {
+        Some(r) => r,
+        None => {
+            let at = line
+                .windows(8)
+                .position(|w| &w[1..] == b"stream=" && (w[0] == b' ' || w[0] == b','))?;
+            &line[at + 8..]
+        }
+    };
     let (stream, rest) = digits(rest)?;
-    let rest = rest.strip_prefix(b" seq=")?;
+    let rest = rest
+        .strip_prefix(b" seq=")
+        .or_else(|| rest.strip_prefix(b",seq="))?;
     let (seq, rest) = digits(rest)?;
-    let rest = rest.strip_prefix(b" ts=")?;
+    let rest = rest
+        .strip_prefix(b" ts=")
+        .or_else(|| rest.strip_prefix(b",ts="))?;
     let (ts, _) = digits(rest)?;
     Some((stream, seq, ts))
 }
@@ -342,6 +445,14 @@ fn send(a: SendArgs) -> Result<()> {
     if a.connections == 0 {
         bail!("--connections must be at least 1");
     }
+    if a.devices.is_some() && a.format != RecordFormat::Influx {
+        bail!("--devices needs --format influx");
+    }
+    if a.devices
+        .is_some_and(|d| d < a.connections as u64 || d > 999_999)
+    {
+        bail!("--devices must be at least --connections and at most 999999");
+    }
     let progress = Arc::new(AtomicU64::new(0));
     let bar = indicatif::ProgressBar::new(a.count);
     bar.set_style(
@@ -356,6 +467,18 @@ fn send(a: SendArgs) -> Result<()> {
         let rate = a.rate.map(|r| r as f64 / a.connections as f64);
         let stream = a.stream_base + c as u64;
         let (target, size, framing, proto) = (a.target, a.size, a.framing, a.proto);
+        let conns = a.connections as u64;
+        let shape = Shape {
+            format: a.format,
+            // Connection c: devices c, c + conns, ... below the total.
+            devices: a.devices.map(|d| {
+                (
+                    c as u64,
+                    conns,
+                    d / conns + u64::from((c as u64) < d % conns),
+                )
+            }),
+        };
         let progress = progress.clone();
         let pubs = mqtt::Publisher {
             topic: a.topic.replace("{stream}", &stream.to_string()),
@@ -368,8 +491,10 @@ fn send(a: SendArgs) -> Result<()> {
         };
         threads.push(std::thread::spawn(move || -> Result<()> {
             match proto {
-                Proto::Tcp => send_tcp(target, stream, count, size, framing, rate, &progress),
-                Proto::Udp => send_udp(target, stream, count, size, rate, &progress),
+                Proto::Tcp => {
+                    send_tcp(target, stream, count, size, framing, shape, rate, &progress)
+                }
+                Proto::Udp => send_udp(target, stream, count, size, shape, rate, &progress),
                 Proto::Mqtt => pubs.send(target, stream, count, size, rate, &progress),
                 Proto::Nats => nats_pub.send(target, stream, count, size, rate, &progress),
                 Proto::Http => bail!("send speaks tcp, udp, mqtt or nats; http is for receive"),
@@ -413,12 +538,21 @@ fn send(a: SendArgs) -> Result<()> {
     Ok(())
 }
 
+/// What a connection's records look like (`--format`, `--devices`).
+#[derive(Clone, Copy)]
+struct Shape {
+    format: RecordFormat,
+    devices: Option<(u64, u64, u64)>,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn send_tcp(
     target: SocketAddr,
     stream_id: u64,
     count: u64,
     size: usize,
     framing: Framing,
+    shape: Shape,
     rate: Option<f64>,
     progress: &AtomicU64,
 ) -> Result<()> {
@@ -427,7 +561,14 @@ fn send_tcp(
         Some(r) => ((r / 1000.0) as usize).clamp(1, (SEND_BLOCK_BYTES / size).max(1)),
         None => (SEND_BLOCK_BYTES / size).max(1),
     };
-    let mut block = Block::new(stream_id, size, framing, per_block)?;
+    let mut block = Block::shaped(
+        stream_id,
+        size,
+        framing,
+        per_block,
+        shape.format,
+        shape.devices,
+    )?;
     let mut conn = TcpStream::connect(target).with_context(|| format!("connect to {target}"))?;
     let start = quanta::Instant::now();
     let mut sent = 0u64;
@@ -452,6 +593,7 @@ fn send_udp(
     stream_id: u64,
     count: u64,
     size: usize,
+    shape: Shape,
     rate: Option<f64>,
     progress: &AtomicU64,
 ) -> Result<()> {
@@ -468,7 +610,14 @@ fn send_udp(
         Some(r) => ((r / 1000.0) as usize).clamp(1, UDP_BATCH),
         None => UDP_BATCH,
     };
-    let mut block = Block::new(stream_id, size, Framing::Newline, UDP_BATCH)?;
+    let mut block = Block::shaped(
+        stream_id,
+        size,
+        Framing::Newline,
+        UDP_BATCH,
+        shape.format,
+        shape.devices,
+    )?;
     let frame = block.frame;
     let start = quanta::Instant::now();
     let mut sent = 0u64;
@@ -1109,6 +1258,38 @@ mod tests {
             parse_record(lines[2]),
             Some((7, 43, 1_732_240_000_123_456_789))
         );
+    }
+
+    #[test]
+    fn shaped_records_parse_back() {
+        let mut b = Block::shaped(3, 200, Framing::Newline, 4, RecordFormat::Syslog, None).unwrap();
+        let bytes = b.fill(10, 4, 5).to_vec();
+        let line = bytes.split(|&c| c == b'\n').nth(1).unwrap();
+        assert!(line.starts_with(b"<13>1 "), "{line:?}");
+        assert_eq!(parse_record(line), Some((3, 11, 5)));
+        // Devices 1, 5, 9 on connection 1 of 4: record k is for device
+        // 1 + (k % 3) * 4, its sequence number k / 3.
+        let mut b = Block::shaped(
+            1,
+            200,
+            Framing::Newline,
+            6,
+            RecordFormat::Influx,
+            Some((1, 4, 3)),
+        )
+        .unwrap();
+        let bytes = b.fill(6, 6, 5).to_vec();
+        let got: Vec<_> = bytes
+            .split(|&c| c == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                assert!(l.starts_with(b"lg,device=d") && l.ends_with(b"\""), "{l:?}");
+                parse_record(l).unwrap()
+            })
+            .collect();
+        let want: Vec<_> = (6..12u64).map(|k| (1 + (k % 3) * 4, k / 3, 5)).collect();
+        assert_eq!(got, want);
+        assert_eq!(&bytes[..24], b"lg,device=d000001 stream");
     }
 
     #[test]

@@ -1,0 +1,233 @@
+//! InfluxDB line protocol located in place: where a line's measurement, tag
+//! set, field set and timestamp lie, and a named tag's value, as byte
+//! ranges of the record. One pass, nothing copied or allocated, no field
+//! value parsed (only the timestamp, to nanoseconds).
+//!
+//! `measurement[,tag=value...] field=value[,field=value...] [timestamp]`:
+//! a backslash escapes the next byte in the measurement, tag keys and values
+//! and field keys; a string field value is in double quotes (`\"` and `\\`
+//! inside). The timestamp is in nanoseconds (the protocol's default).
+
+pub use super::syslog::Span;
+
+/// Where a line's parts lie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Line {
+    pub measurement: Span,
+    /// The tags, without the comma before them (`a=1,b=2`).
+    pub tags: Option<Span>,
+    pub fields: Span,
+    pub timestamp: Option<Span>,
+    pub ts_ns: Option<u64>,
+}
+
+/// Why a record is not a line of line protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Error {
+    NoMeasurement,
+    NoFields,
+    BadTag,
+    UnclosedString,
+    BadTimestamp,
+}
+
+impl Error {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Error::NoMeasurement => "not line protocol: no measurement",
+            Error::NoFields => "not line protocol: no field set",
+            Error::BadTag => "not line protocol: a tag without key=value",
+            Error::UnclosedString => "not line protocol: an unclosed string field",
+            Error::BadTimestamp => "not line protocol: a bad timestamp",
+        }
+    }
+}
+
+/// The end of a run at `at` that stops at an unescaped byte in `stops`.
+fn run(r: &[u8], mut at: usize, stops: &[u8]) -> usize {
+    while at < r.len() {
+        let c = r[at];
+        if c == b'\\' {
+            at += 2;
+            continue;
+        }
+        if stops.contains(&c) {
+            break;
+        }
+        at += 1;
+    }
+    at.min(r.len())
+}
+
+pub fn parse(r: &[u8]) -> Result<Line, Error> {
+    let m_end = run(r, 0, b", ");
+    if m_end == 0 || r[0] == b'#' {
+        return Err(Error::NoMeasurement);
+    }
+    let mut line = Line {
+        measurement: Span {
+            start: 0,
+            len: m_end as u32,
+        },
+        ..Line::default()
+    };
+    let mut at = m_end;
+    if r.get(at) == Some(&b',') {
+        let t_end = run(r, at + 1, b" ");
+        let tags = Span {
+            start: (at + 1) as u32,
+            len: (t_end - at - 1) as u32,
+        };
+        // Every tag is key=value.
+        let mut t = at + 1;
+        while t < t_end {
+            let kv_end = run(r, t, b", ").min(t_end);
+            let eq = run(r, t, b"=").min(kv_end);
+            if eq == t || eq + 1 >= kv_end {
+                return Err(Error::BadTag);
+            }
+            t = kv_end + 1;
+        }
+        line.tags = Some(tags);
+        at = t_end;
+    }
+    if r.get(at) != Some(&b' ') {
+        return Err(Error::NoFields);
+    }
+    while r.get(at) == Some(&b' ') {
+        at += 1;
+    }
+    // Fields: up to an unescaped space outside a string.
+    let f_start = at;
+    let mut quoted = false;
+    while at < r.len() {
+        match r[at] {
+            b'\\' => {
+                at += 2;
+                continue;
+            }
+            b'"' => quoted = !quoted,
+            b' ' if !quoted => break,
+            _ => {}
+        }
+        at += 1;
+    }
+    if quoted {
+        return Err(Error::UnclosedString);
+    }
+    let f_end = at.min(r.len());
+    if f_end == f_start || !r[f_start..f_end].contains(&b'=') {
+        return Err(Error::NoFields);
+    }
+    line.fields = Span {
+        start: f_start as u32,
+        len: (f_end - f_start) as u32,
+    };
+    while r.get(at) == Some(&b' ') {
+        at += 1;
+    }
+    let ts_end = r.len()
+        - r.iter()
+            .rev()
+            .take_while(|&&c| c == b' ' || c == b'\r')
+            .count();
+    if at < ts_end {
+        let t = &r[at..ts_end];
+        let digits = t.strip_prefix(b"-").unwrap_or(t);
+        if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+            return Err(Error::BadTimestamp);
+        }
+        line.timestamp = Some(Span {
+            start: at as u32,
+            len: (ts_end - at) as u32,
+        });
+        if t[0] != b'-' {
+            line.ts_ns = digits.iter().try_fold(0u64, |v, &c| {
+                v.checked_mul(10)?.checked_add(u64::from(c - b'0'))
+            });
+        }
+    }
+    Ok(line)
+}
+
+/// The value of tag `key` (as written, escapes and all) in `line`.
+pub fn tag(r: &[u8], line: &Line, key: &[u8]) -> Option<Span> {
+    let tags = line.tags?;
+    let (mut t, end) = (tags.start as usize, (tags.start + tags.len) as usize);
+    while t < end {
+        let kv_end = run(r, t, b",").min(end);
+        let eq = run(r, t, b"=").min(kv_end);
+        if eq < kv_end && &r[t..eq] == key {
+            return Some(Span {
+                start: (eq + 1) as u32,
+                len: (kv_end - eq - 1) as u32,
+            });
+        }
+        t = kv_end + 1;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_and_its_tags() {
+        let r = b"weather,device=d-17,site=north\\ yard temp=21.5,label=\"a b\\\" c\" 1796299200000000000";
+        let l = parse(r).unwrap();
+        assert_eq!(l.measurement.of(r), b"weather");
+        assert_eq!(l.tags.unwrap().of(r), b"device=d-17,site=north\\ yard");
+        assert_eq!(l.fields.of(r), b"temp=21.5,label=\"a b\\\" c\"");
+        assert_eq!(l.ts_ns, Some(1_796_299_200_000_000_000));
+        assert_eq!(tag(r, &l, b"device").unwrap().of(r), b"d-17");
+        assert_eq!(tag(r, &l, b"site").unwrap().of(r), b"north\\ yard");
+        assert_eq!(tag(r, &l, b"nope"), None);
+        let r = b"cpu usage=1i";
+        let l = parse(r).unwrap();
+        assert_eq!((l.tags, l.timestamp), (None, None));
+        assert_eq!(tag(r, &l, b"device"), None);
+    }
+
+    #[test]
+    fn what_is_not_line_protocol() {
+        assert_eq!(parse(b""), Err(Error::NoMeasurement));
+        assert_eq!(parse(b"# a comment"), Err(Error::NoMeasurement));
+        assert_eq!(parse(b"cpu"), Err(Error::NoFields));
+        assert_eq!(parse(b"cpu,host=a"), Err(Error::NoFields));
+        assert_eq!(parse(b"cpu,host usage=1"), Err(Error::BadTag));
+        assert_eq!(parse(b"cpu s=\"open"), Err(Error::UnclosedString));
+        assert_eq!(parse(b"cpu u=1 12x"), Err(Error::BadTimestamp));
+        assert_eq!(parse(b"cpu novalue"), Err(Error::NoFields));
+    }
+
+    #[test]
+    fn randomized_lines_never_panic_and_spans_stay_inside() {
+        let seed = b"m,device=d1,b=2 f=1i,s=\"x\\\"y\" 123".to_vec();
+        let mut rng = fastrand::Rng::with_seed(3);
+        for round in 0..50_000 {
+            let mut r = seed.clone();
+            match round % 3 {
+                0 => {
+                    for _ in 0..rng.usize(1..5) {
+                        let i = rng.usize(..r.len());
+                        r[i] = *rng.choice(b"\\\", =xyz019-#".iter()).unwrap();
+                    }
+                }
+                1 => r.truncate(rng.usize(..r.len())),
+                _ => r = (0..rng.usize(..60)).map(|_| rng.u8(..)).collect(),
+            }
+            if let Ok(l) = parse(&r) {
+                for sp in [Some(l.measurement), l.tags, Some(l.fields), l.timestamp]
+                    .into_iter()
+                    .flatten()
+                {
+                    assert!((sp.start + sp.len) as usize <= r.len(), "{r:?}");
+                }
+                if let Some(t) = tag(&r, &l, b"device") {
+                    assert!((t.start + t.len) as usize <= r.len(), "{r:?}");
+                }
+            }
+        }
+    }
+}
