@@ -85,9 +85,9 @@ def receiver(port, expect, timeout_s, proto="tcp"):
     return p
 
 
-def send(port, proto, conns, count, size, rate=None, timeout=None):
+def send(port, proto, conns, count, size, rate=None, timeout=None, extra=()):
     cmd = [LOADGEN, "send", "--target", f"127.0.0.1:{port}", "--proto", proto,
-           "--connections", str(conns), "--count", str(count), "--size", str(size), "--json"]
+           "--connections", str(conns), "--count", str(count), "--size", str(size), "--json", *extra]
     if rate:
         cmd += ["--rate", str(rate)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=timeout)
@@ -163,7 +163,7 @@ class Collector:
             self.proc.wait()
 
 
-def updraft(tmp, shards, source_proto, sink, buffer=""):
+def updraft(tmp, shards, source_proto, sink, buffer="", source_extra=""):
     src, mport = free_port(), free_port()
     sink_toml = {
         "blackhole": 'type = "blackhole"',
@@ -181,6 +181,7 @@ address = "127.0.0.1:{mport}"
 [sources.in]
 type = "{source_proto}"
 address = "127.0.0.1:{src}"
+{source_extra}
 [sinks.out]
 {sink_toml}
 inputs = ["in"]
@@ -594,7 +595,7 @@ def add_ratios(rows):
             r["ratio_to_memory"] = r["records_per_sec"] / m if m else None
             if m:
                 r["note"] += f"; {r['ratio_to_memory']:.2f}x memory mode"
-        forwarded = r["scenario"] == "tcp->tcp (disk)" or r["scenario"].startswith(("tcp->http", "tcp->updraft"))
+        forwarded = r["scenario"] == "tcp->tcp (disk)" or r["scenario"].startswith(("tcp->http", "tcp->updraft", "tcp->tcp "))
         k = ("tcp->tcp", r["size"], r["connections"]) if forwarded else key(r)
         c, p = ceilings.get(k), peers.get(k)
         r["ratio_to_ceiling"] = r["records_per_sec"] / c if c else None
@@ -923,6 +924,50 @@ inputs = ["in"]
             shutil.rmtree(os.path.join(tmp, d), ignore_errors=True)
 
 
+def updraft_tcp_decoded(tmp, n, decoding, size=256, conns=4, shards=2):
+    """tcp -> tcp with the source decoding its records: syslog (the load
+    generator sends RFC 5424 messages) or influx with partition_by the
+    device tag (line protocol of 1,000 devices, so most records cross to
+    their device's shard)."""
+    sink = free_port()
+    rx = receiver(sink, n, 120)
+    if decoding == "syslog":
+        src_keys, extra = 'decoding = "syslog"', ["--format", "syslog"]
+    else:
+        src_keys = 'decoding = "influx"\npartition_by = { field = "tag.device" }'
+        extra = ["--format", "influx", "--devices", "1000"]
+    c, src = updraft(tmp, shards, "tcp", ("tcp", sink), source_extra=src_keys)
+    send(src, "tcp", conns, n, size, extra=extra)
+    r = finish(rx)
+    errors = c.metric('updraft_source_decode_errors_total{source="in"}')
+    cpu, rss = c.usage()
+    c.stop()
+    name = "tcp->tcp " + ("syslog" if decoding == "syslog" else "influx+partition")
+    return row(name, "updraft", size, conns, shards, r["records_per_sec"], r["latency_us"], cpu, rss, n,
+               r["lost"], r["duplicates"], note=f"{errors:.0f} decode errors; {r['reordered']} reordered")
+
+
+DECODE_PAIRS = 3
+
+
+def decode_bench(a, tmp, log):
+    """Decoding beside raw tcp->tcp, alternating (rows: the median run)."""
+    n = a.count or count_for(256, a.quick)
+    print(f"decoding, 256 B, 4 connections, 2 shards, {n} records (median of {DECODE_PAIRS} rounds)", flush=True)
+    log(tcp_ceiling_relay(256, 4, n))
+    runs = {"raw": [], "syslog": [], "influx": []}
+    for _ in range(DECODE_PAIRS):
+        runs["raw"].append(updraft_tcp_forward(tmp, 256, 4, 2, n))
+        runs["syslog"].append(updraft_tcp_decoded(tmp, n, "syslog"))
+        runs["influx"].append(updraft_tcp_decoded(tmp, n, "influx"))
+    log(median_run(runs["raw"]))
+    for k in ("syslog", "influx"):
+        m = median_run(runs[k])
+        m["note"] += "; rounds against raw: " + ", ".join(
+            f"{y['records_per_sec'] / x['records_per_sec']:.2f}" for x, y in zip(runs["raw"], runs[k]))
+        log(m)
+
+
 NATIVE_PAIRS = 3
 
 
@@ -1022,7 +1067,7 @@ def main():
                          "longer runs show steady state rather than start-up")
     ap.add_argument("--only", default="all",
                     help="all, or a comma-separated list of: http, disk (only 256 B x 4 connections, the ceilings, "
-                         "memory mode and that scenario), mqtt, nats, native")
+                         "memory mode and that scenario), mqtt, nats, native, decode")
     ap.add_argument("--against", metavar="BIN",
                     help="compare with another updraft binary: tcp->tcp and tcp->http, memory and disk, "
                          "in alternating pairs (writes against.md and against.json)")
@@ -1030,7 +1075,7 @@ def main():
     ap.add_argument("--scenario", default="", help="with --against: only scenarios whose name holds this")
     a = ap.parse_args()
     only = set(a.only.split(","))
-    unknown = only - {"all", "http", "disk", "mqtt", "nats", "native"}
+    unknown = only - {"all", "http", "disk", "mqtt", "nats", "native", "decode"}
     if unknown or ("all" in only and len(only) > 1):
         ap.error(f"--only: unknown or mixed with all: {a.only}")
     os.makedirs(a.out, exist_ok=True)
@@ -1079,6 +1124,8 @@ def main():
             nats_bench(a, tmp, log)
         if "native" in only:
             native_bench(a, tmp, log)
+        if "decode" in only:
+            decode_bench(a, tmp, log)
         if not only & {"all", "http", "disk"}:
             raise StopIteration
         for size in sizes:

@@ -43,20 +43,23 @@ impl Error {
     }
 }
 
-/// The end of a run at `at` that stops at an unescaped byte in `stops`.
+/// The end of a run at `at` that stops at an unescaped byte in `stops`
+/// (one or two bytes), found with memchr.
 fn run(r: &[u8], mut at: usize, stops: &[u8]) -> usize {
     while at < r.len() {
-        let c = r[at];
-        if c == b'\\' {
-            at += 2;
-            continue;
+        let rest = &r[at..];
+        let hit = match *stops {
+            [a] => memchr::memchr2(b'\\', a, rest),
+            [a, b] => memchr::memchr3(b'\\', a, b, rest),
+            _ => unreachable!("one or two stop bytes"),
+        };
+        match hit {
+            None => return r.len(),
+            Some(i) if rest[i] == b'\\' => at += i + 2,
+            Some(i) => return at + i,
         }
-        if stops.contains(&c) {
-            break;
-        }
-        at += 1;
     }
-    at.min(r.len())
+    r.len()
 }
 
 pub fn parse(r: &[u8]) -> Result<Line, Error> {
@@ -100,17 +103,28 @@ pub fn parse(r: &[u8]) -> Result<Line, Error> {
     // Fields: up to an unescaped space outside a string.
     let f_start = at;
     let mut quoted = false;
-    while at < r.len() {
-        match r[at] {
-            b'\\' => {
-                at += 2;
-                continue;
+    loop {
+        let rest = &r[at.min(r.len())..];
+        let hit = if quoted {
+            memchr::memchr2(b'\\', b'"', rest)
+        } else {
+            memchr::memchr3(b'\\', b'"', b' ', rest)
+        };
+        let Some(i) = hit else {
+            at = r.len();
+            break;
+        };
+        match rest[i] {
+            b'\\' => at += i + 2,
+            b'"' => {
+                quoted = !quoted;
+                at += i + 1;
             }
-            b'"' => quoted = !quoted,
-            b' ' if !quoted => break,
-            _ => {}
+            _ => {
+                at += i;
+                break;
+            }
         }
-        at += 1;
     }
     if quoted {
         return Err(Error::UnclosedString);

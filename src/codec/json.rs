@@ -1,6 +1,7 @@
 //! A JSON object per record, located in place: one pass checks the
 //! record's structure (an object; strings closed; brackets balanced, at most
-//! [`DEPTH_MAX`] deep) and finds where top-level keys' values lie. Nothing
+//! [`DEPTH_MAX`] deep; a loose check: control bytes in strings and
+//! mismatched bracket kinds inside a nested value are let through) and finds where top-level keys' values lie. Nothing
 //! is copied or allocated; numbers and literals are not interpreted.
 
 pub use super::syslog::Span;
@@ -34,15 +35,15 @@ fn ws(r: &[u8], mut at: usize) -> usize {
     at
 }
 
-/// The end (past the closing quote) of the string whose quote is at `at`.
+/// The end (past the closing quote) of the string whose quote is at `at`
+/// (found with memchr; control bytes inside are let through).
 fn string_end(r: &[u8], mut at: usize) -> Result<usize, Error> {
     at += 1;
     while at < r.len() {
-        match r[at] {
-            b'\\' => at += 2,
-            b'"' => return Ok(at + 1),
-            c if c < 0x20 => return Err(Error::Malformed),
-            _ => at += 1,
+        match memchr::memchr2(b'\\', b'"', &r[at..]) {
+            None => break,
+            Some(i) if r[at + i] == b'"' => return Ok(at + i + 1),
+            Some(i) => at += i + 2,
         }
     }
     Err(Error::Unclosed)

@@ -128,7 +128,7 @@ pub fn parse(record: &[u8], now_ns: u64) -> Result<Syslog, Error> {
             at += 1;
         }
         // HOSTNAME, unless what follows is already the tag (`app: ...`).
-        let word_end = at + record[at..].iter().take_while(|&&c| c != b' ').count();
+        let word_end = memchr::memchr(b' ', &record[at..]).map_or(record.len(), |i| at + i);
         let word = &record[at..word_end];
         if !word.is_empty() && !word.ends_with(b":") && !word.contains(&b'[') {
             m.host = Some(Span::new(at, word_end));
@@ -192,8 +192,8 @@ fn pri(r: &[u8]) -> Option<(u8, usize)> {
 /// The next space-terminated token at `*at` (moving past its space).
 fn token(r: &[u8], at: &mut usize) -> Option<Span> {
     let start = *at;
-    let n = r.get(start..)?.iter().take_while(|&&c| c != b' ').count();
-    if n == 0 || r.get(start + n) != Some(&b' ') {
+    let n = memchr::memchr(b' ', r.get(start..)?)?;
+    if n == 0 {
         return None;
     }
     *at = start + n + 1;
@@ -212,17 +212,19 @@ fn structured_data(r: &[u8], mut at: usize) -> Option<usize> {
         at += 1;
         let mut quoted = false;
         loop {
-            match *r.get(at)? {
-                b'\\' if quoted => at += 2,
+            let rest = r.get(at..)?;
+            let i = memchr::memchr3(b'\\', b'"', b']', rest)?;
+            match rest[i] {
+                b'\\' if quoted => at += i + 2,
                 b'"' => {
                     quoted = !quoted;
-                    at += 1;
+                    at += i + 1;
                 }
                 b']' if !quoted => {
-                    at += 1;
+                    at += i + 1;
                     break;
                 }
-                _ => at += 1,
+                _ => at += i + 1,
             }
         }
     }
