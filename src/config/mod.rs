@@ -376,9 +376,58 @@ pub struct SinkConfig {
     pub batch: Option<BatchConfig>,
     pub buffer: Option<BufferConfig>,
     pub retry: Option<RetryConfig>,
+    /// Takes only the records whose field matches (`where = { field, in }`).
+    #[serde(rename = "where")]
+    pub filter: Option<WhereConfig>,
     #[serde(flatten)]
     pub options: toml::Table,
 }
+
+/// `where = { field = "severity", in = ["0", "1"] }` (or `not_in`, or
+/// `prefix`): one of the three.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WhereConfig {
+    pub field: String,
+    #[serde(rename = "in")]
+    pub is_in: Option<Vec<String>>,
+    pub not_in: Option<Vec<String>>,
+    pub prefix: Option<Vec<String>>,
+}
+
+/// How a field's value is matched (`where`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Matcher {
+    In(Vec<Box<[u8]>>),
+    NotIn(Vec<Box<[u8]>>),
+    Prefix(Vec<Box<[u8]>>),
+}
+
+impl Matcher {
+    /// Whether a record whose field is `value` (`None`: it has none) is
+    /// taken. A record without the field matches only `not_in`.
+    #[inline]
+    pub fn takes(&self, value: Option<&[u8]>) -> bool {
+        match (self, value) {
+            (Matcher::In(vs), Some(v)) => vs.iter().any(|x| **x == *v),
+            (Matcher::NotIn(vs), Some(v)) => !vs.iter().any(|x| **x == *v),
+            (Matcher::Prefix(ps), Some(v)) => ps.iter().any(|p| v.starts_with(p)),
+            (Matcher::NotIn(_), None) => true,
+            (_, None) => false,
+        }
+    }
+}
+
+/// A sink's `where` as one of its input sources applies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFilter {
+    pub sink: usize,
+    pub field: FieldRef,
+    pub matcher: Matcher,
+}
+
+/// Sinks with a `where` are told apart by a bit each.
+pub const FILTERED_SINKS_MAX: usize = 64;
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -471,6 +520,8 @@ pub struct SourcePlan {
     /// What the source attaches to its records as meta because a sink of
     /// it uses it (a `{topic}` template).
     pub fields: Vec<Field>,
+    /// The `where` of each sink of it that has one.
+    pub filters: Vec<SourceFilter>,
 }
 
 #[derive(Debug, Clone)]
@@ -986,6 +1037,7 @@ impl Plan {
                 native,
                 sinks,
                 fields: Vec::new(),
+                filters: Vec::new(),
             });
         }
 
@@ -1047,6 +1099,40 @@ impl Plan {
                     if !src.fields.contains(&field) {
                         src.fields.push(field);
                     }
+                }
+            }
+            if let Some(w) = &k.filter {
+                let sink_id = sinks.len();
+                if sink_id >= FILTERED_SINKS_MAX {
+                    return Err(invalid(
+                        key("where"),
+                        format!("only the first {FILTERED_SINKS_MAX} sinks (in name order) may have a where"),
+                    ));
+                }
+                let values = |v: &Vec<String>| -> Vec<Box<[u8]>> {
+                    v.iter().map(|x| x.as_bytes().into()).collect()
+                };
+                let matcher = match (&w.is_in, &w.not_in, &w.prefix) {
+                    (Some(v), None, None) => Matcher::In(values(v)),
+                    (None, Some(v), None) => Matcher::NotIn(values(v)),
+                    (None, None, Some(v)) => Matcher::Prefix(values(v)),
+                    _ => {
+                        return Err(invalid(
+                            key("where"),
+                            "one of in, not_in or prefix (a list of values)",
+                        ))
+                    }
+                };
+                for &i in &inputs {
+                    let src = &mut sources[i];
+                    let field = FieldRef::parse(src.decoding, &w.field).map_err(|m| {
+                        invalid(key("where.field"), format!("sources.{}: {m}", src.name))
+                    })?;
+                    src.filters.push(SourceFilter {
+                        sink: sink_id,
+                        field,
+                        matcher: matcher.clone(),
+                    });
                 }
             }
             let b = k.batch.as_ref();

@@ -41,8 +41,10 @@ pub const CROSSING_BATCH: BatchLimits = BatchLimits {
 /// Where [`Ingest::route`] sends a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Routed {
-    /// To this (key, shard); with why it did not decode, when it did not.
-    To((u32, usize), Option<&'static str>),
+    /// To this (key, shard), except to the sinks whose bits are set in the
+    /// mask (their `where` does not take it); with why it did not decode,
+    /// when it did not.
+    To((u32, usize), Option<&'static str>, u64),
     /// Dropped (counted): why it did not decode.
     Dropped(&'static str),
 }
@@ -250,84 +252,48 @@ impl Ingest {
         }
     }
 
-    /// Decodes `record` when its source has a decoding (`now_ns` dates an
-    /// RFC 3164 timestamp): with `partition_by = { field }`, the key of the
-    /// field's value and the shard that owns it (`None` when the record
-    /// lacks the field, or the source partitions otherwise: the caller's
-    /// owner stands); `Err` says why the record does not decode.
-    #[inline]
-    pub fn decode(
-        &self,
-        source: usize,
-        record: &[u8],
-        now_ns: u64,
-    ) -> Result<Option<(u32, usize)>, &'static str> {
-        let plan = &self.plan.sources[source];
-        if plan.decoding == Decoding::Raw {
-            return Ok(None);
-        }
-        let field = match &plan.partition_by {
-            PartitionBy::Field(f) => Some(f),
-            _ => None,
-        };
-        let key = match plan.decoding {
-            Decoding::Raw => None,
-            Decoding::Syslog => {
-                let m = syslog::parse(record, now_ns).map_err(|e| e.reason())?;
-                let span = match field {
-                    Some(FieldRef::Host) => m.host,
-                    Some(FieldRef::App) => m.app,
-                    Some(FieldRef::ProcId) => m.procid,
-                    Some(FieldRef::MsgId) => m.msgid,
-                    Some(FieldRef::Severity) => return Ok(Some(self.keyed(&[m.severity]))),
-                    Some(FieldRef::Facility) => return Ok(Some(self.keyed(&[m.facility]))),
-                    _ => None,
-                };
-                span.map(|s| self.keyed(s.of(record)))
-            }
-            Decoding::Influx => {
-                let l = influx::parse(record).map_err(|e| e.reason())?;
-                let span = match field {
-                    Some(FieldRef::Measurement) => Some(l.measurement),
-                    Some(FieldRef::Tag(t)) => influx::tag(record, &l, t),
-                    _ => None,
-                };
-                span.map(|s| self.keyed(s.of(record)))
-            }
-            Decoding::Json => {
-                let k = match field {
-                    Some(FieldRef::Key(k)) => Some(&**k),
-                    _ => None,
-                };
-                json::parse(record, k)
-                    .map_err(|e| e.reason())?
-                    .map(|s| self.keyed(s.of(record)))
-            }
-        };
-        Ok(key)
-    }
-
-    /// Where a record goes, its source's decoding applied (see
-    /// [`decode`](Self::decode)): `routed` is the owner without it. A record
-    /// that does not decode is counted (`decode_errors`), and passed on
-    /// where `routed` says or dropped (counted, `reason="decode"`) as the
-    /// source's `on_error` says; the reason comes back for the log.
+    /// Where a record goes, its source's decoding applied (`now_ns` dates
+    /// an RFC 3164 timestamp): `routed` is the owner without it. With
+    /// `partition_by = { field }`, the key of the field's value and the
+    /// shard that owns it (a record without the field keeps `routed`); the
+    /// sinks whose `where` does not take it, as a mask. A record that does
+    /// not decode is counted (`decode_errors`), and passed on where `routed`
+    /// says (to the sinks whose `where` takes a record without the field)
+    /// or dropped (counted, `reason="decode"`) as the source's `on_error`
+    /// says; the reason comes back for the log.
     #[inline]
     pub fn route(&self, source: usize, record: &[u8], now_ns: u64, routed: (u32, usize)) -> Routed {
-        match self.decode(source, record, now_ns) {
-            Ok(Some(r)) => Routed::To(r, None),
-            Ok(None) => Routed::To(routed, None),
+        let plan = &self.plan.sources[source];
+        let parsed = match parse(plan.decoding, plan, record, now_ns) {
+            Ok(p) => p,
             Err(why) => {
                 let c = &self.metrics.sources[source];
                 c.decode_errors.add(1);
-                if self.plan.sources[source].on_error == crate::config::OnError::Drop {
+                if plan.on_error == crate::config::OnError::Drop {
                     c.drop(DropReason::Decode, 1);
-                    Routed::Dropped(why)
-                } else {
-                    Routed::To(routed, Some(why))
+                    return Routed::Dropped(why);
                 }
+                let skip = plan
+                    .filters
+                    .iter()
+                    .filter(|f| !f.matcher.takes(None))
+                    .fold(0u64, |m, f| m | 1 << f.sink);
+                return Routed::To(routed, Some(why), skip);
+            }
+        };
+        let to = match &plan.partition_by {
+            PartitionBy::Field(f) => {
+                with_value(&parsed, record, f, |v| v.map(|v| self.keyed(v))).unwrap_or(routed)
+            }
+            _ => routed,
+        };
+        let mut skip = 0u64;
+        for f in &plan.filters {
+            if !with_value(&parsed, record, &f.field, |v| f.matcher.takes(v)) {
+                skip |= 1 << f.sink;
             }
         }
+        Routed::To(to, None, skip)
     }
 
     #[inline]
@@ -402,6 +368,7 @@ impl Ingest {
     /// Appends a record and its meta (see [`crate::record::meta`]; empty
     /// for none) bound for shard `dest` without waiting.
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     pub fn try_offer(
         &self,
         source: usize,
@@ -410,18 +377,22 @@ impl Ingest {
         key_hash: u32,
         record: &[u8],
         meta: &[u8],
+        skip: u64,
     ) -> Result<(), Blocked> {
         let len = record.len() + meta.len();
         if dest == self.id {
             let src = &self.plan.sources[source];
             for &s in &src.sinks {
                 let q = &self.sinks[s];
-                if !q.drops_when_full && !q.has_room(len, src.can_wait) {
+                if !skipped(skip, s) && !q.drops_when_full && !q.has_room(len, src.can_wait) {
                     return Err(Blocked::Sink(s));
                 }
             }
             let mut pool = self.ctx.pool.borrow_mut();
             for &s in &src.sinks {
+                if skipped(skip, s) {
+                    continue;
+                }
                 let q = &self.sinks[s];
                 // drop_newest: nobody waits, so no headroom is kept either.
                 if q.has_room(len, src.can_wait && !q.drops_when_full) {
@@ -433,6 +404,30 @@ impl Ingest {
             }
             return Ok(());
         }
+        // The `where` mask crosses in front of the record's meta.
+        let mut carried = [0u8; SKIP_ITEM_BYTES];
+        let spilled;
+        let meta = match (skip, meta.is_empty()) {
+            (0, _) => meta,
+            (_, true) => {
+                carried[0] = SKIP_ITEM;
+                carried[1..3].copy_from_slice(&8u16.to_le_bytes());
+                carried[3..].copy_from_slice(&skip.to_le_bytes());
+                &carried[..]
+            }
+            (_, false) => {
+                // A record with meta of its own and a mask (no source has
+                // both today): put together once.
+                let mut v = Vec::with_capacity(SKIP_ITEM_BYTES + meta.len());
+                v.push(SKIP_ITEM);
+                v.extend_from_slice(&8u16.to_le_bytes());
+                v.extend_from_slice(&skip.to_le_bytes());
+                v.extend_from_slice(meta);
+                spilled = v;
+                &spilled[..]
+            }
+        };
+        let len = record.len() + meta.len();
         let lane = self.out[dest]
             .as_ref()
             .expect("a lane to every other shard");
@@ -472,6 +467,7 @@ impl Ingest {
     /// Appends a record and its meta bound for shard `dest`, waiting while
     /// it is full.
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     pub async fn offer(
         &self,
         source: usize,
@@ -480,9 +476,10 @@ impl Ingest {
         key_hash: u32,
         record: &[u8],
         meta: &[u8],
+        skip: u64,
     ) {
         loop {
-            let blocked = match self.try_offer(source, dest, ts_ns, key_hash, record, meta) {
+            let blocked = match self.try_offer(source, dest, ts_ns, key_hash, record, meta, skip) {
                 Ok(()) => return,
                 Err(b) => b,
             };
@@ -497,7 +494,7 @@ impl Ingest {
             tokio::pin!(wait);
             wait.as_mut().enable();
             if self
-                .try_offer(source, dest, ts_ns, key_hash, record, meta)
+                .try_offer(source, dest, ts_ns, key_hash, record, meta, skip)
                 .is_ok()
             {
                 return;
@@ -568,8 +565,23 @@ impl Ingest {
                     self.inbound_busy.set(true);
                     self.wakes[k].space.notify_waiters();
                     for (e, rec, meta) in batch.iter() {
-                        self.offer(e.source as usize, self.id, e.ts_ns, e.key_hash, rec, meta)
-                            .await;
+                        let (meta, skip) = match meta {
+                            [SKIP_ITEM, 8, 0, rest @ ..] if rest.len() >= 8 => (
+                                &rest[8..],
+                                u64::from_le_bytes(rest[..8].try_into().expect("8 bytes")),
+                            ),
+                            _ => (meta, 0),
+                        };
+                        self.offer(
+                            e.source as usize,
+                            self.id,
+                            e.ts_ns,
+                            e.key_hash,
+                            rec,
+                            meta,
+                            skip,
+                        )
+                        .await;
                     }
                     batch.clear();
                     if let Some(p) = self.returns_out.borrow_mut()[k].as_mut() {
@@ -628,3 +640,78 @@ impl Ingest {
         });
     }
 }
+
+/// A record as its source's decoding read it.
+enum Parsed {
+    Raw,
+    Syslog(syslog::Syslog),
+    Influx(influx::Line),
+    /// Checked; keys are looked up when asked for.
+    Json,
+}
+
+/// Reads `record` with `decoding` (JSON: checked while looking up the
+/// partition key, the key most often asked for).
+#[inline]
+fn parse(
+    decoding: Decoding,
+    plan: &crate::config::SourcePlan,
+    record: &[u8],
+    now_ns: u64,
+) -> Result<Parsed, &'static str> {
+    Ok(match decoding {
+        Decoding::Raw => Parsed::Raw,
+        Decoding::Syslog => Parsed::Syslog(syslog::parse(record, now_ns).map_err(|e| e.reason())?),
+        Decoding::Influx => Parsed::Influx(influx::parse(record).map_err(|e| e.reason())?),
+        Decoding::Json => {
+            let key = match &plan.partition_by {
+                PartitionBy::Field(FieldRef::Key(k)) => Some(&**k),
+                _ => None,
+            };
+            json::parse(record, key).map_err(|e| e.reason())?;
+            Parsed::Json
+        }
+    })
+}
+
+/// Calls `f` with field `field`'s value in `record` (`None`: it has none;
+/// syslog's severity and facility as decimal digits).
+#[inline]
+fn with_value<T>(
+    p: &Parsed,
+    record: &[u8],
+    field: &FieldRef,
+    f: impl FnOnce(Option<&[u8]>) -> T,
+) -> T {
+    let span = match (p, field) {
+        (Parsed::Syslog(m), FieldRef::Severity | FieldRef::Facility) => {
+            let n = if *field == FieldRef::Severity {
+                m.severity
+            } else {
+                m.facility
+            };
+            let digits = [b'0' + n / 10, b'0' + n % 10];
+            return f(Some(if n < 10 { &digits[1..] } else { &digits[..] }));
+        }
+        (Parsed::Syslog(m), FieldRef::Host) => m.host,
+        (Parsed::Syslog(m), FieldRef::App) => m.app,
+        (Parsed::Syslog(m), FieldRef::ProcId) => m.procid,
+        (Parsed::Syslog(m), FieldRef::MsgId) => m.msgid,
+        (Parsed::Influx(l), FieldRef::Measurement) => Some(l.measurement),
+        (Parsed::Influx(l), FieldRef::Tag(t)) => influx::tag(record, l, t),
+        (Parsed::Json, FieldRef::Key(k)) => json::parse(record, Some(k)).ok().flatten(),
+        _ => None,
+    };
+    f(span.map(|s| s.of(record)))
+}
+
+/// Whether sink `s`'s bit is set in a `where` mask.
+#[inline]
+fn skipped(skip: u64, s: usize) -> bool {
+    s < 64 && (skip >> s) & 1 == 1
+}
+
+/// The meta item that carries a record's `where` mask over the mesh, in
+/// front of its own meta (stripped on the other side).
+const SKIP_ITEM: u8 = 0xfe;
+const SKIP_ITEM_BYTES: usize = 11;

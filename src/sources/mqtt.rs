@@ -310,7 +310,7 @@ async fn serve(
                     // travels without it.
                     meta::put(&mut meta, meta::TOPIC, p.topic);
                 }
-                ing.offer(source, ing.id, ts, 0, record, &meta).await;
+                ing.offer(source, ing.id, ts, 0, record, &meta, 0).await;
                 records += 1;
             }
             if p.qos > 0 {

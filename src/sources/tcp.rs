@@ -376,13 +376,13 @@ async fn connection(
                             shard.rate_wait(source).await;
                         }
                     }
-                    let (key, dest) = match plan.decoding {
-                        Decoding::Raw => (key, dest),
+                    let ((key, dest), skip) = match plan.decoding {
+                        Decoding::Raw => ((key, dest), 0),
                         _ => match shard.route(source, record, ts, (key, dest)) {
-                            Routed::To(r, None) => r,
-                            Routed::To(r, Some(why)) => {
+                            Routed::To(r, None, skip) => (r, skip),
+                            Routed::To(r, Some(why), skip) => {
                                 log_bad(why, from);
-                                r
+                                (r, skip)
                             }
                             Routed::Dropped(why) => {
                                 log_bad(why, from);
@@ -391,7 +391,7 @@ async fn connection(
                         },
                     };
                     records += 1;
-                    shard.offer(source, dest, ts, key, record, &[]).await;
+                    shard.offer(source, dest, ts, key, record, &[], skip).await;
                 }
                 Decoded::NeedMore { consumed } => {
                     start += consumed;
@@ -436,9 +436,10 @@ async fn connection(
             End::Record(record) => match shard.refuse(source, record) {
                 None => {
                     let ts = shard.now_ns();
-                    if let Routed::To((key, dest), _) = shard.route(source, record, ts, (key, dest))
+                    if let Routed::To((key, dest), _, skip) =
+                        shard.route(source, record, ts, (key, dest))
                     {
-                        shard.offer(source, dest, ts, key, record, &[]).await;
+                        shard.offer(source, dest, ts, key, record, &[], skip).await;
                         records += 1;
                     }
                 }

@@ -165,18 +165,18 @@ impl Take<'_> {
             return;
         }
         let ts = shard.now_ns();
-        let (key, dest) = match shard.route(
+        let ((key, dest), skip) = match shard.route(
             self.source,
             record,
             ts,
             shard.owner(self.source, &peer),
         ) {
-            Routed::To(r, None) => r,
-            Routed::To(r, Some(why)) => {
+            Routed::To(r, None, skip) => (r, skip),
+            Routed::To(r, Some(why), skip) => {
                 if let Some(held) = self.log_bad.ready() {
                     tracing::warn!(source = %plan.name, %peer, suppressed = held, "{why}; passed on as it came");
                 }
-                r
+                (r, skip)
             }
             Routed::Dropped(why) => {
                 if let Some(held) = self.log_bad.ready() {
@@ -195,7 +195,7 @@ impl Take<'_> {
             }
             return;
         }
-        match shard.try_offer(self.source, dest, ts, key, record, &[]) {
+        match shard.try_offer(self.source, dest, ts, key, record, &[], skip) {
             Ok(()) => counters.records.add(1),
             Err(_) => {
                 counters.drop(DropReason::SinkFull, 1);

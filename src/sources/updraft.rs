@@ -357,7 +357,7 @@ async fn take(ing: &Ingest, source: usize, batch: &crate::record::ArchivedBatch)
             counters.drop(reason, 1);
             continue;
         }
-        ing.offer(source, ing.id, e.ts_ns.to_native(), 0, record, meta)
+        ing.offer(source, ing.id, e.ts_ns.to_native(), 0, record, meta, 0)
             .await;
         records += 1;
     }

@@ -243,7 +243,7 @@ fn a_nats_sink_refuses_what_it_cannot_do_naming_the_key() {
 }
 
 #[test]
-fn updraft_sources_and_sinks_refuse_what_they_cannot_do_naming_the_key() {
+fn updraft_decoding_and_where_keys_refuse_what_they_cannot_do_naming_the_key() {
     let source = |keys: &str| {
         GOOD.replace(
             "type = \"tcp\"\naddress = \"127.0.0.1:5140\"",
@@ -287,6 +287,46 @@ fn updraft_sources_and_sinks_refuse_what_they_cannot_do_naming_the_key() {
             "needs its cert_file and key_file",
         ),
         (sink(""), "sinks.up.url", "needs a url"),
+        (
+            GOOD.replace(
+                "[sinks.up.batch]",
+                "where = { field = \"host\", in = [\"a\"] }\n[sinks.up.batch]",
+            ),
+            "sinks.up.where.field",
+            "needs a decoding",
+        ),
+        (
+            GOOD.replace(
+                "address = \"127.0.0.1:5140\"",
+                "address = \"127.0.0.1:5140\"\ndecoding = \"syslog\"",
+            )
+            .replace(
+                "[sinks.up.batch]",
+                "where = { field = \"tag.x\", in = [\"a\"] }\n[sinks.up.batch]",
+            ),
+            "sinks.up.where.field",
+            "not a syslog field",
+        ),
+        (
+            GOOD.replace(
+                "address = \"127.0.0.1:5140\"",
+                "address = \"127.0.0.1:5140\"\ndecoding = \"syslog\"",
+            )
+            .replace(
+                "[sinks.up.batch]",
+                "where = { field = \"host\" }\n[sinks.up.batch]",
+            ),
+            "sinks.up.where",
+            "one of in, not_in or prefix",
+        ),
+        (
+            GOOD.replace(
+                "address = \"127.0.0.1:5140\"",
+                "address = \"127.0.0.1:5140\"\npartition_by = { field = \"host\" }",
+            ),
+            "sources.app.partition_by.field",
+            "needs a decoding",
+        ),
         (
             sink("url = \"tcp://127.0.0.1:9800\""),
             "sinks.up.url",

@@ -121,3 +121,59 @@ fn records_that_do_not_decode_are_counted_then_passed_on_or_dropped() {
         0.0
     );
 }
+
+#[test]
+fn a_where_rule_sends_severities_0_to_2_to_one_sink_and_the_rest_to_another() {
+    const N: u64 = 80_000; // 5,000 per connection: a multiple of 8 each
+    let (src, alarms_addr, rest_addr) = (free_addr(), free_addr(), free_addr());
+    // The load generator's syslog records have severity seq % 8: 3 in 8 are
+    // 0..=2.
+    let alarms = Receiver::start(alarms_addr, N * 3 / 8, 60, &[]);
+    let rest = Receiver::start(rest_addr, N * 5 / 8, 60, &[]);
+    let u_ = Updraft::start(&format!(
+        r#"shards = 2
+[sources.app]
+type = "tcp"
+address = "{src}"
+decoding = "syslog"
+partition_by = {{ field = "host" }}
+[sinks.alarms]
+type = "tcp"
+inputs = ["app"]
+address = "{alarms_addr}"
+where = {{ field = "severity", in = ["0", "1", "2"] }}
+[sinks.rest]
+type = "tcp"
+inputs = ["app"]
+address = "{rest_addr}"
+where = {{ field = "severity", not_in = ["0", "1", "2"] }}
+"#
+    ));
+    send(
+        src,
+        &[
+            "--connections",
+            "16",
+            "--count",
+            &N.to_string(),
+            "--format",
+            "syslog",
+        ],
+    );
+    let (a, a_ok) = alarms.finish();
+    let (r, r_ok) = rest.finish();
+    assert!(a_ok && r_ok, "{a}\n{r}\n{}", u_.log_text());
+    assert_eq!(u(&a, "unique"), N * 3 / 8, "{a}");
+    assert_eq!(u(&r, "unique"), N * 5 / 8, "{r}");
+    assert_eq!(u(&a, "duplicates") + u(&r, "duplicates"), 0);
+    // Records went over the mesh (partitioned by host: 16 hosts, one per
+    // connection; that none of 16 lands on its host's shard has a chance
+    // of 1 in 65,536) and kept their sinks there.
+    let crossed = u_.metric(r#"updraft_shard_crossed_records_total{shard="0"}"#)
+        + u_.metric(r#"updraft_shard_crossed_records_total{shard="1"}"#);
+    assert!(
+        crossed > 0.0,
+        "no record crossed the mesh:\n{}",
+        crate::harness::http_get(u_.metrics, "/metrics").unwrap_or_default()
+    );
+}

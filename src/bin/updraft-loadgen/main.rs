@@ -71,7 +71,8 @@ enum Proto {
 enum RecordFormat {
     /// `stream=S seq=N ts=T xxx…`
     Raw,
-    /// An RFC 5424 message: `<13>1 TIMESTAMP gwS appS - - - stream=S …`.
+    /// An RFC 5424 message: `<PRI>1 TIMESTAMP gwS appS - - - stream=S …`,
+    /// facility 2, severity the sequence number modulo 8 (PRI 16..=23).
     Syslog,
     /// InfluxDB line protocol: `lg,device=dNNNNNN stream=NNNNNN,seq=N,ts=T,pad="xxx…"`.
     Influx,
@@ -247,6 +248,8 @@ struct Block {
     /// `--devices`: where the device number is written (twice: the tag and
     /// the stream), and which devices this connection sends for.
     devices: Option<Devices>,
+    /// `--format syslog`: where the PRI's two digits are.
+    pri_at: Option<usize>,
 }
 
 /// The devices one connection sends for: `first`, `first + step`, … (`count`
@@ -282,7 +285,7 @@ impl Block {
         let (head, tail) = match format {
             RecordFormat::Raw => (format!("stream={stream} seq={seq} ts={ts} "), ""),
             RecordFormat::Syslog => (
-                format!("<13>1 2026-12-03T12:00:00.000Z gw{stream} app{stream} - - - stream={stream} seq={seq} ts={ts} "),
+                format!("<16>1 2026-12-03T12:00:00.000Z gw{stream} app{stream} - - - stream={stream} seq={seq} ts={ts} "),
                 "",
             ),
             RecordFormat::Influx if devices.is_some() => (
@@ -328,6 +331,7 @@ impl Block {
             tag_at: after("device=d"),
             stream_at: after(" stream="),
         });
+        let pri_at = (format == RecordFormat::Syslog).then_some(prefix.len() + 1);
         Ok(Block {
             bytes,
             frame,
@@ -335,6 +339,7 @@ impl Block {
             ts_at,
             records,
             devices,
+            pri_at,
         })
     }
 
@@ -366,6 +371,9 @@ impl Block {
                 &mut self.bytes[base + self.seq_at..base + self.seq_at + SEQ_DIGITS],
                 seq,
             );
+            if let Some(at) = self.pri_at {
+                put_digits(&mut self.bytes[base + at..base + at + 2], 16 + seq % 8);
+            }
             self.bytes[base + self.ts_at..base + self.ts_at + TS_DIGITS]
                 .copy_from_slice(&ts_digits);
         }
@@ -1265,7 +1273,7 @@ mod tests {
         let mut b = Block::shaped(3, 200, Framing::Newline, 4, RecordFormat::Syslog, None).unwrap();
         let bytes = b.fill(10, 4, 5).to_vec();
         let line = bytes.split(|&c| c == b'\n').nth(1).unwrap();
-        assert!(line.starts_with(b"<13>1 "), "{line:?}");
+        assert!(line.starts_with(b"<19>1 "), "severity 11 % 8: {line:?}");
         assert_eq!(parse_record(line), Some((3, 11, 5)));
         // Devices 1, 5, 9 on connection 1 of 4: record k is for device
         // 1 + (k % 3) * 4, its sequence number k / 3.
