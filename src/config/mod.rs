@@ -614,11 +614,9 @@ pub fn expand_env(v: &str) -> Result<String, String> {
     Ok(out)
 }
 
-/// Checks and resolves an mqtt source's keys.
-/// Resolves an updraft source's own keys.
-fn native_source(name: &str, s: &SourceConfig) -> Result<NativeSourcePlan, ConfigError> {
-    let key = |k: &str| format!("sources.{name}.{k}");
-    let mqtt_only = [
+/// The first key set in `s` that only an mqtt source takes.
+fn mqtt_only_key(s: &SourceConfig) -> Option<&'static str> {
+    [
         ("url", s.url.is_some()),
         ("topics", s.topics.is_some()),
         ("qos", s.qos.is_some()),
@@ -628,8 +626,16 @@ fn native_source(name: &str, s: &SourceConfig) -> Result<NativeSourcePlan, Confi
         ("username", s.username.is_some()),
         ("password", s.password.is_some()),
         ("keep_alive_s", s.keep_alive_s.is_some()),
-    ];
-    if let Some((k, _)) = mqtt_only.iter().find(|(_, set)| *set) {
+    ]
+    .into_iter()
+    .find(|(_, set)| *set)
+    .map(|(k, _)| k)
+}
+
+/// Resolves an updraft source's own keys.
+fn native_source(name: &str, s: &SourceConfig) -> Result<NativeSourcePlan, ConfigError> {
+    let key = |k: &str| format!("sources.{name}.{k}");
+    if let Some(k) = mqtt_only_key(s) {
         return Err(invalid(key(k), "only an mqtt source takes this key"));
     }
     let max_frame_bytes = s.max_frame_bytes.unwrap_or(MAX_FRAME_BYTES_DEFAULT);
@@ -649,6 +655,7 @@ fn native_source(name: &str, s: &SourceConfig) -> Result<NativeSourcePlan, Confi
     })
 }
 
+/// Checks and resolves an mqtt source's keys.
 fn mqtt_source(name: &str, s: &SourceConfig) -> Result<MqttSourcePlan, ConfigError> {
     let key = |k: &str| format!("sources.{name}.{k}");
     let url = s
@@ -807,34 +814,34 @@ impl Plan {
             let key = |k: &str| format!("sources.{name}.{k}");
             let mut native = None;
             let mqtt = match s.kind {
-                SourceKind::Mqtt => Some(mqtt_source(name, s)?),
+                SourceKind::Mqtt => {
+                    if s.max_frame_bytes.is_some() {
+                        return Err(invalid(
+                            key("max_frame_bytes"),
+                            "only an updraft source takes this key",
+                        ));
+                    }
+                    Some(mqtt_source(name, s)?)
+                }
                 SourceKind::Updraft => {
                     native = Some(native_source(name, s)?);
                     None
                 }
                 _ => {
-                    let mqtt_only = [
-                        ("url", s.url.is_some()),
-                        ("topics", s.topics.is_some()),
-                        ("qos", s.qos.is_some()),
-                        ("protocol", s.protocol.is_some()),
-                        ("client_id", s.client_id.is_some()),
-                        ("clean_session", s.clean_session.is_some()),
-                        ("username", s.username.is_some()),
-                        ("password", s.password.is_some()),
-                        ("keep_alive_s", s.keep_alive_s.is_some()),
-                        ("tls", s.tls.is_some()),
-                        ("max_frame_bytes", s.max_frame_bytes.is_some()),
-                    ];
-                    if let Some((k, _)) = mqtt_only.iter().find(|(_, set)| *set) {
-                        let who = if *k == "tls" {
-                            "an mqtt or updraft source"
-                        } else if *k == "max_frame_bytes" {
-                            "an updraft source"
-                        } else {
-                            "an mqtt source"
-                        };
-                        return Err(invalid(key(k), format!("only {who} takes this key")));
+                    if let Some(k) = mqtt_only_key(s) {
+                        return Err(invalid(key(k), "only an mqtt source takes this key"));
+                    }
+                    if s.tls.is_some() {
+                        return Err(invalid(
+                            key("tls"),
+                            "only an mqtt or updraft source takes this key",
+                        ));
+                    }
+                    if s.max_frame_bytes.is_some() {
+                        return Err(invalid(
+                            key("max_frame_bytes"),
+                            "only an updraft source takes this key",
+                        ));
                     }
                     None
                 }

@@ -613,6 +613,47 @@ impl Ingest {
         }
     }
 
+    /// The sinks of `source` with a disk buffer: a source that
+    /// acknowledges its records (mqtt, updraft) waits for them to settle
+    /// there.
+    pub fn disk_sinks(&self, source: usize) -> Vec<usize> {
+        self.plan.sources[source]
+            .sinks
+            .iter()
+            .copied()
+            .filter(|&s| self.plan.sinks[s].buffer.kind == crate::config::BufferKind::Disk)
+            .collect()
+    }
+
+    /// Each of `sinks`' `appended()` mark now: once all have settled to
+    /// them, what was offered so far is durable.
+    pub fn marks(&self, sinks: &[usize]) -> Vec<(usize, u64)> {
+        sinks
+            .iter()
+            .map(|&s| (s, self.sinks[s].appended()))
+            .collect()
+    }
+
+    /// The first of `marks` not yet settled.
+    pub fn unsettled(&self, marks: &[(usize, u64)]) -> Option<(usize, u64)> {
+        marks
+            .iter()
+            .find(|&&(s, mark)| self.sinks[s].settled() < mark)
+            .copied()
+    }
+
+    /// Waits until sink `s` has settled to `mark` (or moved at all: the
+    /// caller looks again).
+    pub async fn settle_wait(&self, (s, mark): (usize, u64)) {
+        let q = &self.sinks[s];
+        let wait = q.settled_changed.notified();
+        tokio::pin!(wait);
+        wait.as_mut().enable();
+        if q.settled() < mark {
+            wait.await;
+        }
+    }
+
     /// Registers a socket to shut down when the shard stops; returns its key.
     pub fn watch_fd(&self, fd: RawFd) -> u64 {
         let key = self.next_fd_key.get();

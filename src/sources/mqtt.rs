@@ -22,7 +22,7 @@
 //! CONNECT or SUBSCRIBE is logged with the broker and the reason; the session
 //! is opened again after a backoff.
 
-use crate::config::{BufferKind, MqttSourcePlan, RetryPlan, WhenExceeded};
+use crate::config::{MqttSourcePlan, RetryPlan, WhenExceeded};
 use crate::logging::LogEvery;
 use crate::metrics::DropReason;
 use crate::mqtt::{self as wire, Control, Version};
@@ -164,12 +164,7 @@ async fn serve(
     write(stream, hello_bytes).await?;
 
     // The sinks whose durability a PUBACK waits for.
-    let disk_sinks: Vec<usize> = plan
-        .sinks
-        .iter()
-        .copied()
-        .filter(|&s| ing.plan.sinks[s].buffer.kind == BufferKind::Disk)
-        .collect();
+    let disk_sinks = ing.disk_sinks(source);
     let out = Rc::new(Out {
         buf: RefCell::new(Vec::new()),
         ready: Notify::new(),
@@ -328,10 +323,7 @@ async fn serve(
                 drop(o);
                 out.ready.notify_one();
             } else {
-                let marks = disk_sinks
-                    .iter()
-                    .map(|&s| (s, ing.sinks[s].appended()))
-                    .collect();
+                let marks = ing.marks(&disk_sinks);
                 pending.borrow_mut().push_back(Pending {
                     marks,
                     pkids: std::mem::take(&mut pkids),
@@ -432,23 +424,10 @@ async fn acker(
     more: Rc<Notify>,
 ) {
     loop {
-        let front = pending.borrow().front().map(|p| {
-            p.marks
-                .iter()
-                .find(|&&(s, mark)| ing.sinks[s].settled() < mark)
-                .copied()
-        });
+        let front = pending.borrow().front().map(|p| ing.unsettled(&p.marks));
         match front {
             None => more.notified().await,
-            Some(Some((s, mark))) => {
-                let q = &ing.sinks[s];
-                let wait = q.settled_changed.notified();
-                tokio::pin!(wait);
-                wait.as_mut().enable();
-                if q.settled() < mark {
-                    wait.await;
-                }
-            }
+            Some(Some(w)) => ing.settle_wait(w).await,
             Some(None) => {
                 let p = pending.borrow_mut().pop_front().expect("checked");
                 let mut o = out.buf.borrow_mut();

@@ -25,7 +25,6 @@
 //! Other connections go on.
 
 use super::tcp::{Conns, Watch};
-use crate::config::BufferKind;
 use crate::metrics::DropReason;
 use crate::native::{self as wire, Hello, Inbound, Welcome};
 use crate::pipeline::ingest::Ingest;
@@ -236,12 +235,7 @@ async fn connection(
     buf.copy_within(wire::HELLO_BYTES..have, 0);
     have -= wire::HELLO_BYTES;
     let stream_key = (source, hello.sender, hello.stream);
-    let disk_sinks: Vec<usize> = plan
-        .sinks
-        .iter()
-        .copied()
-        .filter(|&s| ing.plan.sinks[s].buffer.kind == BufferKind::Disk)
-        .collect();
+    let disk_sinks = ing.disk_sinks(source);
     let acks = Rc::new(Acks {
         pending: RefCell::new(VecDeque::new()),
         more: Notify::new(),
@@ -291,10 +285,7 @@ async fn connection(
             } else {
                 take(ing, source, batch).await;
             }
-            let marks = disk_sinks
-                .iter()
-                .map(|&s| (s, ing.sinks[s].appended()))
-                .collect();
+            let marks = ing.marks(&disk_sinks);
             acks.pending.borrow_mut().push_back(Pending {
                 seq: h.seq,
                 id,
@@ -380,12 +371,11 @@ async fn acker(ing: Rc<Ingest>, link: Rc<Link>, acks: Rc<Acks>, stream: (usize, 
         // Every acknowledgement that is due, in one write.
         let mut waiting = None;
         loop {
-            let front = acks.pending.borrow().front().map(|p| {
-                p.marks
-                    .iter()
-                    .find(|&&(s, mark)| ing.sinks[s].settled() < mark)
-                    .copied()
-            });
+            let front = acks
+                .pending
+                .borrow()
+                .front()
+                .map(|p| ing.unsettled(&p.marks));
             match front {
                 Some(None) => {
                     let p = acks.pending.borrow_mut().pop_front().expect("checked");
@@ -420,15 +410,7 @@ async fn acker(ing: Rc<Ingest>, link: Rc<Link>, acks: Rc<Acks>, stream: (usize, 
                     more.await;
                 }
             }
-            Some((s, mark)) => {
-                let q = &ing.sinks[s];
-                let wait = q.settled_changed.notified();
-                tokio::pin!(wait);
-                wait.as_mut().enable();
-                if q.settled() < mark {
-                    wait.await;
-                }
-            }
+            Some(w) => ing.settle_wait(w).await,
         }
     }
 }
