@@ -10,13 +10,15 @@ cd "$(dirname "$0")/.."
 # - victoria-metrics is the time-series database the http sink writes to;
 # - mosquitto is the MQTT broker the mqtt sink publishes to (mosquitto-clients
 #   for mosquitto_passwd's sibling tools; mosquitto_passwd is in mosquitto);
-# - nats-server (with JetStream) is what the nats sink publishes to.
+# - nats-server (with JetStream) is what the nats sink publishes to;
+# - rsyslog forwards syslog to a tcp source with omfwd (records decoded as syslog).
 need=()
 command -v logger >/dev/null 2>&1 || need+=(bsdutils)
 [ -x /usr/bin/victoria-metrics ] || need+=(victoria-metrics)
 [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || need+=(mosquitto-clients)
 [ -x /usr/sbin/nats-server ] || need+=(nats-server)
+[ -x /usr/sbin/rsyslogd ] || need+=(rsyslog)
 if [ "${#need[@]}" -gt 0 ]; then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"

@@ -427,6 +427,15 @@ max_backoff_ms = 200
 /// broker, a database): `program -c <config>` with its own directory, its
 /// stderr in `<name>.log` there. Stopped gracefully by [`stop`](Self::stop)
 /// (so it keeps what it stored), killed when dropped.
+/// Waits (at most 10 s) until `addr` accepts a TCP connection.
+pub fn wait_listening(addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on {addr}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 pub struct Daemon {
     child: Option<Child>,
     pub addr: SocketAddr,
@@ -477,16 +486,7 @@ impl Daemon {
                 .spawn()
                 .unwrap(),
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(self.addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "{} did not listen on {}",
-                self.program,
-                self.addr
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_listening(self.addr, self.program);
     }
 
     /// Stops the server gracefully (SIGTERM; it keeps what it stored).

@@ -1,7 +1,9 @@
 //! The mqtt sink against a real broker: Debian's mosquitto, started by each
 //! test on loopback with its own config, port and persistence directory.
 
-use crate::harness::{free_addr, pki, send, spawn_send, u, Daemon, Receiver, Updraft};
+use crate::harness::{
+    free_addr, pki, send, spawn_send, u, wait_listening, Daemon, Receiver, Updraft,
+};
 use std::net::SocketAddr;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -37,7 +39,21 @@ impl Broker {
                 data.display()
             )
         });
-        Broker { d, addr }
+        let b = Broker { d, addr };
+        b.wait_extra_listeners(extra);
+        b
+    }
+
+    /// Mosquitto opens its listeners one after another: a second
+    /// `listener` in `extra` may not accept yet when the first does.
+    fn wait_extra_listeners(&self, extra: &str) {
+        for port in extra
+            .lines()
+            .filter_map(|l| l.strip_prefix("listener "))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u16>().ok())
+        {
+            wait_listening(SocketAddr::from(([127, 0, 0, 1], port)), "mosquitto");
+        }
     }
 
     /// Stops the broker gracefully (it saves its database).
