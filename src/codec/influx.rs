@@ -167,7 +167,9 @@ pub fn parse(r: &[u8]) -> Result<Line, Error> {
 /// The value of tag `key` (as written, escapes and all) in `line`.
 pub fn tag(r: &[u8], line: &Line, key: &[u8]) -> Option<Span> {
     let tags = line.tags?;
-    let (mut t, end) = (tags.start as usize, (tags.start + tags.len) as usize);
+    // Never past the record, even for spans read back from a peer's index.
+    let mut t = tags.start as usize;
+    let end = (t + tags.len as usize).min(r.len());
     while t < end {
         let kv_end = run(r, t, b",").min(end);
         let eq = run(r, t, b"=").min(kv_end);
@@ -182,9 +184,72 @@ pub fn tag(r: &[u8], line: &Line, key: &[u8]) -> Option<Span> {
     None
 }
 
+/// Calls `f` with each `key=value` of a tag set or (`fields`) a field set,
+/// as written (escapes and a string's quotes kept); a pair without `=` is
+/// skipped. Works on any bytes (a section read back from a peer's index).
+pub fn pairs(section: &[u8], fields: bool, mut f: impl FnMut(&[u8], &[u8])) {
+    let (mut start, mut eq, mut quoted, mut i) = (0, None, false, 0);
+    while i <= section.len() {
+        match section.get(i) {
+            Some(b'\\') => i += 1,
+            Some(b'"') if fields && eq.is_some() => quoted = !quoted,
+            Some(b'=') if eq.is_none() && !quoted => eq = Some(i),
+            Some(b',') | None if !quoted || i == section.len() => {
+                if let Some(e) = eq {
+                    f(&section[start..e], &section[e + 1..i.min(section.len())]);
+                }
+                (start, eq) = (i + 1, None);
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+}
+
+/// Appends `bytes` without line protocol's escaping backslashes (`\,`,
+/// `\=`, `\ ` in keys and tags; `\"` and `\\` in strings).
+pub fn unescape(bytes: &[u8], out: &mut Vec<u8>) {
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && matches!(bytes.get(i + 1), Some(b',' | b'=' | b' ' | b'"' | b'\\'))
+        {
+            i += 1;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pairs_of_tags_and_fields_and_their_escapes() {
+        let mut got = Vec::new();
+        pairs(b"device=d\\,1,site=north\\ yard", false, |k, v| {
+            got.push((k.to_vec(), v.to_vec()))
+        });
+        assert_eq!(
+            got,
+            vec![
+                (b"device".to_vec(), b"d\\,1".to_vec()),
+                (b"site".to_vec(), b"north\\ yard".to_vec())
+            ]
+        );
+        got.clear();
+        pairs(b"t=21.5,s=\"a,b=\\\"c\",n=3i,bad", true, |k, v| {
+            got.push((k.to_vec(), v.to_vec()))
+        });
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[1], (b"s".to_vec(), b"\"a,b=\\\"c\"".to_vec()));
+        let mut u = Vec::new();
+        unescape(b"a\\,b\\ c\\x", &mut u);
+        assert_eq!(u, b"a,b c\\x");
+        for junk in [&b"=,=,\\"[..], b"\"", b",,,", b"\\"] {
+            pairs(junk, true, |_, _| ());
+        }
+    }
 
     #[test]
     fn a_line_and_its_tags() {

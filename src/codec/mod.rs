@@ -10,7 +10,8 @@
 //!   counted once and skipped up to the next `\n` (the stream resynchronises).
 //! - `octet_counting` (RFC 6587 §3.4.1): `MSG-LEN SP MSG`, as
 //!   `logger --octet-count` and rsyslog send it; line feeds between frames are
-//!   tolerated. A bad or oversized length is fatal for the connection: the
+//!   tolerated, and one that ends a frame (rsyslog counts it) is not part of
+//!   the record. A bad or oversized length is fatal for the connection: the
 //!   framing is lost.
 //! - `length_prefixed`: a u32 big-endian length, then that many bytes. An
 //!   oversized length is fatal for the connection.
@@ -21,6 +22,7 @@
 //! allocating: [`syslog`] (RFC 5424 and 3164), [`influx`] (line protocol)
 //! and [`json`] (one object per record).
 
+pub mod index;
 pub mod influx;
 pub mod json;
 pub mod syslog;
@@ -191,8 +193,13 @@ impl Decoder {
                     if buf.len() < body + len {
                         return Decoded::NeedMore { consumed: start };
                     }
+                    // rsyslog counts the line feed it ends a message with:
+                    // it is not part of the record.
+                    let record = &buf[body..body + len];
+                    let record = record.strip_suffix(b"\n").unwrap_or(record);
+                    let record = record.strip_suffix(b"\r").unwrap_or(record);
                     return Decoded::Record {
-                        record: &buf[body..body + len],
+                        record,
                         consumed: body + len,
                     };
                 }
@@ -314,12 +321,19 @@ mod tests {
 
     #[test]
     fn octet_counting_as_logger_sends_it() {
-        let input = b"11 hello world5 a\nb c\n3 xyz";
+        // rsyslog's omfwd counts a line feed at the end of each message.
+        let input = b"11 hello world5 a\nb c\n3 xyz4 end\n6 crlf\r\n";
         for step in [1, 4, 100] {
             let (r, o, closed) = run(Framing::OctetCounting, 100, input, step);
             assert_eq!(
                 r,
-                vec![b"hello world".to_vec(), b"a\nb c".to_vec(), b"xyz".to_vec()]
+                vec![
+                    b"hello world".to_vec(),
+                    b"a\nb c".to_vec(),
+                    b"xyz".to_vec(),
+                    b"end".to_vec(),
+                    b"crlf".to_vec()
+                ]
             );
             assert_eq!((o, closed), (0, false));
         }

@@ -119,8 +119,17 @@ pub fn parse(record: &[u8], now_ns: u64) -> Result<Syslog, Error> {
         m.msg = Span::new(at.min(record.len()), record.len());
         return Ok(m);
     }
-    // RFC 3164.
-    if let Some((ts_ns, end)) = bsd_timestamp(record, at, now_ns) {
+    // RFC 3164, its timestamp as BSD wrote it or (rsyslog's forwarding
+    // formats) RFC 3339.
+    let stamp = bsd_timestamp(record, at, now_ns).or_else(|| {
+        let t = record.get(at..at + 5)?;
+        if !(t[..4].iter().all(u8::is_ascii_digit) && t[4] == b'-') {
+            return None;
+        }
+        let end = memchr::memchr(b' ', &record[at..]).map_or(record.len(), |i| at + i);
+        Some((rfc3339(&record[at..end])?, end))
+    });
+    if let Some((ts_ns, end)) = stamp {
         m.timestamp = Some(Span::new(at, end));
         m.ts_ns = Some(ts_ns);
         at = end;
@@ -419,6 +428,19 @@ mod tests {
             (m.severity, m.timestamp, s(r, Some(m.msg))),
             (7, None, "just a message")
         );
+        // rsyslog's RSYSLOG_ForwardFormat: BSD with an RFC 3339 timestamp.
+        let r = b"<155>2026-12-04T18:44:20.294313+00:00 vm app5[77] hello";
+        let m = parse(r, NOW).unwrap();
+        assert_eq!(m.ts_ns, Some(1_796_409_860_294_313_000));
+        assert_eq!(s(r, m.timestamp), "2026-12-04T18:44:20.294313+00:00");
+        assert_eq!(
+            (s(r, m.host), s(r, m.app), s(r, m.procid)),
+            ("vm", "app5", "77")
+        );
+        assert_eq!(s(r, Some(m.msg)), "hello");
+        // Digits that are not a timestamp are the message.
+        let r = b"<13>2026-99 x";
+        assert_eq!(s(r, Some(parse(r, NOW).unwrap().msg)), "2026-99 x");
         // Dec 31 received on Jan 1: last year's.
         let jan1 = 1_798_761_600_000_000_000; // 2027-01-01T00:00:00Z
         let m = parse(b"<13>Dec 31 23:59:59 h a: x", jan1).unwrap();

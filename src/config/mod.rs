@@ -139,14 +139,6 @@ impl SourceKind {
             SourceKind::Updraft => "updraft",
         }
     }
-
-    /// Whether the kind's records can carry `field` as meta.
-    pub fn supplies(self, field: Field) -> bool {
-        match field {
-            // A sender's records keep the meta they came with.
-            Field::Topic => matches!(self, SourceKind::Mqtt | SourceKind::Updraft),
-        }
-    }
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -520,6 +512,9 @@ pub struct SourcePlan {
     /// What the source attaches to its records as meta because a sink of
     /// it uses it (a `{topic}` template).
     pub fields: Vec<Field>,
+    /// Whether the source keeps each decoded record's field index as meta
+    /// (a sink of it names destinations by a field or encodes the fields).
+    pub index: bool,
     /// The `where` of each sink of it that has one.
     pub filters: Vec<SourceFilter>,
 }
@@ -1044,6 +1039,7 @@ impl Plan {
                 native,
                 sinks,
                 fields: Vec::new(),
+                index: false,
                 filters: Vec::new(),
             });
         }
@@ -1092,19 +1088,47 @@ impl Plan {
             for (k_, field) in target.fields() {
                 for &i in &inputs {
                     let src = &mut sources[i];
-                    if !src.kind.supplies(field) {
-                        return Err(invalid(
-                            key(k_),
-                            format!(
-                                "{{{}}} needs every input to supply it, and sources.{} ({}) does not: only mqtt sources have a topic",
-                                field.name(),
-                                src.name,
-                                src.kind.name()
-                            ),
-                        ));
+                    match &field {
+                        Field::Topic => {
+                            if !matches!(src.kind, SourceKind::Mqtt | SourceKind::Updraft) {
+                                return Err(invalid(
+                                    key(k_),
+                                    format!(
+                                        "{{topic}} needs every input to supply it, and sources.{} ({}) does not: only mqtt sources have a topic",
+                                        src.name,
+                                        src.kind.name()
+                                    ),
+                                ));
+                            }
+                            if !src.fields.contains(&field) {
+                                src.fields.push(field.clone());
+                            }
+                        }
+                        // An updraft source's records keep the index the
+                        // sender's decoding wrote.
+                        Field::Named(_) if src.kind == SourceKind::Updraft => src.index = true,
+                        Field::Named(name) => {
+                            FieldRef::parse(src.decoding, name).map_err(|m| {
+                                invalid(
+                                    key(k_),
+                                    format!(
+                                        "{{{name}}} needs every input to supply it, and sources.{} does not: {m}",
+                                        src.name
+                                    ),
+                                )
+                            })?;
+                            src.index = true;
+                        }
                     }
-                    if !src.fields.contains(&field) {
-                        src.fields.push(field);
+                }
+            }
+            // A sink that encodes records' fields (ndjson, influx) gets the
+            // index of every decoded record.
+            if target.encodes_fields() {
+                for &i in &inputs {
+                    let src = &mut sources[i];
+                    if src.decoding != Decoding::Raw || src.kind == SourceKind::Updraft {
+                        src.index = true;
                     }
                 }
             }

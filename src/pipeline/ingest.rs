@@ -14,11 +14,11 @@
 //! its lifecycle; sources see nothing of the runtime.
 
 use super::{SinkCtx, SinkQueue};
-use crate::codec::{influx, json, syslog};
-use crate::config::{BatchLimits, Decoding, FieldRef, PartitionBy, Plan, Utf8Policy};
+use crate::codec::index;
+use crate::config::{BatchLimits, FieldRef, PartitionBy, Plan, Utf8Policy};
 use crate::metrics::DropReason;
 use crate::metrics::ShardMetrics;
-use crate::record::{Batch, BatchBuilder, BatchPool};
+use crate::record::{meta, Batch, BatchBuilder, BatchPool};
 use crate::route::{ShardEnds, ShardWake};
 use rtrb::{Consumer, Producer};
 use std::cell::{Cell, RefCell};
@@ -260,11 +260,25 @@ impl Ingest {
     /// not decode is counted (`decode_errors`), and passed on where `routed`
     /// says (to the sinks whose `where` takes a record without the field)
     /// or dropped (counted, `reason="decode"`) as the source's `on_error`
-    /// says; the reason comes back for the log.
+    /// says; the reason comes back for the log. When the source keeps an
+    /// `index`, the record's field index is appended to `record_meta`.
     #[inline]
-    pub fn route(&self, source: usize, record: &[u8], now_ns: u64, routed: (u32, usize)) -> Routed {
+    pub fn route(
+        &self,
+        source: usize,
+        record: &[u8],
+        now_ns: u64,
+        routed: (u32, usize),
+        record_meta: &mut Vec<u8>,
+    ) -> Routed {
         let plan = &self.plan.sources[source];
-        let parsed = match parse(plan.decoding, plan, record, now_ns) {
+        // JSON is checked while looking up the partition key, the key most
+        // often asked for.
+        let json_key = match &plan.partition_by {
+            PartitionBy::Field(FieldRef::Key(k)) => Some(&**k),
+            _ => None,
+        };
+        let parsed = match index::parse(plan.decoding, record, now_ns, json_key) {
             Ok(p) => p,
             Err(why) => {
                 let c = &self.metrics.sources[source];
@@ -282,16 +296,20 @@ impl Ingest {
             }
         };
         let to = match &plan.partition_by {
-            PartitionBy::Field(f) => {
-                with_value(&parsed, record, f, |v| v.map(|v| self.keyed(v))).unwrap_or(routed)
-            }
+            PartitionBy::Field(f) => parsed
+                .value(record, f, |v| v.map(|v| self.keyed(v)))
+                .unwrap_or(routed),
             _ => routed,
         };
         let mut skip = 0u64;
         for f in &plan.filters {
-            if !with_value(&parsed, record, &f.field, |v| f.matcher.takes(v)) {
+            if !parsed.value(record, &f.field, |v| f.matcher.takes(v)) {
                 skip |= 1 << f.sink;
             }
+        }
+        if plan.index {
+            // Too much meta already (a long topic): the fields render empty.
+            meta::put_with(record_meta, meta::FIELDS, |o| parsed.write(record.len(), o));
         }
         Routed::To(to, None, skip)
     }
@@ -680,70 +698,6 @@ impl Ingest {
             shard.sources_changed.notify_waiters();
         });
     }
-}
-
-/// A record as its source's decoding read it.
-enum Parsed {
-    Raw,
-    Syslog(syslog::Syslog),
-    Influx(influx::Line),
-    /// Checked; keys are looked up when asked for.
-    Json,
-}
-
-/// Reads `record` with `decoding` (JSON: checked while looking up the
-/// partition key, the key most often asked for).
-#[inline]
-fn parse(
-    decoding: Decoding,
-    plan: &crate::config::SourcePlan,
-    record: &[u8],
-    now_ns: u64,
-) -> Result<Parsed, &'static str> {
-    Ok(match decoding {
-        Decoding::Raw => Parsed::Raw,
-        Decoding::Syslog => Parsed::Syslog(syslog::parse(record, now_ns).map_err(|e| e.reason())?),
-        Decoding::Influx => Parsed::Influx(influx::parse(record).map_err(|e| e.reason())?),
-        Decoding::Json => {
-            let key = match &plan.partition_by {
-                PartitionBy::Field(FieldRef::Key(k)) => Some(&**k),
-                _ => None,
-            };
-            json::parse(record, key).map_err(|e| e.reason())?;
-            Parsed::Json
-        }
-    })
-}
-
-/// Calls `f` with field `field`'s value in `record` (`None`: it has none;
-/// syslog's severity and facility as decimal digits).
-#[inline]
-fn with_value<T>(
-    p: &Parsed,
-    record: &[u8],
-    field: &FieldRef,
-    f: impl FnOnce(Option<&[u8]>) -> T,
-) -> T {
-    let span = match (p, field) {
-        (Parsed::Syslog(m), FieldRef::Severity | FieldRef::Facility) => {
-            let n = if *field == FieldRef::Severity {
-                m.severity
-            } else {
-                m.facility
-            };
-            let digits = [b'0' + n / 10, b'0' + n % 10];
-            return f(Some(if n < 10 { &digits[1..] } else { &digits[..] }));
-        }
-        (Parsed::Syslog(m), FieldRef::Host) => m.host,
-        (Parsed::Syslog(m), FieldRef::App) => m.app,
-        (Parsed::Syslog(m), FieldRef::ProcId) => m.procid,
-        (Parsed::Syslog(m), FieldRef::MsgId) => m.msgid,
-        (Parsed::Influx(l), FieldRef::Measurement) => Some(l.measurement),
-        (Parsed::Influx(l), FieldRef::Tag(t)) => influx::tag(record, l, t),
-        (Parsed::Json, FieldRef::Key(k)) => json::parse(record, Some(k)).ok().flatten(),
-        _ => None,
-    };
-    f(span.map(|s| s.of(record)))
 }
 
 /// Whether sink `s`'s bit is set in a `where` mask.

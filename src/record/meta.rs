@@ -20,26 +20,42 @@ pub const TOPIC: u8 = 1;
 /// The most meta one record carries (its length is an entry's `u16`).
 pub const MAX_BYTES: usize = u16::MAX as usize;
 
-/// What a source can attach to its records, and a sink can use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A decoded record's field index (see [`crate::codec::index`]).
+pub const FIELDS: u8 = 2;
+
+/// What a sink can name a destination by: the MQTT topic a record came on,
+/// or a field its source's decoding found (`host`, `tag.device`, a JSON
+/// key), read from its index.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Field {
-    /// The MQTT topic the record arrived on.
     Topic,
+    Named(Box<str>),
 }
 
 impl Field {
-    /// The name in a template (`{topic}`).
-    pub fn name(self) -> &'static str {
+    /// The name in a template (`{topic}`, `{host}`).
+    pub fn name(&self) -> &str {
         match self {
             Field::Topic => "topic",
+            Field::Named(n) => n,
         }
     }
+}
 
-    pub fn kind(self) -> u8 {
-        match self {
-            Field::Topic => TOPIC,
-        }
+/// Appends one item whose value `value` writes; false (and `out`
+/// unchanged) when it would pass [`MAX_BYTES`].
+pub fn put_with(out: &mut Vec<u8>, kind: u8, value: impl FnOnce(&mut Vec<u8>)) -> bool {
+    let start = out.len();
+    out.push(kind);
+    out.extend_from_slice(&[0, 0]);
+    value(out);
+    let len = out.len() - start - 3;
+    if out.len() > MAX_BYTES {
+        out.truncate(start);
+        return false;
     }
+    out[start + 1..start + 3].copy_from_slice(&(len as u16).to_le_bytes());
+    true
 }
 
 /// Appends one item to a record's meta being built in `out`; false (and
@@ -116,6 +132,18 @@ mod tests {
         assert!(m.is_empty());
         assert!(put(&mut m, TOPIC, &vec![b'a'; MAX_BYTES - 3]));
         assert_eq!(m.len(), MAX_BYTES);
+    }
+
+    #[test]
+    fn an_item_written_in_place_reads_back_and_one_too_long_is_refused() {
+        let mut m = Vec::new();
+        assert!(put_with(&mut m, FIELDS, |o| o.extend_from_slice(b"idx")));
+        assert!(put(&mut m, TOPIC, b"t"));
+        assert_eq!(find(&m, FIELDS), Some(&b"idx"[..]));
+        assert_eq!(find(&m, TOPIC), Some(&b"t"[..]));
+        let before = m.clone();
+        assert!(!put_with(&mut m, FIELDS, |o| o.resize(o.len() + MAX_BYTES, 0)));
+        assert_eq!(m, before);
     }
 
     #[test]

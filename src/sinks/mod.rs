@@ -63,6 +63,11 @@ pub trait Kind {
     fn fields(_target: &Self::Target) -> Vec<(&'static str, Field)> {
         Vec::new()
     }
+    /// Whether the sink writes records' decoded fields (an ndjson object
+    /// per record): then decoded inputs keep each record's field index.
+    fn encodes_fields(_target: &Self::Target) -> bool {
+        false
+    }
 }
 
 /// What a sink's plan may know of the rest of the config.
@@ -140,6 +145,13 @@ macro_rules! sinks {
             pub fn fields(&self) -> Vec<(&'static str, Field)> {
                 match self {
                     $(Target::$variant(t) => <$module::Sink as Kind>::fields(t),)*
+                }
+            }
+
+            /// Whether the sink writes records' decoded fields.
+            pub fn encodes_fields(&self) -> bool {
+                match self {
+                    $(Target::$variant(t) => <$module::Sink as Kind>::encodes_fields(t),)*
                 }
             }
         }

@@ -295,6 +295,8 @@ async fn connection(
     let mut start = 0usize;
     let mut close_reason: Option<String> = None;
     let mut records = 0u64;
+    // A record's meta (its field index), reused.
+    let mut meta: Vec<u8> = Vec::new();
     // The first bad record of each kind is logged (rate-limited per source).
     let mut logged_bad = false;
     let mut log_bad = |what: &str, offset: usize| {
@@ -376,9 +378,10 @@ async fn connection(
                             shard.rate_wait(source).await;
                         }
                     }
+                    meta.clear();
                     let ((key, dest), skip) = match plan.decoding {
                         Decoding::Raw => ((key, dest), 0),
-                        _ => match shard.route(source, record, ts, (key, dest)) {
+                        _ => match shard.route(source, record, ts, (key, dest), &mut meta) {
                             Routed::To(r, None, skip) => (r, skip),
                             Routed::To(r, Some(why), skip) => {
                                 log_bad(why, from);
@@ -391,7 +394,9 @@ async fn connection(
                         },
                     };
                     records += 1;
-                    shard.offer(source, dest, ts, key, record, &[], skip).await;
+                    shard
+                        .offer(source, dest, ts, key, record, &meta, skip)
+                        .await;
                 }
                 Decoded::NeedMore { consumed } => {
                     start += consumed;
@@ -436,10 +441,13 @@ async fn connection(
             End::Record(record) => match shard.refuse(source, record) {
                 None => {
                     let ts = shard.now_ns();
+                    meta.clear();
                     if let Routed::To((key, dest), _, skip) =
-                        shard.route(source, record, ts, (key, dest))
+                        shard.route(source, record, ts, (key, dest), &mut meta)
                     {
-                        shard.offer(source, dest, ts, key, record, &[], skip).await;
+                        shard
+                            .offer(source, dest, ts, key, record, &meta, skip)
+                            .await;
                         records += 1;
                     }
                 }

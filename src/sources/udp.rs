@@ -139,6 +139,8 @@ struct Take<'a> {
     source: usize,
     log_bad: LogEvery,
     log_full: LogEvery,
+    /// A record's meta (its field index), reused.
+    meta: Vec<u8>,
 }
 
 impl Take<'_> {
@@ -165,11 +167,13 @@ impl Take<'_> {
             return;
         }
         let ts = shard.now_ns();
+        self.meta.clear();
         let ((key, dest), skip) = match shard.route(
             self.source,
             record,
             ts,
             shard.owner(self.source, &peer),
+            &mut self.meta,
         ) {
             Routed::To(r, None, skip) => (r, skip),
             Routed::To(r, Some(why), skip) => {
@@ -195,7 +199,7 @@ impl Take<'_> {
             }
             return;
         }
-        match shard.try_offer(self.source, dest, ts, key, record, &[], skip) {
+        match shard.try_offer(self.source, dest, ts, key, record, &self.meta, skip) {
             Ok(()) => counters.records.add(1),
             Err(_) => {
                 counters.drop(DropReason::SinkFull, 1);
@@ -233,6 +237,7 @@ pub async fn receive_loop(shard: Rc<Ingest>, source: usize, socket: std::net::Ud
         source,
         log_bad: LogEvery::new(Duration::from_secs(10)),
         log_full: LogEvery::new(Duration::from_secs(10)),
+        meta: Vec::new(),
     };
     let slot_bytes = plan.max_record_bytes + 2;
     let mut drain = Drain::new(slot_bytes);

@@ -164,7 +164,20 @@ fn an_mqtt_sink_refuses_what_it_cannot_do_naming_the_key() {
         (
             mqtt("url = \"mqtt://127.0.0.1:1883\"\ntopic = \"gw/{host}\""),
             "sinks.up.topic",
-            "{host}",
+            "{host} needs every input to supply it, and sources.app does not: a field needs a decoding",
+        ),
+        (
+            mqtt("url = \"mqtt://127.0.0.1:1883\"\ntopic = \"gw/{tag.device}\"").replace(
+                "address = \"127.0.0.1:5140\"",
+                "address = \"127.0.0.1:5140\"\ndecoding = \"syslog\"",
+            ),
+            "sinks.up.topic",
+            "not a syslog field",
+        ),
+        (
+            mqtt("url = \"mqtt://127.0.0.1:1883\"\ntopic = \"gw/{}\""),
+            "sinks.up.topic",
+            "{} is not a field",
         ),
         (
             mqtt("url = \"mqtt://127.0.0.1:1883\"\ntopic = \"gw/#\""),

@@ -341,6 +341,12 @@ impl Receiver {
         Receiver { child }
     }
 
+    /// Ends the receiver now (a test that looks at what it saved).
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Waits for the summary; returns it and whether the exit code was 0.
     pub fn finish(self) -> (Value, bool) {
         let out = self.child.wait_with_output().unwrap();

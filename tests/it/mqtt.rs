@@ -646,3 +646,70 @@ address = "{sink}"
         1.0
     );
 }
+
+#[test]
+fn a_topic_named_by_a_line_protocol_tag_puts_each_devices_records_on_its_own_topic() {
+    const N: u64 = 50_000;
+    let broker = Broker::start("");
+    let rx = Receiver::start_mqtt(
+        broker.addr,
+        N,
+        60,
+        &[
+            "--topic",
+            "site-7/#",
+            "--expect-topic",
+            "site-7/d{stream}/lg",
+        ],
+    );
+    let src = free_addr();
+    let u_ = Updraft::start(&format!(
+        r#"shards = 2
+[sources.app]
+type = "tcp"
+address = "{src}"
+decoding = "influx"
+partition_by = {{ field = "tag.device" }}
+[sinks.cloud]
+type = "mqtt"
+inputs = ["app"]
+url = "{}"
+topic = "site-7/{{tag.device}}/{{measurement}}"
+qos = 1
+"#,
+        broker.url()
+    ));
+    // A tag the sender chose that would be a wildcard in a topic: that
+    // record is dropped and counted, the session goes on.
+    let mut s = std::net::TcpStream::connect(src).unwrap();
+    std::io::Write::write_all(&mut s, b"lg,device=d+1 v=1\nlg,device=d# v=2\n").unwrap();
+    drop(s);
+    send(
+        src,
+        &[
+            "--connections",
+            "2",
+            "--count",
+            &N.to_string(),
+            "--size",
+            "120",
+            "--format",
+            "influx",
+            "--devices",
+            "50",
+        ],
+    );
+    let (r, ok) = rx.finish();
+    assert!(ok, "{r}\n{}", u_.log_text());
+    assert_eq!(u(&r, "unique"), N, "{r}");
+    assert_eq!(u(&r, "streams"), 50, "{r}");
+    assert_eq!(u(&r, "duplicates"), 0, "{r}");
+    assert_eq!(
+        u(&r["mqtt"], "wrong_topic"),
+        0,
+        "each on its device's topic: {r}"
+    );
+    let dropped = r#"updraft_sink_buffer_dropped_records_total{sink="cloud",type="mqtt"}"#;
+    assert_eq!(u_.wait_metric(dropped, 2.0, Duration::from_secs(5)), 2.0);
+    assert!(u_.log_text().contains("wildcard"), "{}", u_.log_text());
+}

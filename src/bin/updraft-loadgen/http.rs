@@ -17,7 +17,8 @@
 //!   to exercise dead letters;
 //! - `--dedup-header NAME`: a request whose NAME value was already answered
 //!   2xx is answered 200 and its records are not counted again;
-//! - `--require-header "NAME: VALUE"`: a request without it gets 401.
+//! - `--require-header "NAME: VALUE"`: a request without it gets 401;
+//! - `--save FILE`: every accepted body, decompressed, is appended to FILE.
 //!
 //! With `--tls-cert` and `--tls-key` (PEM) it serves HTTPS (rustls).
 
@@ -69,6 +70,10 @@ pub struct HttpArgs {
     /// HTTP: answer 401 to a request that lacks this header ("Name: value").
     #[arg(long)]
     pub require_header: Option<String>,
+    /// HTTP: append every accepted body, decompressed, to this file (to
+    /// look at what a sink sent: its encoding, its fields).
+    #[arg(long)]
+    pub save: Option<std::path::PathBuf>,
     /// HTTPS: certificate chain (PEM).
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,
@@ -413,6 +418,16 @@ impl Endpoint {
                 return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_string();
             }
             seen.insert(k);
+        }
+        if let Some(path) = &a.save {
+            let saved = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(decoded));
+            if let Err(e) = saved {
+                eprintln!("cannot append to {}: {e}", path.display());
+            }
         }
         let mut parsed = Vec::new();
         let mut malformed = 0;

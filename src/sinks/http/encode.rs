@@ -20,7 +20,10 @@
 //! so far.
 
 use super::config::{Compression, Encoding};
-use crate::record::BatchView;
+use crate::codec::index::Parsed;
+use crate::codec::influx::{self, Line};
+use crate::codec::syslog::Syslog;
+use crate::record::{meta, BatchView};
 
 /// What encoding one batch did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +46,8 @@ pub struct Encoder {
     deflate: Option<flate2::Compress>,
     /// Source names by index (ndjson's `source`).
     sources: Vec<String>,
+    /// A line protocol key or value without its escapes (reused).
+    unescaped: Vec<u8>,
 }
 
 impl Encoder {
@@ -64,6 +69,7 @@ impl Encoder {
                 _ => None,
             },
             sources,
+            unescaped: Vec::new(),
         }
     }
 
@@ -103,14 +109,36 @@ impl Encoder {
                 Encoding::Raw => unreachable!("handled above"),
                 Encoding::Ndjson => {
                     let mut second = SecondPrefix::default();
-                    batch.for_each(|ts, source, r, _| {
+                    let unescaped = &mut self.unescaped;
+                    batch.for_each(|ts, source, r, meta| {
                         let name = self.sources.get(source as usize).map_or("", String::as_str);
-                        ndjson_line(target, ts, name, r, &mut second);
+                        match fields(meta) {
+                            Some(Parsed::Syslog(m)) => {
+                                syslog_ndjson(target, ts, name, r, &m, &mut second)
+                            }
+                            Some(Parsed::Influx(l)) => {
+                                influx_ndjson(target, ts, name, r, &l, &mut second, unescaped)
+                            }
+                            Some(Parsed::Json) => {
+                                target.extend_from_slice(r);
+                                target.push(b'\n');
+                            }
+                            Some(Parsed::Raw) | None => {
+                                ndjson_line(target, ts, name, r, &mut second)
+                            }
+                        }
                         done.records += 1;
                     })
                 }
-                Encoding::Influx => batch.for_each(|ts, _, r, _| {
-                    if influx_line(target, ts, r) {
+                Encoding::Influx => batch.for_each(|ts, _, r, meta| {
+                    let ok = match fields(meta) {
+                        Some(Parsed::Syslog(m)) => {
+                            syslog_influx(target, ts, r, &m);
+                            true
+                        }
+                        _ => influx_line(target, ts, r),
+                    };
+                    if ok {
                         done.records += 1;
                     } else {
                         done.dropped += 1;
@@ -159,6 +187,218 @@ impl Encoder {
         }
         done
     }
+}
+
+/// A record's field index, when its source's decoding wrote one.
+#[inline]
+fn fields(record_meta: &[u8]) -> Option<Parsed> {
+    if record_meta.is_empty() {
+        return None;
+    }
+    meta::find(record_meta, meta::FIELDS).and_then(Parsed::read)
+}
+
+/// Appends a syslog record as an object of its fields: `timestamp` (the
+/// record's own, else its receive time), `source`, then `host`, `app`,
+/// `procid`, `msgid` when present, `severity` and `facility` as numbers,
+/// `structured_data` (as written) when present, and `message`.
+fn syslog_ndjson(
+    out: &mut Vec<u8>,
+    ts_ns: u64,
+    source: &str,
+    r: &[u8],
+    m: &Syslog,
+    second: &mut SecondPrefix,
+) {
+    out.extend_from_slice(b"{\"timestamp\":\"");
+    rfc3339_ns(out, m.ts_ns.unwrap_or(ts_ns), second);
+    out.extend_from_slice(b"\",\"source\":");
+    json_string(out, source.as_bytes());
+    for (key, span) in [
+        (&b",\"host\":"[..], m.host),
+        (b",\"app\":", m.app),
+        (b",\"procid\":", m.procid),
+        (b",\"msgid\":", m.msgid),
+    ] {
+        if let Some(s) = span {
+            out.extend_from_slice(key);
+            json_string(out, s.of(r));
+        }
+    }
+    let mut digits = [0u8; 20];
+    out.extend_from_slice(b",\"severity\":");
+    out.extend_from_slice(decimal(u64::from(m.severity), &mut digits));
+    out.extend_from_slice(b",\"facility\":");
+    out.extend_from_slice(decimal(u64::from(m.facility), &mut digits));
+    if let Some(sd) = m.structured_data {
+        out.extend_from_slice(b",\"structured_data\":");
+        json_string(out, sd.of(r));
+    }
+    out.extend_from_slice(b",\"message\":");
+    json_string(out, m.msg.of(r));
+    out.extend_from_slice(b"}\n");
+}
+
+/// Appends a line-protocol record as an object: `timestamp` (the line's,
+/// else its receive time), `source`, `measurement`, `tags` (an object of
+/// strings) and `fields` (numbers, booleans and strings by their type).
+fn influx_ndjson(
+    out: &mut Vec<u8>,
+    ts_ns: u64,
+    source: &str,
+    r: &[u8],
+    l: &Line,
+    second: &mut SecondPrefix,
+    scratch: &mut Vec<u8>,
+) {
+    let mut string = |out: &mut Vec<u8>, escaped: &[u8]| {
+        scratch.clear();
+        influx::unescape(escaped, scratch);
+        json_string(out, scratch);
+    };
+    out.extend_from_slice(b"{\"timestamp\":\"");
+    rfc3339_ns(out, l.ts_ns.unwrap_or(ts_ns), second);
+    out.extend_from_slice(b"\",\"source\":");
+    json_string(out, source.as_bytes());
+    out.extend_from_slice(b",\"measurement\":");
+    string(out, l.measurement.of(r));
+    out.extend_from_slice(b",\"tags\":{");
+    let mut first = true;
+    if let Some(tags) = l.tags {
+        influx::pairs(tags.of(r), false, |k, v| {
+            if !std::mem::take(&mut first) {
+                out.push(b',');
+            }
+            string(out, k);
+            out.push(b':');
+            string(out, v);
+        });
+    }
+    out.extend_from_slice(b"},\"fields\":{");
+    first = true;
+    influx::pairs(l.fields.of(r), true, |k, v| {
+        if !std::mem::take(&mut first) {
+            out.push(b',');
+        }
+        string(out, k);
+        out.push(b':');
+        field_value(out, v, &mut string);
+    });
+    out.extend_from_slice(b"}}\n");
+}
+
+/// A line-protocol field value as JSON: a string (quoted), an integer
+/// (`12i`, `12u`), a boolean, or a float; what is none of those (`.5`,
+/// `NaN`) as a string of its text.
+fn field_value(out: &mut Vec<u8>, v: &[u8], string: &mut impl FnMut(&mut Vec<u8>, &[u8])) {
+    if let Some(s) = v.strip_prefix(b"\"").and_then(|s| s.strip_suffix(b"\"")) {
+        return string(out, s);
+    }
+    match v {
+        b"t" | b"T" | b"true" | b"True" | b"TRUE" => return out.extend_from_slice(b"true"),
+        b"f" | b"F" | b"false" | b"False" | b"FALSE" => return out.extend_from_slice(b"false"),
+        _ => {}
+    }
+    let n = v.strip_suffix(b"i").or_else(|| v.strip_suffix(b"u")).unwrap_or(v);
+    if json_number(n) {
+        out.extend_from_slice(n);
+    } else {
+        string(out, v);
+    }
+}
+
+/// Whether `n` is a number as JSON writes one.
+fn json_number(n: &[u8]) -> bool {
+    let n = n.strip_prefix(b"-").unwrap_or(n);
+    let int = n.iter().take_while(|c| c.is_ascii_digit()).count();
+    if int == 0 || (int > 1 && n[0] == b'0') {
+        return false;
+    }
+    let mut rest = &n[int..];
+    if let Some(f) = rest.strip_prefix(b".") {
+        let d = f.iter().take_while(|c| c.is_ascii_digit()).count();
+        if d == 0 {
+            return false;
+        }
+        rest = &f[d..];
+    }
+    if let Some(e) = rest.strip_prefix(b"e").or_else(|| rest.strip_prefix(b"E")) {
+        let e = e.strip_prefix(b"+").or_else(|| e.strip_prefix(b"-")).unwrap_or(e);
+        let d = e.iter().take_while(|c| c.is_ascii_digit()).count();
+        if d == 0 {
+            return false;
+        }
+        rest = &e[d..];
+    }
+    rest.is_empty()
+}
+
+/// Appends a syslog record as a line of line protocol: measurement
+/// `syslog`; tags `appname`, `facility`, `hostname`, `severity` (names, as
+/// Telegraf's syslog input writes them; an absent one left out); fields
+/// `facility_code`, `severity_code` (integers), `message`, and `procid`,
+/// `msgid` when present (strings); the record's own time, else its receive
+/// time. Line breaks in a value become spaces (line protocol has none).
+fn syslog_influx(out: &mut Vec<u8>, ts_ns: u64, r: &[u8], m: &Syslog) {
+    const FACILITIES: [&str; 24] = [
+        "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron",
+        "authpriv", "ftp", "ntp", "security", "console", "solaris-cron", "local0", "local1",
+        "local2", "local3", "local4", "local5", "local6", "local7",
+    ];
+    const SEVERITIES: [&str; 8] = [
+        "emerg", "alert", "crit", "err", "warning", "notice", "info", "debug",
+    ];
+    let tag = |out: &mut Vec<u8>, key: &[u8], v: &[u8]| {
+        if v.is_empty() {
+            return;
+        }
+        out.push(b',');
+        out.extend_from_slice(key);
+        out.push(b'=');
+        for &c in v {
+            match c {
+                b',' | b'=' | b' ' | b'\\' => out.extend_from_slice(&[b'\\', c]),
+                b'\n' | b'\r' => out.extend_from_slice(b"\\ "),
+                _ => out.push(c),
+            }
+        }
+    };
+    let string = |out: &mut Vec<u8>, v: &[u8]| {
+        out.push(b'"');
+        for &c in v {
+            match c {
+                b'"' | b'\\' => out.extend_from_slice(&[b'\\', c]),
+                b'\n' | b'\r' => out.push(b' '),
+                _ => out.push(c),
+            }
+        }
+        out.push(b'"');
+    };
+    out.extend_from_slice(b"syslog");
+    tag(out, b"appname", m.app.map_or(&[][..], |s| s.of(r)));
+    let facility = FACILITIES.get(m.facility as usize).copied().unwrap_or("");
+    tag(out, b"facility", facility.as_bytes());
+    tag(out, b"hostname", m.host.map_or(&[][..], |s| s.of(r)));
+    let severity = SEVERITIES.get(m.severity as usize).copied().unwrap_or("");
+    tag(out, b"severity", severity.as_bytes());
+    let mut digits = [0u8; 20];
+    out.extend_from_slice(b" facility_code=");
+    out.extend_from_slice(decimal(u64::from(m.facility), &mut digits));
+    out.extend_from_slice(b"i,severity_code=");
+    out.extend_from_slice(decimal(u64::from(m.severity), &mut digits));
+    out.extend_from_slice(b"i,message=");
+    string(out, m.msg.of(r));
+    if let Some(p) = m.procid {
+        out.extend_from_slice(b",procid=");
+        string(out, p.of(r));
+    }
+    if let Some(p) = m.msgid {
+        out.extend_from_slice(b",msgid=");
+        string(out, p.of(r));
+    }
+    out.push(b' ');
+    out.extend_from_slice(decimal(m.ts_ns.unwrap_or(ts_ns), &mut digits));
+    out.push(b'\n');
 }
 
 /// Appends `{"timestamp":…,"source":…,"message":…}\n`.
@@ -380,6 +620,84 @@ mod tests {
             b.push(TS + i as u64, 0, (i % 2) as u16, l, &[]);
         }
         b
+    }
+
+    /// Records decoded with `decoding`, each with its field index.
+    fn decoded(decoding: crate::config::Decoding, lines: &[&[u8]]) -> Batch {
+        let mut b = Batch::default();
+        for l in lines {
+            let mut m = Vec::new();
+            let p = crate::codec::index::parse(decoding, l, TS, None).unwrap();
+            meta::put_with(&mut m, meta::FIELDS, |o| p.write(l.len(), o));
+            b.push(TS, 0, 0, l, &m);
+        }
+        b
+    }
+
+    #[test]
+    fn decoded_records_become_objects_of_their_fields() {
+        use crate::config::Decoding;
+        let b = decoded(
+            Decoding::Syslog,
+            &[
+                b"<165>1 2026-12-03T12:00:00.5Z gw-1 sensord 42 ID7 [x a=\"1\"] too \"hot\"",
+                b"<13>Nov 25 11:59:58 gw-2 app[7]: hello",
+            ],
+        );
+        let (body, done) = encode(Encoding::Ndjson, Compression::None, &b);
+        assert_eq!(done.records, 2);
+        let text = String::from_utf8(body).unwrap();
+        let v: Vec<serde_json::Value> =
+            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(v[0]["timestamp"], "2026-12-03T12:00:00.500000000Z");
+        assert_eq!(v[0]["host"], "gw-1");
+        assert_eq!(v[0]["app"], "sensord");
+        assert_eq!(v[0]["procid"], "42");
+        assert_eq!(v[0]["msgid"], "ID7");
+        assert_eq!(v[0]["severity"], 5);
+        assert_eq!(v[0]["facility"], 20);
+        assert_eq!(v[0]["structured_data"], "[x a=\"1\"]");
+        assert_eq!(v[0]["message"], "too \"hot\"");
+        assert_eq!(v[1]["timestamp"], "2025-11-25T11:59:58.000000000Z");
+        assert_eq!(v[1]["app"], "app");
+        assert_eq!(v[1]["procid"], "7");
+        assert_eq!(v[1]["message"], "hello");
+        assert!(v[1].get("msgid").is_none());
+
+        let b = decoded(
+            Decoding::Influx,
+            &[b"weather,device=d\\,1,site=north\\ yard t=21.5,n=-3i,ok=T,s=\"a \\\"b\\\"\",odd=.5 1796299200000000000"],
+        );
+        let (body, _) = encode(Encoding::Ndjson, Compression::None, &b);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["timestamp"], "2026-12-03T12:00:00.000000000Z");
+        assert_eq!(v["measurement"], "weather");
+        assert_eq!(v["tags"]["device"], "d,1");
+        assert_eq!(v["tags"]["site"], "north yard");
+        assert_eq!(v["fields"]["t"], 21.5);
+        assert_eq!(v["fields"]["n"], -3);
+        assert_eq!(v["fields"]["ok"], true);
+        assert_eq!(v["fields"]["s"], "a \"b\"");
+        assert_eq!(v["fields"]["odd"], ".5");
+
+        let b = decoded(Decoding::Json, &[b"{\"a\": [1, 2]}"]);
+        let (body, _) = encode(Encoding::Ndjson, Compression::None, &b);
+        assert_eq!(body, b"{\"a\": [1, 2]}\n");
+    }
+
+    #[test]
+    fn syslog_records_become_line_protocol() {
+        use crate::config::Decoding;
+        let b = decoded(
+            Decoding::Syslog,
+            &[b"<11>1 2026-12-03T12:00:00Z gw a, - - - disk \"sda\" failed\\"],
+        );
+        let (body, done) = encode(Encoding::Influx, Compression::None, &b);
+        assert_eq!(done.records, 1);
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            "syslog,appname=a\\,,facility=user,hostname=gw,severity=err facility_code=1i,severity_code=3i,message=\"disk \\\"sda\\\" failed\\\\\" 1796299200000000000\n"
+        );
     }
 
     fn encode(enc: Encoding, comp: Compression, b: &Batch) -> (Vec<u8>, Encoded) {

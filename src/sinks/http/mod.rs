@@ -132,6 +132,10 @@ impl Kind for Sink {
     fn uses_data_dir(_t: &Box<HttpTarget>) -> bool {
         true
     }
+
+    fn encodes_fields(t: &Box<HttpTarget>) -> bool {
+        t.encoding != config::Encoding::Raw
+    }
 }
 
 impl Deliver for HttpOutput {

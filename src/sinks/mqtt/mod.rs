@@ -236,7 +236,14 @@ impl Protocol for Target {
             Some(f) => f.as_bytes(),
             None => {
                 scratch.clear();
-                self.topic.render(meta, scratch);
+                self.topic.render(record, meta, scratch);
+                // A field's value is the sender's: a wildcard, a NUL or bytes
+                // that are not UTF-8 would make the broker end the session.
+                if scratch.iter().any(|&c| matches!(c, b'+' | b'#' | 0))
+                    || std::str::from_utf8(scratch).is_err()
+                {
+                    return false;
+                }
                 scratch.as_slice()
             }
         };
@@ -249,7 +256,7 @@ impl Protocol for Target {
     }
 
     fn why_unsendable(&self) -> &'static str {
-        "records whose topic renders empty or longer than 65535 bytes"
+        "records whose topic renders empty, longer than 65535 bytes, or with a wildcard, a NUL or bytes that are not UTF-8"
     }
 
     fn mark_resend(&self, body: &mut [u8], at: usize) {

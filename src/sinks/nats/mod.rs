@@ -221,12 +221,15 @@ impl Kind for Sink {
 }
 
 /// Whether a subject to publish to is well formed: not empty, no empty
-/// token (a leading, trailing or double '.'), no spaces (a server ends the
-/// connection over a malformed one).
+/// token (a leading, trailing or double '.'), no spaces, wildcards or NULs
+/// (a server ends the connection over a malformed one, and refuses a
+/// publish to a wildcard).
 fn tokens_ok(subject: &[u8]) -> bool {
     !subject.is_empty()
         && subject.split(|c| *c == b'.').all(|t| !t.is_empty())
-        && !subject.iter().any(|c| c.is_ascii_whitespace())
+        && !subject
+            .iter()
+            .any(|&c| c.is_ascii_whitespace() || matches!(c, b'*' | b'>' | 0))
 }
 
 /// Reads from the connection until `done` finds what it waits for in the
@@ -402,7 +405,7 @@ impl Protocol for Target {
         scratch.clear();
         match self.subject.fixed() {
             Some(f) => scratch.extend_from_slice(f.as_bytes()),
-            None => self.subject.render(meta, scratch),
+            None => self.subject.render(record, meta, scratch),
         }
         let subject_end = scratch.len();
         let subject = &scratch[..subject_end];

@@ -1,20 +1,26 @@
-//! Destination templates: `"site-7/{topic}"` names where a record goes from
-//! what its source attached to it (see [`crate::record::meta`]).
+//! Destination templates: `"site-7/{topic}"`, `"gw/{host}/{app}"` name
+//! where a record goes from what came with it: the MQTT topic it arrived on,
+//! or a field its source's decoding found (see [`crate::codec::index`]).
 //!
 //! Parsed once at start into literal text and fields; rendering appends the
 //! parts into a reused buffer, so it allocates nothing per record once the
 //! buffer fits the longest result. A field the record does not carry
 //! renders as nothing.
 
+use crate::codec::index::Parsed;
+use crate::config::{Decoding, FieldRef};
 use crate::record::meta::{self, Field};
-
-/// The fields a template may name.
-const FIELDS: &[Field] = &[Field::Topic];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
     Text(String),
-    Field(Field),
+    Topic,
+    /// A decoded field: what its name means for a syslog, line protocol and
+    /// JSON record (whichever the record's index says it is).
+    Named {
+        name: Box<str>,
+        forms: [Option<FieldRef>; 3],
+    },
 }
 
 /// A parsed template.
@@ -45,24 +51,25 @@ impl Template {
                 return Err("a '{' without its '}' (write '{{' for a literal one)".into());
             };
             let name = &after[..end];
-            let field = FIELDS
-                .iter()
-                .copied()
-                .find(|f| f.name() == name)
-                .ok_or_else(|| {
-                    format!(
-                        "{{{name}}} is not a field (fields: {})",
-                        FIELDS
-                            .iter()
-                            .map(|f| format!("{{{}}}", f.name()))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                })?;
+            let part = if name == "topic" {
+                Part::Topic
+            } else {
+                let forms = [Decoding::Syslog, Decoding::Influx, Decoding::Json]
+                    .map(|d| FieldRef::parse(d, name).ok());
+                if forms.iter().all(Option::is_none) {
+                    return Err(format!(
+                        "{{{name}}} is not a field (fields: {{topic}} of an mqtt source; syslog: {{host}}, {{app}}, {{procid}}, {{msgid}}, {{severity}}, {{facility}}; line protocol: {{measurement}}, {{tag.<key>}}; JSON: {{<key>}})"
+                    ));
+                }
+                Part::Named {
+                    name: name.into(),
+                    forms,
+                }
+            };
             if !lit.is_empty() {
                 parts.push(Part::Text(std::mem::take(&mut lit)));
             }
-            parts.push(Part::Field(field));
+            parts.push(part);
             rest = &after[end + 1..];
         }
         lit.push_str(rest);
@@ -85,10 +92,13 @@ impl Template {
     pub fn fields(&self) -> Vec<Field> {
         let mut out = Vec::new();
         for p in &self.parts {
-            if let Part::Field(f) = p {
-                if !out.contains(f) {
-                    out.push(*f);
-                }
+            let f = match p {
+                Part::Text(_) => continue,
+                Part::Topic => Field::Topic,
+                Part::Named { name, .. } => Field::Named(name.clone()),
+            };
+            if !out.contains(&f) {
+                out.push(f);
             }
         }
         out
@@ -101,20 +111,37 @@ impl Template {
             .iter()
             .filter_map(|p| match p {
                 Part::Text(t) => Some(t.as_str()),
-                Part::Field(_) => None,
+                _ => None,
             })
             .collect()
     }
 
-    /// Appends the template rendered for a record with `meta` to `out`.
+    /// Appends the template rendered for `record` with `record_meta` to
+    /// `out`.
     #[inline]
-    pub fn render(&self, record_meta: &[u8], out: &mut Vec<u8>) {
+    pub fn render(&self, record: &[u8], record_meta: &[u8], out: &mut Vec<u8>) {
+        // The index is read at most once per record, when a part needs it.
+        let mut parsed: Option<Option<Parsed>> = None;
         for p in &self.parts {
             match p {
                 Part::Text(t) => out.extend_from_slice(t.as_bytes()),
-                Part::Field(f) => {
-                    if let Some(v) = meta::find(record_meta, f.kind()) {
+                Part::Topic => {
+                    if let Some(v) = meta::find(record_meta, meta::TOPIC) {
                         out.extend_from_slice(v);
+                    }
+                }
+                Part::Named { forms, .. } => {
+                    let parsed = parsed.get_or_insert_with(|| {
+                        meta::find(record_meta, meta::FIELDS).and_then(Parsed::read)
+                    });
+                    let field = match parsed {
+                        Some(Parsed::Syslog(_)) => &forms[0],
+                        Some(Parsed::Influx(_)) => &forms[1],
+                        Some(Parsed::Json) => &forms[2],
+                        Some(Parsed::Raw) | None => &None,
+                    };
+                    if let (Some(p), Some(f)) = (parsed, field) {
+                        p.value(record, f, |v| out.extend_from_slice(v.unwrap_or_default()));
                     }
                 }
             }
@@ -138,11 +165,42 @@ mod tests {
         assert_eq!(t.fixed(), None);
         assert_eq!(t.fields(), vec![Field::Topic]);
         let mut out = Vec::new();
-        t.render(&topic_meta(b"sensors/1"), &mut out);
+        t.render(b"", &topic_meta(b"sensors/1"), &mut out);
         assert_eq!(out, b"site-7/sensors/1/raw");
         out.clear();
-        t.render(&[], &mut out);
+        t.render(b"", &[], &mut out);
         assert_eq!(out, b"site-7//raw");
+    }
+
+    #[test]
+    fn decoded_fields_render_from_the_records_index() {
+        use crate::codec::index::parse;
+        let t = Template::parse("gw/{host}/{app}/{severity}/{tag.device}/{topic}").unwrap();
+        assert_eq!(t.fields().len(), 5);
+        let mut out = Vec::new();
+        let r = b"<11>1 - gw-3 sensord - - - boom";
+        let mut m = Vec::new();
+        meta::put_with(&mut m, meta::FIELDS, |o| {
+            parse(Decoding::Syslog, r, 0, None)
+                .unwrap()
+                .write(r.len(), o)
+        });
+        t.render(r, &m, &mut out);
+        assert_eq!(out, b"gw/gw-3/sensord/3//");
+        let r = b"m,device=d-7 v=1";
+        let mut m = topic_meta(b"in/x");
+        meta::put_with(&mut m, meta::FIELDS, |o| {
+            parse(Decoding::Influx, r, 0, None)
+                .unwrap()
+                .write(r.len(), o)
+        });
+        out.clear();
+        t.render(r, &m, &mut out);
+        assert_eq!(out, b"gw////d-7/in/x");
+        // No index (a record that did not decode): the fields are empty.
+        out.clear();
+        t.render(r, &[], &mut out);
+        assert_eq!(out, b"gw/////");
     }
 
     #[test]
@@ -154,9 +212,9 @@ mod tests {
 
     #[test]
     fn bad_templates_say_what_is_wrong() {
-        assert!(Template::parse("a/{host}")
+        assert!(Template::parse("a/{}")
             .unwrap_err()
-            .contains("{host} is not a field"));
+            .contains("{} is not a field"));
         assert!(Template::parse("a/{topic")
             .unwrap_err()
             .contains("without its '}'"));
