@@ -889,13 +889,10 @@ impl Plan {
                 (SourceKind::Tcp, Some(f)) => f,
             };
             let decoding = s.decoding.unwrap_or_default();
-            if decoding != Decoding::Raw && !matches!(s.kind, SourceKind::Tcp | SourceKind::Udp) {
+            if decoding != Decoding::Raw && s.kind == SourceKind::Updraft {
                 return Err(invalid(
                     key("decoding"),
-                    format!(
-                        "a {} source takes records as they are (\"raw\")",
-                        s.kind.name()
-                    ),
+                    "an updraft source takes records as the sender decoded them (\"raw\"; their fields come with them)",
                 ));
             }
             if s.on_error.is_some() && decoding == Decoding::Raw {

@@ -22,11 +22,11 @@
 //! CONNECT or SUBSCRIBE is logged with the broker and the reason; the session
 //! is opened again after a backoff.
 
-use crate::config::{MqttSourcePlan, RetryPlan, WhenExceeded};
+use crate::config::{Decoding, MqttSourcePlan, RetryPlan, WhenExceeded};
 use crate::logging::LogEvery;
 use crate::metrics::DropReason;
 use crate::mqtt::{self as wire, Control, Version};
-use crate::pipeline::ingest::Ingest;
+use crate::pipeline::ingest::{Ingest, Routed};
 use crate::pipeline::Backoff;
 use crate::record::meta::{self, Field};
 use crate::tls::Link;
@@ -305,8 +305,33 @@ async fn serve(
                     // travels without it.
                     meta::put(&mut meta, meta::TOPIC, p.topic);
                 }
-                ing.offer(source, ing.id, ts, 0, record, &meta, 0).await;
-                records += 1;
+                // An mqtt source keeps its records on its shard
+                // (partition_by is refused): only `where` and the index.
+                let skip = match plan.decoding {
+                    Decoding::Raw => Some(0),
+                    _ => match ing.route(source, record, ts, (0, ing.id), &mut meta) {
+                        Routed::To(_, why, skip) => {
+                            if let Some(why) = why {
+                                if let Some(held) = log_bad.ready() {
+                                    tracing::warn!(source = %plan.name, broker = %m.url, topic = %String::from_utf8_lossy(p.topic),
+                                        suppressed = held, "{why}; passed on as it came");
+                                }
+                            }
+                            Some(skip)
+                        }
+                        Routed::Dropped(why) => {
+                            if let Some(held) = log_bad.ready() {
+                                tracing::warn!(source = %plan.name, broker = %m.url, topic = %String::from_utf8_lossy(p.topic),
+                                    suppressed = held, "{why}; dropped (counted as decode)");
+                            }
+                            None
+                        }
+                    },
+                };
+                if let Some(skip) = skip {
+                    ing.offer(source, ing.id, ts, 0, record, &meta, skip).await;
+                    records += 1;
+                }
             }
             if p.qos > 0 {
                 pkids.push(p.pkid);

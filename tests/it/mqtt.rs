@@ -713,3 +713,90 @@ qos = 1
     assert_eq!(u_.wait_metric(dropped, 2.0, Duration::from_secs(5)), 2.0);
     assert!(u_.log_text().contains("wildcard"), "{}", u_.log_text());
 }
+
+#[test]
+fn an_mqtt_source_decodes_line_protocol_and_names_each_devices_topic_by_its_tag() {
+    const N: u64 = 20_000;
+    let broker = Broker::start("");
+    let rx = Receiver::start_mqtt(
+        broker.addr,
+        N,
+        60,
+        &["--topic", "gw/#", "--expect-topic", "gw/d{stream}"],
+    );
+    let u_ = Updraft::start(&format!(
+        r#"shards = 2
+[sources.sensors]
+type = "mqtt"
+url = "{url}"
+topics = ["sensors/#"]
+decoding = "influx"
+on_error = "drop"
+[sinks.cloud]
+type = "mqtt"
+inputs = ["sensors"]
+url = "{url}"
+topic = "gw/{{tag.device}}"
+qos = 1
+"#,
+        url = broker.url()
+    ));
+    u_.wait_metric(
+        r#"updraft_source_connections_open{source="sensors"}"#,
+        1.0,
+        Duration::from_secs(10),
+    );
+    // A message that is not line protocol: counted, dropped, acknowledged.
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.addr.port().to_string()])
+        .args(["-t", "sensors/odd", "-q", "1", "-m", "not line protocol"])
+        .output()
+        .expect("mosquitto_pub (mosquitto-clients) is installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = publish(
+        &broker,
+        &[
+            "--topic",
+            "sensors/{stream}",
+            "--connections",
+            "2",
+            "--count",
+            &N.to_string(),
+            "--size",
+            "120",
+            "--format",
+            "influx",
+            "--devices",
+            "20",
+        ],
+    );
+    let out = p.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (r, ok) = rx.finish();
+    assert!(ok, "{r}\n{}", u_.log_text());
+    assert_eq!(u(&r, "unique"), N, "{r}");
+    assert_eq!(u(&r, "streams"), 20, "{r}");
+    assert_eq!(u(&r, "duplicates"), 0, "{r}");
+    assert_eq!(u(&r["mqtt"], "wrong_topic"), 0, "{r}");
+    assert_eq!(
+        u_.metric(r#"updraft_source_decode_errors_total{source="sensors"}"#),
+        1.0
+    );
+    assert_eq!(
+        u_.metric(r#"updraft_source_dropped_records_total{source="sensors",reason="decode"}"#),
+        1.0
+    );
+    assert!(
+        u_.log_text().contains("not line protocol"),
+        "{}",
+        u_.log_text()
+    );
+}

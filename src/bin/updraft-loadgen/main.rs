@@ -492,6 +492,7 @@ fn send(a: SendArgs) -> Result<()> {
             topic: a.topic.replace("{stream}", &stream.to_string()),
             qos: a.qos,
             version: a.mqtt_version.clone(),
+            shape,
         };
         let nats_pub = nats::Publisher {
             subject: a.topic.replace("{stream}", &stream.to_string()),
@@ -548,7 +549,7 @@ fn send(a: SendArgs) -> Result<()> {
 
 /// What a connection's records look like (`--format`, `--devices`).
 #[derive(Clone, Copy)]
-struct Shape {
+pub struct Shape {
     format: RecordFormat,
     devices: Option<(u64, u64, u64)>,
 }

@@ -6,7 +6,7 @@
 //! client connects again every 100 ms until told to stop. Each message's
 //! payload is one record (a trailing newline is allowed).
 
-use super::{pace, parse_record, unix_ns, Block, Framing, Tracker};
+use super::{pace, parse_record, unix_ns, Block, Framing, Shape, Tracker};
 use anyhow::{bail, Context, Result};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -287,6 +287,8 @@ pub struct Publisher {
     pub topic: String,
     pub qos: u8,
     pub version: String,
+    /// `--format` and `--devices`, as for tcp.
+    pub shape: Shape,
 }
 
 /// Messages a publisher keeps unacknowledged at most (QoS 1).
@@ -367,7 +369,14 @@ impl Publisher {
             Some(r) => ((r / 1000.0) as usize).clamp(1, 256),
             None => 256,
         };
-        let mut block = Block::new(stream, size, Framing::Newline, per_block)?;
+        let mut block = Block::shaped(
+            stream,
+            size,
+            Framing::Newline,
+            per_block,
+            self.shape.format,
+            self.shape.devices,
+        )?;
         let mut out = Vec::new();
         let start = quanta::Instant::now();
         let mut sent = 0u64;
