@@ -127,6 +127,22 @@ fn issue18_10_validation_gaps_are_closed() {
             "sinks.up.path",
             "is a directory",
         ),
+        (
+            GOOD.replace(
+                "type = \"tcp\"\ninputs = [\"app\"]\naddress = \"127.0.0.1:16000\"",
+                "type = \"http\"\ninputs = [\"app\"]\nuri = \"http://127.0.0.1:16000/in/{host}\"",
+            ),
+            "sinks.up.uri",
+            "{host} needs every input to supply it",
+        ),
+        (
+            GOOD.replace(
+                "type = \"tcp\"\ninputs = [\"app\"]\naddress = \"127.0.0.1:16000\"",
+                "type = \"http\"\ninputs = [\"app\"]\nuri = \"http://127.0.0.1:16000/\"\nheaders = { X-App = \"{app}\" }",
+            ),
+            "sinks.up.headers",
+            "{app} needs every input to supply it",
+        ),
     ];
     for (text, key, why) in cases {
         let (ok, err) = check("validate", &text);

@@ -371,6 +371,35 @@ fn parse_json(out: &Output) -> Value {
     serde_json::from_str(line).unwrap()
 }
 
+/// The load generator's flags for `count` line-protocol records of
+/// `size` bytes from `devices` devices (each its own stream) over
+/// `connections`.
+pub fn device_args(connections: u32, count: u64, size: u32, devices: u32) -> Vec<String> {
+    [
+        "--connections",
+        &connections.to_string(),
+        "--count",
+        &count.to_string(),
+        "--size",
+        &size.to_string(),
+        "--format",
+        "influx",
+        "--devices",
+        &devices.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Asserts a receiver's summary holds `count` records of `devices`
+/// streams, each once.
+pub fn assert_devices_once(r: &Value, ok: bool, count: u64, devices: u64, log: &str) {
+    assert!(ok, "{r}\n{log}");
+    assert_eq!(u(r, "unique"), count, "{r}");
+    assert_eq!(u(r, "streams"), devices, "one stream per device: {r}");
+    assert_eq!(u(r, "duplicates"), 0, "{r}");
+}
+
 /// Runs `updraft-loadgen send` to completion and returns its summary.
 pub fn send(target: SocketAddr, args: &[&str]) -> Value {
     let out = Command::new(LOADGEN)

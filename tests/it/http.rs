@@ -639,3 +639,47 @@ fn a_request_timed_out_mid_write_is_sent_again_whole() {
     assert_eq!((u(&r, "unique"), u(&r, "duplicates")), (50_000, 0), "{r}");
     assert!(!u_.log_text().contains("panicked"), "{}", u_.log_text());
 }
+
+#[test]
+fn a_uri_naming_a_tag_sends_each_devices_records_to_its_own_path() {
+    const N: u64 = 40_000;
+    let (src, sink) = (free_addr(), free_addr());
+    let rx = http_receiver(
+        sink,
+        N,
+        60,
+        &[
+            "--expect-path",
+            "/ingest/d{stream}",
+            "--dedup-header",
+            "Idempotency-Key",
+        ],
+    );
+    let u_ = Updraft::start(&format!(
+        r#"
+shards = 2
+[sources.app]
+type = "tcp"
+address = "{src}"
+decoding = "influx"
+[sinks.cloud]
+type = "http"
+inputs = ["app"]
+uri = "http://{sink}/ingest/{{tag.device}}"
+compression = "zstd"
+idempotency_header = "Idempotency-Key"
+[sinks.cloud.headers]
+X-Device = "{{tag.device}}"
+"#
+    ));
+    let args = device_args(4, N, 120, 40);
+    send(src, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (r, ok) = rx.finish();
+    assert_devices_once(&r, ok, N, 40, &u_.log_text());
+    assert_eq!(
+        u(&r["http"], "wrong_path"),
+        0,
+        "each device to its path: {r}"
+    );
+    u_.wait_metric(SENT, N as f64, Duration::from_secs(5));
+}

@@ -2,7 +2,8 @@
 //! test on loopback with its own config, port and persistence directory.
 
 use crate::harness::{
-    free_addr, pki, send, spawn_send, u, wait_listening, Daemon, Receiver, Updraft,
+    assert_devices_once, device_args, free_addr, pki, send, spawn_send, u, wait_listening, Daemon,
+    Receiver, Updraft,
 };
 use std::net::SocketAddr;
 use std::process::{Child, Command};
@@ -684,26 +685,10 @@ qos = 1
     let mut s = std::net::TcpStream::connect(src).unwrap();
     std::io::Write::write_all(&mut s, b"lg,device=d+1 v=1\nlg,device=d# v=2\n").unwrap();
     drop(s);
-    send(
-        src,
-        &[
-            "--connections",
-            "2",
-            "--count",
-            &N.to_string(),
-            "--size",
-            "120",
-            "--format",
-            "influx",
-            "--devices",
-            "50",
-        ],
-    );
+    let args = device_args(2, N, 120, 50);
+    send(src, &args.iter().map(String::as_str).collect::<Vec<_>>());
     let (r, ok) = rx.finish();
-    assert!(ok, "{r}\n{}", u_.log_text());
-    assert_eq!(u(&r, "unique"), N, "{r}");
-    assert_eq!(u(&r, "streams"), 50, "{r}");
-    assert_eq!(u(&r, "duplicates"), 0, "{r}");
+    assert_devices_once(&r, ok, N, 50, &u_.log_text());
     assert_eq!(
         u(&r["mqtt"], "wrong_topic"),
         0,
@@ -760,19 +745,13 @@ qos = 1
     let p = publish(
         &broker,
         &[
-            "--topic",
-            "sensors/{stream}",
-            "--connections",
-            "2",
-            "--count",
-            &N.to_string(),
-            "--size",
-            "120",
-            "--format",
-            "influx",
-            "--devices",
-            "20",
-        ],
+            &["--topic", "sensors/{stream}"][..],
+            &device_args(2, N, 120, 20)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        ]
+        .concat(),
     );
     let out = p.wait_with_output().unwrap();
     assert!(
@@ -781,10 +760,7 @@ qos = 1
         String::from_utf8_lossy(&out.stderr)
     );
     let (r, ok) = rx.finish();
-    assert!(ok, "{r}\n{}", u_.log_text());
-    assert_eq!(u(&r, "unique"), N, "{r}");
-    assert_eq!(u(&r, "streams"), 20, "{r}");
-    assert_eq!(u(&r, "duplicates"), 0, "{r}");
+    assert_devices_once(&r, ok, N, 20, &u_.log_text());
     assert_eq!(u(&r["mqtt"], "wrong_topic"), 0, "{r}");
     assert_eq!(
         u_.metric(r#"updraft_source_decode_errors_total{source="sensors"}"#),

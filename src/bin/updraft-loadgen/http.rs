@@ -18,7 +18,9 @@
 //! - `--dedup-header NAME`: a request whose NAME value was already answered
 //!   2xx is answered 200 and its records are not counted again;
 //! - `--require-header "NAME: VALUE"`: a request without it gets 401;
-//! - `--save FILE`: every accepted body, decompressed, is appended to FILE.
+//! - `--save FILE`: every accepted body, decompressed, is appended to FILE;
+//! - `--expect-path /x/{stream}`: records that came in a request to another
+//!   path than their stream's are counted (`wrong_path`).
 //!
 //! With `--tls-cert` and `--tls-key` (PEM) it serves HTTPS (rustls).
 
@@ -74,6 +76,10 @@ pub struct HttpArgs {
     /// look at what a sink sent: its encoding, its fields).
     #[arg(long)]
     pub save: Option<std::path::PathBuf>,
+    /// HTTP: the request path each record must come in (`{stream}` is its
+    /// stream: `/ingest/d{stream}`); others are counted as `wrong_path`.
+    #[arg(long)]
+    pub expect_path: Option<String>,
     /// HTTPS: certificate chain (PEM).
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,
@@ -96,6 +102,7 @@ pub struct HttpStats {
     pub max_concurrent: u64,
     pub body_bytes: u64,
     pub plain_bytes: u64,
+    pub wrong_path: u64,
 }
 
 #[derive(Default)]
@@ -111,6 +118,7 @@ struct Counters {
     max_concurrent: AtomicU64,
     body_bytes: AtomicU64,
     plain_bytes: AtomicU64,
+    wrong_path: AtomicU64,
 }
 
 pub struct Endpoint {
@@ -157,6 +165,7 @@ impl Endpoint {
             max_concurrent: c.max_concurrent.load(Relaxed),
             body_bytes: c.body_bytes.load(Relaxed),
             plain_bytes: c.plain_bytes.load(Relaxed),
+            wrong_path: c.wrong_path.load(Relaxed),
         }
     }
 
@@ -223,7 +232,7 @@ impl Endpoint {
         let mut plain = Vec::new();
         loop {
             // The head.
-            let (head_len, content_length, encoding, key, authorized) = loop {
+            let (head_len, content_length, encoding, key, authorized, path) = loop {
                 let mut headers = [httparse::EMPTY_HEADER; 64];
                 let mut req = httparse::Request::new(&mut headers);
                 match req.parse(&buf[..filled]) {
@@ -261,7 +270,8 @@ impl Endpoint {
                                 key = Some(h.value.to_vec());
                             }
                         }
-                        break (n, len, enc, key, authorized);
+                        let path = req.path.unwrap_or("").to_string();
+                        break (n, len, enc, key, authorized, path);
                     }
                     Ok(httparse::Status::Partial) => {
                         if filled == buf.len() {
@@ -304,7 +314,7 @@ impl Endpoint {
                 .body_bytes
                 .fetch_add(content_length as u64, Relaxed);
             let answer = if authorized {
-                self.handle(n, &buf[head_len..total], &encoding, key, &mut plain)
+                self.handle(n, &buf[head_len..total], &encoding, key, &mut plain, &path)
             } else {
                 self.counters.unauthorized.fetch_add(1, Relaxed);
                 "HTTP/1.1 401 Unauthorized\r\nContent-Length: 12\r\n\r\nunauthorized".to_string()
@@ -323,6 +333,7 @@ impl Endpoint {
         encoding: &str,
         key: Option<Vec<u8>>,
         plain: &mut Vec<u8>,
+        path: &str,
     ) -> String {
         let a = &self.args;
         // Capacity.
@@ -350,7 +361,7 @@ impl Endpoint {
             if a.latency_ms > 0 {
                 std::thread::sleep(Duration::from_millis(a.latency_ms));
             }
-            let answer = self.accept(n, body, encoding, key, plain);
+            let answer = self.accept(n, body, encoding, key, plain, path);
             if queued {
                 let (m, cv) = &self.slots;
                 *m.lock().expect("lock") -= 1;
@@ -369,6 +380,7 @@ impl Endpoint {
         encoding: &str,
         key: Option<Vec<u8>>,
         plain: &mut Vec<u8>,
+        path: &str,
     ) -> String {
         let a = &self.args;
         if a.bad_request_at == Some(n) {
@@ -444,6 +456,14 @@ impl Endpoint {
                 Some(r) => parsed.push(r),
                 None => malformed += 1,
             }
+        }
+        if let Some(e) = a.expect_path.as_deref() {
+            let e = crate::mqtt::ExpectTopic::new(e);
+            let wrong = parsed
+                .iter()
+                .filter(|r| !e.matches(path.as_bytes(), r.0))
+                .count();
+            self.counters.wrong_path.fetch_add(wrong as u64, Relaxed);
         }
         self.tracker
             .lock()

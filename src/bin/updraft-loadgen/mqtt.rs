@@ -36,15 +36,15 @@ pub struct MqttArgs {
     pub expect_topic: Option<String>,
 }
 
-/// `--expect-topic` split around its `{stream}`.
-struct ExpectTopic {
+/// `--expect-topic` (or http's `--expect-path`) split around its `{stream}`.
+pub(crate) struct ExpectTopic {
     prefix: Vec<u8>,
     /// None: the topic is fixed (no `{stream}`).
     suffix: Option<Vec<u8>>,
 }
 
 impl ExpectTopic {
-    fn new(t: &str) -> ExpectTopic {
+    pub(crate) fn new(t: &str) -> ExpectTopic {
         match t.split_once("{stream}") {
             Some((p, s)) => ExpectTopic {
                 prefix: p.as_bytes().to_vec(),
@@ -58,7 +58,7 @@ impl ExpectTopic {
     }
 
     /// Whether `topic` is the one a record of `stream` must arrive on.
-    fn matches(&self, topic: &[u8], stream: u64) -> bool {
+    pub(crate) fn matches(&self, topic: &[u8], stream: u64) -> bool {
         let Some(suffix) = &self.suffix else {
             return topic == self.prefix.as_slice();
         };

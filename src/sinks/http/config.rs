@@ -10,6 +10,7 @@
 use crate::config::{expand_env, invalid, ConfigError, Redacted};
 use crate::limiter::AdaptiveParams;
 use serde::Deserialize;
+use crate::sinks::util::template::Template;
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -87,6 +88,11 @@ pub struct HttpTarget {
     pub encoding: Encoding,
     pub compression: Compression,
     pub headers: Vec<(String, Redacted)>,
+    /// The path when it names fields (`/ingest/{tag.device}`): each
+    /// record's request goes to its rendered path.
+    pub path_template: Option<Template>,
+    /// Headers whose values name fields (never one with a `${VAR}`).
+    pub header_templates: Vec<(String, Template)>,
     pub idempotency_header: Option<String>,
     pub timeout_ms: u64,
     pub concurrency: Concurrency,
@@ -172,7 +178,13 @@ pub fn plan(name: &str, c: &Config) -> Result<HttpTarget, ConfigError> {
         .and_then(|mut a| a.next())
         .ok_or_else(|| invalid(key("uri"), format!("cannot resolve host {bare_host:?}")))?;
 
+    let parsed = Template::parse(&path).map_err(|m| invalid(key("uri"), m))?;
+    let (path, path_template) = match parsed.fixed() {
+        Some(fixed) => (fixed.to_string(), None),
+        None => (path, Some(parsed)),
+    };
     let mut rendered = Vec::new();
+    let mut header_templates = Vec::new();
     for (h, v) in headers.into_iter().flatten() {
         let hkey = key(&format!("headers.{h}"));
         if h.is_empty()
@@ -185,7 +197,23 @@ pub fn plan(name: &str, c: &Config) -> Result<HttpTarget, ConfigError> {
         if RESERVED_HEADERS.contains(&h.to_ascii_lowercase().as_str()) {
             return Err(invalid(hkey, "this header is set by the sink"));
         }
-        let value = expand_env(v).map_err(|m| invalid(hkey.clone(), m))?;
+        // A value from the environment is never read as a template (a
+        // secret's braces are not fields).
+        let mut v = v.clone();
+        if !v.contains("${") {
+            let t = Template::parse(&v).map_err(|m| invalid(hkey.clone(), m))?;
+            if let Some(fixed) = t.fixed() {
+                // `{{` and `}}` are literal braces.
+                v = fixed.to_string();
+            } else {
+                if t.literal_text().bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                    return Err(invalid(hkey, "the value holds a line break or NUL"));
+                }
+                header_templates.push((h.clone(), t));
+                continue;
+            }
+        }
+        let value = expand_env(&v).map_err(|m| invalid(hkey.clone(), m))?;
         if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
             return Err(invalid(
                 hkey,
@@ -306,6 +334,8 @@ pub fn plan(name: &str, c: &Config) -> Result<HttpTarget, ConfigError> {
         encoding: encoding.unwrap_or_default(),
         compression: compression.unwrap_or_default(),
         headers: rendered,
+        path_template,
+        header_templates,
         idempotency_header,
         timeout_ms,
         concurrency,

@@ -93,8 +93,25 @@ impl Encoder {
     /// Appends the body for `batch` to `out` (whatever `out` holds already,
     /// such as room for the request head, stays in front).
     pub fn encode(&mut self, batch: BatchView<'_>, out: &mut Vec<u8>) -> Encoded {
+        self.encode_some(batch, out, None)
+    }
+
+    /// As [`encode`](Self::encode), with `only = Some((groups, g))` only the
+    /// records `i` with `groups[i] == g` (one request of a batch split by
+    /// destination).
+    pub fn encode_some(
+        &mut self,
+        batch: BatchView<'_>,
+        out: &mut Vec<u8>,
+        only: Option<(&[u16], u16)>,
+    ) -> Encoded {
         let mut done = Encoded::default();
-        let plain: &[u8] = if self.encoding == Encoding::Raw {
+        let mut i = 0usize;
+        let mut take = move || {
+            i += 1;
+            only.is_none_or(|(groups, g)| groups.get(i - 1) == Some(&g))
+        };
+        let plain: &[u8] = if self.encoding == Encoding::Raw && only.is_none() {
             done.records = batch.len();
             batch.payload()
         } else {
@@ -106,11 +123,20 @@ impl Encoder {
             };
             let before = target.len();
             match self.encoding {
-                Encoding::Raw => unreachable!("handled above"),
+                Encoding::Raw => batch.for_each(|_, _, r, _| {
+                    if take() {
+                        target.extend_from_slice(r);
+                        target.push(b'\n');
+                        done.records += 1;
+                    }
+                }),
                 Encoding::Ndjson => {
                     let mut second = SecondPrefix::default();
                     let unescaped = &mut self.unescaped;
                     batch.for_each(|ts, source, r, meta| {
+                        if !take() {
+                            return;
+                        }
                         let name = self.sources.get(source as usize).map_or("", String::as_str);
                         match fields(meta) {
                             Some(Parsed::Syslog(m)) => {
@@ -131,6 +157,9 @@ impl Encoder {
                     })
                 }
                 Encoding::Influx => batch.for_each(|ts, _, r, meta| {
+                    if !take() {
+                        return;
+                    }
                     let ok = match fields(meta) {
                         Some(Parsed::Syslog(m)) => {
                             syslog_influx(target, ts, r, &m);

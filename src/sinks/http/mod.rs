@@ -40,6 +40,7 @@ use self::config::{Concurrency, HttpTarget};
 use super::{Kind, PlanCx};
 use crate::config::ConfigError;
 use crate::pipeline::Deliver;
+use crate::record::meta::Field;
 use crate::limiter::{AdaptiveLimit, Outcome};
 use crate::logging::LogEvery;
 use crate::metrics::SinkCounters;
@@ -76,9 +77,136 @@ impl Limit {
     }
 }
 
+/// One destination's share of a batch split by destination.
+struct Group<'a> {
+    /// Each record's group.
+    of: &'a [u16],
+    index: u16,
+    /// The rendered path and header block.
+    dest: (&'a [u8], &'a [u8]),
+    pending: Rc<Cell<u32>>,
+}
+
+/// A batch's records grouped by the destination they render (reused from
+/// batch to batch: after the first batches it allocates nothing).
+#[derive(Default)]
+pub struct Split {
+    /// Each record's group; `u16::MAX`: dropped.
+    of: Vec<u16>,
+    /// The groups' rendered destinations, back to back.
+    keys: Vec<u8>,
+    /// Per group: (start, path length, end) in `keys`.
+    dests: Vec<(usize, usize, usize)>,
+    /// A destination's hash to its group (the bytes are compared too).
+    index: std::collections::HashMap<u64, u16>,
+    scratch: Vec<u8>,
+}
+
+/// Most destinations one batch is split into (more than a batch holds
+/// records; past it a record would be dropped and counted).
+const GROUPS_MAX: usize = u16::MAX as usize - 1;
+
+impl Split {
+    /// Groups `batch`'s records by their rendered destination; returns how
+    /// many were dropped (a header value with a line break or NUL).
+    fn group(&mut self, batch: BatchView<'_>, t: &HttpTarget) -> u64 {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        self.of.clear();
+        self.keys.clear();
+        self.dests.clear();
+        self.index.clear();
+        let mut dropped = 0u64;
+        let hasher = BuildHasherDefault::<DefaultHasher>::default();
+        batch.for_each(|_, _, record, meta| {
+            let d = &mut self.scratch;
+            d.clear();
+            match &t.path_template {
+                Some(p) => p.render_with(record, meta, d, percent_encode),
+                None => d.extend_from_slice(t.path.as_bytes()),
+            }
+            let path_len = d.len();
+            let mut bad = false;
+            for (name, v) in &t.header_templates {
+                d.extend_from_slice(b"\r\n");
+                d.extend_from_slice(name.as_bytes());
+                d.extend_from_slice(b": ");
+                let at = d.len();
+                v.render(record, meta, d);
+                bad |= d[at..].iter().any(|&b| matches!(b, b'\r' | b'\n' | 0));
+            }
+            if bad {
+                self.of.push(u16::MAX);
+                dropped += 1;
+                return;
+            }
+            let h = hasher.hash_one(&d[..]);
+            let keys = &self.keys;
+            let same = |&(s, _, e): &(usize, usize, usize)| keys[s..e] == d[..];
+            let found = match self.index.get(&h) {
+                Some(&g) if same(&self.dests[g as usize]) => Some(g),
+                // A hash shared by two destinations: look them all up.
+                Some(_) => self.dests.iter().position(same).map(|g| g as u16),
+                None => None,
+            };
+            let g = match found {
+                Some(g) => g,
+                None if self.dests.len() < GROUPS_MAX => {
+                    let g = self.dests.len() as u16;
+                    let start = self.keys.len();
+                    self.keys.extend_from_slice(d);
+                    self.dests.push((start, path_len, self.keys.len()));
+                    self.index.entry(h).or_insert(g);
+                    g
+                }
+                None => {
+                    self.of.push(u16::MAX);
+                    dropped += 1;
+                    return;
+                }
+            };
+            self.of.push(g);
+        });
+        dropped
+    }
+}
+
+/// Appends a field's value to a path, percent-encoded (all but RFC 3986's
+/// unreserved characters), so a value cannot add a path segment or a query.
+fn percent_encode(v: &[u8], out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in v {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b);
+        } else {
+            out.extend_from_slice(&[b'%', HEX[(b >> 4) as usize], HEX[(b & 15) as usize]]);
+        }
+    }
+}
+
+impl Meta {
+    /// The request is done with (delivered or dead-lettered): the batch is
+    /// acknowledged, once all its requests are.
+    fn settled(&self, inner: &Inner) {
+        if let Some(p) = &self.pending {
+            p.set(p.get() - 1);
+            if p.get() > 0 {
+                return;
+            }
+        }
+        if let Some(ack) = &inner.ack {
+            ack(self.id);
+        }
+    }
+}
+
 /// What a request task needs to know of its batch.
 struct Meta {
     id: BatchId,
+    /// Bytes left in front of the body for the head.
+    room: usize,
+    /// A batch split by destination: its requests not yet settled (the
+    /// batch is acknowledged when the last one is).
+    pending: Option<Rc<Cell<u32>>>,
     records: usize,
     payload_bytes: usize,
     key: [u8; KEY_BYTES_MAX],
@@ -90,7 +218,8 @@ struct Inner {
     sink: usize,
     target: HttpTarget,
     head: RequestHead,
-    room: usize,
+    /// A batch split by destination (reused).
+    split: RefCell<Split>,
     limit: RefCell<Limit>,
     in_flight: Cell<u32>,
     /// A request finished: a permit may be free.
@@ -135,6 +264,19 @@ impl Kind for Sink {
 
     fn encodes_fields(t: &Box<HttpTarget>) -> bool {
         t.encoding != config::Encoding::Raw
+    }
+
+    fn fields(t: &Box<HttpTarget>) -> Vec<(&'static str, Field)> {
+        let mut out: Vec<(&'static str, Field)> = Vec::new();
+        for f in t.path_template.iter().flat_map(|p| p.fields()) {
+            out.push(("uri", f));
+        }
+        for (_, h) in &t.header_templates {
+            for f in h.fields() {
+                out.push(("headers", f));
+            }
+        }
+        out
     }
 }
 
@@ -184,7 +326,6 @@ impl HttpOutput {
         let sources = shard.plan.sources.iter().map(|s| s.name.clone()).collect();
         let encoder = Encoder::new(target.encoding, target.compression, sources);
         let head = RequestHead::new(&target, &encoder);
-        let room = head.room();
         shard.metrics.sinks[sink]
             .concurrency_limit
             .set(i64::from(limit.permits()));
@@ -192,7 +333,7 @@ impl HttpOutput {
             inner: Rc::new(Inner {
                 shard: shard.clone(),
                 sink,
-                room,
+                split: RefCell::new(Split::default()),
                 head,
                 target,
                 limit: RefCell::new(limit),
@@ -213,7 +354,51 @@ impl HttpOutput {
 
     /// Starts sending `batch`: waits for a permit, encodes it, and returns
     /// once the request is under way (the batch's buffers are free again).
+    /// A sink whose uri or headers name fields sends one request per
+    /// destination its records render, in the order each first appears.
     async fn start_request(&mut self, batch: BatchView<'_>, id: BatchId) {
+        let t = &self.inner.target;
+        if t.path_template.is_none() && t.header_templates.is_empty() {
+            return self.request_for(batch, id, None).await;
+        }
+        let mut split = std::mem::take(&mut *self.inner.split.borrow_mut());
+        let dropped = split.group(batch, t);
+        if dropped > 0 {
+            self.inner.counters().encode_dropped.add(dropped);
+            if let Some(held) = self.inner.log.borrow_mut().ready() {
+                tracing::warn!(sink = %self.inner.name(), shard = self.inner.shard.id, records = dropped, suppressed = held,
+                    "records whose header value renders with a line break or NUL were dropped (counted in updraft_sink_encode_dropped_records_total)");
+            }
+        }
+        let groups = split.dests.len();
+        if groups == 0 {
+            if let Some(ack) = &self.inner.ack {
+                ack(id);
+            }
+        } else {
+            let pending = Rc::new(Cell::new(groups as u32));
+            for g in 0..groups {
+                let (start, path_len, end) = split.dests[g];
+                let dest = &split.keys[start..end];
+                let group = Group {
+                    of: &split.of,
+                    index: g as u16,
+                    dest: dest.split_at(path_len),
+                    pending: pending.clone(),
+                };
+                self.request_for(batch, id, Some(group)).await;
+            }
+        }
+        *self.inner.split.borrow_mut() = split;
+    }
+
+    /// One request: all of `batch`, or one destination's records of it.
+    async fn request_for(
+        &mut self,
+        batch: BatchView<'_>,
+        id: BatchId,
+        group: Option<Group<'_>>,
+    ) {
         let inner = &self.inner;
         loop {
             if let Some(t) = inner.hold_until.get() {
@@ -231,8 +416,15 @@ impl HttpOutput {
         let counters = inner.counters();
         let mut body = inner.bodies.borrow_mut().pop().unwrap_or_default();
         body.clear();
-        body.resize(inner.room, 0);
-        let done = inner.encoder.borrow_mut().encode(batch, &mut body);
+        let dest = group.as_ref().map(|g| g.dest);
+        let room = inner.head.room(dest.map_or(0, |(p, h)| p.len() + h.len()));
+        body.resize(room, 0);
+        let only = group.as_ref().map(|g| (g.of, g.index));
+        let done = inner
+            .encoder
+            .borrow_mut()
+            .encode_some(batch, &mut body, only);
+        let pending = group.map(|g| g.pending);
         if done.dropped > 0 {
             counters.encode_dropped.add(done.dropped as u64);
             if let Some(held) = inner.log.borrow_mut().ready() {
@@ -240,20 +432,24 @@ impl HttpOutput {
                     "records the encoding cannot express were dropped (counted in updraft_sink_encode_dropped_records_total)");
             }
         }
-        if done.records == 0 {
-            inner.bodies.borrow_mut().push(body);
-            if let Some(ack) = &inner.ack {
-                ack(id);
-            }
-            return;
-        }
         let mut meta = Meta {
             id,
+            room,
+            pending,
             records: done.records,
-            payload_bytes: batch.payload().len(),
+            payload_bytes: if only.is_some() {
+                done.plain_bytes
+            } else {
+                batch.payload().len()
+            },
             key: [0; KEY_BYTES_MAX],
             key_len: 0,
         };
+        if done.records == 0 {
+            inner.bodies.borrow_mut().push(body);
+            meta.settled(inner);
+            return;
+        }
         if inner.target.idempotency_header.is_some() {
             use std::io::Write;
             let mut w = &mut meta.key[..];
@@ -265,10 +461,13 @@ impl HttpOutput {
                 id.segment,
                 id.offset
             );
+            if let Some((_, g)) = only {
+                let _ = write!(w, "-{g}");
+            }
             meta.key_len = KEY_BYTES_MAX - w.len();
         }
         let key = (meta.key_len > 0).then(|| &meta.key[..meta.key_len]);
-        let start = inner.head.write(&mut body, inner.room, key);
+        let start = inner.head.write(&mut body, room, key, dest);
         let in_flight = inner.in_flight.get();
         if let Limit::Adaptive(a) = &mut *inner.limit.borrow_mut() {
             a.on_start(in_flight);
@@ -355,17 +554,14 @@ async fn request(inner: Rc<Inner>, mut body: Vec<u8>, start: usize, meta: Meta) 
                 counters.responses_2xx.add(1);
                 counters.records.add(meta.records as u64);
                 counters.bytes.add(meta.payload_bytes as u64);
-                counters.body_bytes.add((body.len() - inner.room) as u64);
+                counters.body_bytes.add((body.len() - meta.room) as u64);
                 counters.batches.add(1);
                 counters.retry_backoff_ms.set(0);
                 if let Some(t) = inner.down_since.take() {
                     tracing::info!(sink = %inner.name(), shard = inner.shard.id, peer = %inner.target.address,
                         down_ms = t.elapsed().as_millis() as u64, "the endpoint takes batches again");
                 }
-                if let Some(ack) = &inner.ack {
-                    let id = meta.id;
-                    ack(id);
-                }
+                meta.settled(&inner);
                 break;
             }
             Attempt::Answered {
@@ -395,10 +591,7 @@ async fn request(inner: Rc<Inner>, mut body: Vec<u8>, start: usize, meta: Meta) 
                 inner.limiter_done(Outcome::Answered, rtt);
                 counters.responses_4xx.add(1);
                 dead_letter(&inner, &body, &meta, status, &excerpt).await;
-                if let Some(ack) = &inner.ack {
-                    let id = meta.id;
-                    ack(id);
-                }
+                meta.settled(&inner);
                 break;
             }
             Attempt::Failed(e) => {
@@ -578,11 +771,81 @@ async fn dead_letter(inner: &Inner, body: &[u8], meta: &Meta, status: u16, excer
         String::from_utf8_lossy(&excerpt[..excerpt.len().min(120)])
     );
     let letter = Letter {
-        body: &body[inner.room..],
+        body: &body[meta.room..],
         records: meta.records,
         key: std::str::from_utf8(&meta.key[..meta.key_len]).unwrap_or(""),
         reason: &reason,
         note,
     };
     inner.dead.put(&inner.shard, letter).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::index;
+    use crate::record::{meta, Batch};
+
+    #[test]
+    fn a_batch_splits_by_its_rendered_destination_in_first_seen_order() {
+        let mut headers = std::collections::BTreeMap::new();
+        headers.insert("X-Device".to_string(), "{tag.device}".to_string());
+        headers.insert("X-Fixed".to_string(), "{{literal}}".to_string());
+        let t = config::plan(
+            "t",
+            &config::Config {
+                uri: Some("http://127.0.0.1:9/i/{tag.device}?q=1".into()),
+                headers: Some(headers),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut b = Batch::default();
+        for l in [
+            &b"m,device=a v=1"[..],
+            b"m,device=b/c v=1",
+            b"m,device=a v=2",
+            b"m,device=x\ry v=1",
+            b"m v=1",
+        ] {
+            let mut m = Vec::new();
+            let p = index::parse(crate::config::Decoding::Influx, l, 0, None).unwrap();
+            meta::put_with(&mut m, meta::FIELDS, |o| p.write(l.len(), o));
+            b.push(0, 0, 0, l, &m);
+        }
+        let mut split = Split::default();
+        // A line break in a header value: that record is dropped.
+        assert_eq!(split.group(BatchView::Native(&b), &t), 1);
+        assert_eq!(split.of, vec![0, 1, 0, u16::MAX, 2]);
+        let dest = |g: usize| {
+            let (s, p, e) = split.dests[g];
+            let (path, headers) = split.keys[s..e].split_at(p);
+            (
+                String::from_utf8(path.to_vec()).unwrap(),
+                String::from_utf8(headers.to_vec()).unwrap(),
+            )
+        };
+        // A value cannot add a path segment or a query: percent-encoded.
+        assert_eq!(dest(1), ("/i/b%2Fc?q=1".into(), "\r\nX-Device: b/c".into()));
+        assert_eq!(dest(2), ("/i/?q=1".into(), "\r\nX-Device: ".into()));
+
+        let enc = Encoder::new(t.encoding, t.compression, vec![]);
+        let head = RequestHead::new(&t, &enc);
+        let (s, p, e) = split.dests[1];
+        let (path, hdrs) = split.keys[s..e].split_at(p);
+        let room = head.room(path.len() + hdrs.len());
+        let mut buf = vec![0u8; room];
+        buf.extend_from_slice(b"body");
+        let start = head.write(&mut buf, room, None, Some((path, hdrs)));
+        let text = String::from_utf8(buf[start..].to_vec()).unwrap();
+        assert!(
+            text.starts_with("POST /i/b%2Fc?q=1 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("\r\nX-Fixed: {literal}\r\n"), "{text}");
+        assert!(
+            text.ends_with("\r\nX-Device: b/c\r\nContent-Length: 4\r\n\r\nbody"),
+            "{text}"
+        );
+    }
 }

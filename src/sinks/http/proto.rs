@@ -23,6 +23,8 @@ const RESPONSE_HEADERS_MAX: usize = 64;
 /// Room for an idempotency key's value in a head.
 const KEY_ROOM: usize = 128;
 
+const CONTENT_LENGTH: &[u8] = b"\r\nContent-Length: ";
+
 /// The fixed part of every request's head, built once per sink.
 pub struct RequestHead {
     fixed: Vec<u8>,
@@ -33,7 +35,9 @@ impl RequestHead {
     pub fn new(t: &HttpTarget, enc: &Encoder) -> RequestHead {
         let mut fixed = Vec::new();
         fixed.extend_from_slice(b"POST ");
-        fixed.extend_from_slice(t.path.as_bytes());
+        if t.path_template.is_none() {
+            fixed.extend_from_slice(t.path.as_bytes());
+        }
         fixed.extend_from_slice(b" HTTP/1.1\r\nHost: ");
         fixed.extend_from_slice(t.host.as_bytes());
         fixed.extend_from_slice(b"\r\nUser-Agent: updraft/");
@@ -50,7 +54,6 @@ impl RequestHead {
             fixed.extend_from_slice(b": ");
             fixed.extend_from_slice(value.0.as_bytes());
         }
-        fixed.extend_from_slice(b"\r\nContent-Length: ");
         RequestHead {
             fixed,
             idempotency: t
@@ -60,21 +63,49 @@ impl RequestHead {
         }
     }
 
-    /// Room to leave in front of a body for the head.
-    pub fn room(&self) -> usize {
-        self.fixed.len() + 20 + self.idempotency.as_ref().map_or(0, |i| i.len() + KEY_ROOM) + 4
+    /// Room to leave in front of a body for the head, with `dest` bytes of
+    /// a rendered destination (path and headers; 0 when fixed).
+    pub fn room(&self, dest: usize) -> usize {
+        self.fixed.len()
+            + dest
+            + CONTENT_LENGTH.len()
+            + 20
+            + self.idempotency.as_ref().map_or(0, |i| i.len() + KEY_ROOM)
+            + 4
     }
 
     /// Writes the head so that it ends where the body starts (`buf[room..]`
-    /// is the body); returns where the request starts.
-    pub fn write(&self, buf: &mut [u8], room: usize, key: Option<&[u8]>) -> usize {
+    /// is the body); returns where the request starts. `dest` is a
+    /// rendered destination: the path (percent-encoded) and a block of
+    /// `\r\nName: value` headers, for a sink whose uri or headers name
+    /// fields.
+    pub fn write(
+        &self,
+        buf: &mut [u8],
+        room: usize,
+        key: Option<&[u8]>,
+        dest: Option<(&[u8], &[u8])>,
+    ) -> usize {
         let body_len = buf.len() - room;
         let mut len_digits = [0u8; 20];
         let digits = super::encode::decimal(body_len as u64, &mut len_digits);
-        let mut parts: [&[u8]; 5] = [&self.fixed, digits, b"", b"", b"\r\n\r\n"];
+        let (path, headers) = dest.unwrap_or((b"", b""));
+        // The path goes right after `POST ` (a fixed one is in `fixed`).
+        let (post, rest) = self.fixed.split_at(5);
+        let mut parts: [&[u8]; 9] = [
+            post,
+            path,
+            rest,
+            headers,
+            CONTENT_LENGTH,
+            digits,
+            b"",
+            b"",
+            b"\r\n\r\n",
+        ];
         if let (Some(h), Some(k)) = (&self.idempotency, key) {
-            parts[2] = h;
-            parts[3] = &k[..k.len().min(KEY_ROOM)];
+            parts[6] = h;
+            parts[7] = &k[..k.len().min(KEY_ROOM)];
         }
         let head_len: usize = parts.iter().map(|p| p.len()).sum();
         assert!(head_len <= room, "room() covers every head");

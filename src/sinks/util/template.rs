@@ -51,6 +51,15 @@ impl Template {
                 return Err("a '{' without its '}' (write '{{' for a literal one)".into());
             };
             let name = &after[..end];
+            if !name.is_empty()
+                && !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+            {
+                return Err(format!(
+                    "{{{name}}} is not a field name (letters, digits, '_', '-', '.'; write '{{{{' and '}}}}' for literal braces)"
+                ));
+            }
             let part = if name == "topic" {
                 Part::Topic
             } else {
@@ -120,6 +129,19 @@ impl Template {
     /// `out`.
     #[inline]
     pub fn render(&self, record: &[u8], record_meta: &[u8], out: &mut Vec<u8>) {
+        self.render_with(record, record_meta, out, |v, o| o.extend_from_slice(v));
+    }
+
+    /// As [`render`](Self::render), each field's value appended by `value`
+    /// (which may escape it; the literal text is appended as it is).
+    #[inline]
+    pub fn render_with(
+        &self,
+        record: &[u8],
+        record_meta: &[u8],
+        out: &mut Vec<u8>,
+        mut value: impl FnMut(&[u8], &mut Vec<u8>),
+    ) {
         // The index is read at most once per record, when a part needs it.
         let mut parsed: Option<Option<Parsed>> = None;
         for p in &self.parts {
@@ -127,7 +149,7 @@ impl Template {
                 Part::Text(t) => out.extend_from_slice(t.as_bytes()),
                 Part::Topic => {
                     if let Some(v) = meta::find(record_meta, meta::TOPIC) {
-                        out.extend_from_slice(v);
+                        value(v, out);
                     }
                 }
                 Part::Named { forms, .. } => {
@@ -141,7 +163,7 @@ impl Template {
                         Some(Parsed::Raw) | None => &None,
                     };
                     if let (Some(p), Some(f)) = (parsed, field) {
-                        p.value(record, f, |v| out.extend_from_slice(v.unwrap_or_default()));
+                        p.value(record, f, |v| value(v.unwrap_or_default(), out));
                     }
                 }
             }
@@ -215,6 +237,9 @@ mod tests {
         assert!(Template::parse("a/{}")
             .unwrap_err()
             .contains("{} is not a field"));
+        assert!(Template::parse("{\"a\":1}")
+            .unwrap_err()
+            .contains("not a field name"));
         assert!(Template::parse("a/{topic")
             .unwrap_err()
             .contains("without its '}'"));
