@@ -924,25 +924,39 @@ inputs = ["in"]
             shutil.rmtree(os.path.join(tmp, d), ignore_errors=True)
 
 
-def updraft_tcp_decoded(tmp, n, decoding, size=256, conns=4, shards=2):
-    """tcp -> tcp with the source decoding its records: syslog (the load
-    generator sends RFC 5424 messages) or influx with partition_by the
-    device tag (line protocol of 1,000 devices, so most records cross to
-    their device's shard)."""
+DECODED = {
+    # name: (source keys, load generator flags, sink)
+    "syslog": ('decoding = "syslog"', ["--format", "syslog"], "tcp"),
+    "influx undecoded": ("", ["--format", "influx", "--devices", "1000"], "tcp"),
+    "influx+partition": ('decoding = "influx"\npartition_by = { field = "tag.device" }',
+                         ["--format", "influx", "--devices", "1000"], "tcp"),
+    # The http sink's ndjson: records as messages, and syslog records as
+    # objects of their fields (the source keeps each record's field index).
+    "syslog undecoded -> http ndjson": ("", ["--format", "syslog"], "http"),
+    "syslog -> http ndjson (fields)": ('decoding = "syslog"', ["--format", "syslog"], "http"),
+}
+
+
+def updraft_tcp_decoded(tmp, n, kind, size=256, conns=4, shards=2):
+    """tcp -> tcp (or http ndjson) with the source decoding its records:
+    syslog (the load generator sends RFC 5424 messages) or influx with
+    partition_by the device tag (line protocol of 1,000 devices, so most
+    records cross to their device's shard); see DECODED."""
+    src_keys, extra, sink_kind = DECODED[kind]
     sink = free_port()
-    rx = receiver(sink, n, 120)
-    if decoding == "syslog":
-        src_keys, extra = 'decoding = "syslog"', ["--format", "syslog"]
+    if sink_kind == "http":
+        rx = receiver(sink, n, 120, proto="http")
+        c, src = updraft(tmp, shards, "tcp", ("http", sink, "none"), buffer='encoding = "ndjson"',
+                         source_extra=src_keys)
     else:
-        src_keys = 'decoding = "influx"\npartition_by = { field = "tag.device" }'
-        extra = ["--format", "influx", "--devices", "1000"]
-    c, src = updraft(tmp, shards, "tcp", ("tcp", sink), source_extra=src_keys)
+        rx = receiver(sink, n, 120)
+        c, src = updraft(tmp, shards, "tcp", ("tcp", sink), source_extra=src_keys)
     send(src, "tcp", conns, n, size, extra=extra)
     r = finish(rx)
     errors = c.metric('updraft_source_decode_errors_total{source="in"}')
     cpu, rss = c.usage()
     c.stop()
-    name = "tcp->tcp " + ("syslog" if decoding == "syslog" else "influx+partition")
+    name = f"tcp->tcp {kind}" if sink_kind == "tcp" else f"tcp {kind}"
     return row(name, "updraft", size, conns, shards, r["records_per_sec"], r["latency_us"], cpu, rss, n,
                r["lost"], r["duplicates"], note=f"{errors:.0f} decode errors; {r['reordered']} reordered")
 
@@ -951,20 +965,27 @@ DECODE_PAIRS = 3
 
 
 def decode_bench(a, tmp, log):
-    """Decoding beside raw tcp->tcp, alternating (rows: the median run)."""
+    """Decoding beside raw tcp->tcp and beside the same records undecoded,
+    in rounds (rows: the median run; every round's ratio in the note)."""
     n = a.count or count_for(256, a.quick)
     print(f"decoding, 256 B, 4 connections, 2 shards, {n} records (median of {DECODE_PAIRS} rounds)", flush=True)
     log(tcp_ceiling_relay(256, 4, n))
-    runs = {"raw": [], "syslog": [], "influx": []}
+    kinds = list(DECODED)
+    runs = {k: [] for k in ["raw"] + kinds}
     for _ in range(DECODE_PAIRS):
         runs["raw"].append(updraft_tcp_forward(tmp, 256, 4, 2, n))
-        runs["syslog"].append(updraft_tcp_decoded(tmp, n, "syslog"))
-        runs["influx"].append(updraft_tcp_decoded(tmp, n, "influx"))
+        for k in kinds:
+            runs[k].append(updraft_tcp_decoded(tmp, n, k))
     log(median_run(runs["raw"]))
-    for k in ("syslog", "influx"):
+    against = {"influx+partition": "influx undecoded",
+               "syslog -> http ndjson (fields)": "syslog undecoded -> http ndjson"}
+    for k in kinds:
         m = median_run(runs[k])
-        m["note"] += "; rounds against raw: " + ", ".join(
-            f"{y['records_per_sec'] / x['records_per_sec']:.2f}" for x, y in zip(runs["raw"], runs[k]))
+        ratio = lambda base: ", ".join(
+            f"{y['records_per_sec'] / x['records_per_sec']:.2f}" for x, y in zip(runs[base], runs[k]))
+        m["note"] += "; rounds against raw: " + ratio("raw")
+        if k in against:
+            m["note"] += f"; against {against[k]}: " + ratio(against[k])
         log(m)
 
 
