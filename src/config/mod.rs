@@ -22,6 +22,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Largest record updraft accepts by default (`max_record_bytes`).
 pub const MAX_RECORD_BYTES_DEFAULT: usize = 64 * 1024;
@@ -368,6 +369,8 @@ pub struct SinkConfig {
     pub batch: Option<BatchConfig>,
     pub buffer: Option<BufferConfig>,
     pub retry: Option<RetryConfig>,
+    /// A byte budget on what the sink writes (all shards together).
+    pub rate_limit: Option<SinkRateConfig>,
     /// Takes only the records whose field matches (`where = { field, in }`).
     #[serde(rename = "where")]
     pub filter: Option<WhereConfig>,
@@ -461,12 +464,24 @@ pub enum WhenFull {
     DropNewest,
 }
 
+/// `rate_limit = { bytes_per_sec = N, burst_bytes = B }` on a sink.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkRateConfig {
+    pub bytes_per_sec: Option<u64>,
+    pub burst_bytes: Option<u64>,
+}
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
     pub initial_backoff_ms: Option<u64>,
     pub max_backoff_ms: Option<u64>,
 }
+
+/// A sink's `rate_limit.bytes_per_sec`: from 1 KiB/s to 100 GiB/s.
+const SINK_RATE_MIN: u64 = 1024;
+const SINK_RATE_MAX: u64 = 100 << 30;
 
 // ---------------------------------------------------------------------------
 // What the runtime starts from.
@@ -535,6 +550,8 @@ pub struct SinkPlan {
     pub wait_batches: usize,
     pub buffer: BufferPlan,
     pub retry: RetryPlan,
+    /// `rate_limit`: the sink's byte budget, shared by its shards.
+    pub rate: Option<Arc<crate::limiter::ByteRate>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1304,6 +1321,35 @@ impl Plan {
                     "must be at least retry.initial_backoff_ms",
                 ));
             }
+            let rate = match &k.rate_limit {
+                None => None,
+                Some(r) => {
+                    let per_sec = r.bytes_per_sec.ok_or_else(|| {
+                        invalid(
+                            key("rate_limit.bytes_per_sec"),
+                            "a sink's rate_limit needs bytes_per_sec",
+                        )
+                    })?;
+                    if !(SINK_RATE_MIN..=SINK_RATE_MAX).contains(&per_sec) {
+                        return Err(invalid(
+                            key("rate_limit.bytes_per_sec"),
+                            format!("must be between {SINK_RATE_MIN} and {SINK_RATE_MAX}, got {per_sec}"),
+                        ));
+                    }
+                    // 100 ms worth by default.
+                    let burst = r.burst_bytes.unwrap_or(per_sec / 10);
+                    if burst > per_sec.saturating_mul(60) {
+                        return Err(invalid(
+                            key("rate_limit.burst_bytes"),
+                            format!(
+                                "must be at most a minute's worth ({}), got {burst}",
+                                per_sec.saturating_mul(60)
+                            ),
+                        ));
+                    }
+                    Some(Arc::new(crate::limiter::ByteRate::new(per_sec, burst)))
+                }
+            };
             sinks.push(SinkPlan {
                 name: name.clone(),
                 target,
@@ -1313,6 +1359,7 @@ impl Plan {
                 wait_batches,
                 buffer,
                 retry,
+                rate,
             });
         }
         for s in &sources {

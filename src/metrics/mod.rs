@@ -178,6 +178,10 @@ pub struct SinkCounters {
     /// Records dropped by the sink's buffer (full, or a failing disk, with
     /// `when_full = "drop_newest"`).
     pub buffer_dropped: Counter,
+    /// Time writes waited for the sink's `rate_limit`, in ms.
+    pub rate_limited_ms: Counter,
+    /// Bytes put on the wire under the sink's `rate_limit`.
+    pub rate_limited_bytes: Counter,
     /// Disk buffer: records in batches whose sync completed.
     pub durable_records: Counter,
     pub wal_bytes_written: Counter,
@@ -506,6 +510,20 @@ impl Collector for Exposition {
             "Records the sink's buffer dropped (when_full = drop_newest).",
             MetricType::Counter,
             sink_counter(|c| c.buffer_dropped.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_rate_limit_wait_ms",
+            "Milliseconds the sink's writes waited for its rate_limit (bytes_per_sec).",
+            MetricType::Counter,
+            sink_counter(|c| c.rate_limited_ms.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_rate_limit_bytes",
+            "Bytes the sink wrote under its rate_limit (what the budget was charged).",
+            MetricType::Counter,
+            sink_counter(|c| c.rate_limited_bytes.get() as i64),
         )?;
         family(
             &mut enc,

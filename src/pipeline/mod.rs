@@ -100,6 +100,35 @@ impl SinkCtx {
         self.pool.borrow().buffer_bytes()
     }
 
+    /// Waits until sink `sink`'s `rate_limit` lets `bytes` go on the wire,
+    /// and charges them (nothing without a rate_limit).
+    pub async fn rate_take(&self, sink: usize, bytes: usize) {
+        self.rate_wait(sink).await;
+        self.rate_charge(sink, bytes);
+    }
+
+    /// Waits until sink `sink`'s `rate_limit` lets a write go.
+    pub async fn rate_wait(&self, sink: usize) {
+        if let Some(r) = &self.plan.sinks[sink].rate {
+            let waited = r.wait().await;
+            if !waited.is_zero() {
+                self.metrics.sinks[sink]
+                    .rate_limited_ms
+                    .add(waited.as_millis() as u64);
+            }
+        }
+    }
+
+    /// Charges `bytes` written to sink `sink`'s `rate_limit`.
+    pub fn rate_charge(&self, sink: usize, bytes: usize) {
+        if let Some(r) = &self.plan.sinks[sink].rate {
+            r.charge_now(bytes as u64);
+            self.metrics.sinks[sink]
+                .rate_limited_bytes
+                .add(bytes as u64);
+        }
+    }
+
     /// Gives a sent batch back to the pool.
     pub fn recycle(&self, batch: Batch) {
         let mut pool = self.pool.borrow_mut();

@@ -143,6 +143,30 @@ fn issue18_10_validation_gaps_are_closed() {
             "sinks.up.headers",
             "{app} needs every input to supply it",
         ),
+        (
+            GOOD.replace(
+                "address = \"127.0.0.1:16000\"",
+                "address = \"127.0.0.1:16000\"\nrate_limit = { burst_bytes = 10 }",
+            ),
+            "sinks.up.rate_limit.bytes_per_sec",
+            "needs bytes_per_sec",
+        ),
+        (
+            GOOD.replace(
+                "address = \"127.0.0.1:16000\"",
+                "address = \"127.0.0.1:16000\"\nrate_limit = { bytes_per_sec = 10 }",
+            ),
+            "sinks.up.rate_limit.bytes_per_sec",
+            "between 1024",
+        ),
+        (
+            GOOD.replace(
+                "address = \"127.0.0.1:16000\"",
+                "address = \"127.0.0.1:16000\"\nrate_limit = { bytes_per_sec = 2048, burst_bytes = 999999999 }",
+            ),
+            "sinks.up.rate_limit.burst_bytes",
+            "a minute's worth",
+        ),
     ];
     for (text, key, why) in cases {
         let (ok, err) = check("validate", &text);

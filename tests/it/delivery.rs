@@ -298,3 +298,42 @@ address = "{sink}"
         "the tcp senders were held back"
     );
 }
+
+#[test]
+fn a_tcp_sink_holds_to_its_byte_budget_and_holds_the_sender_back() {
+    const RATE: f64 = 512.0 * 1024.0;
+    let (src, sink) = (free_addr(), free_addr());
+    let rx = Receiver::start(sink, u64::MAX / 2, 8, &[]);
+    let u_ = Updraft::start(&format!(
+        r#"shards = 2
+[sources.app]
+type = "tcp"
+address = "{src}"
+[sinks.out]
+type = "tcp"
+inputs = ["app"]
+address = "{sink}"
+rate_limit = {{ bytes_per_sec = 524288, burst_bytes = 65536 }}
+[sinks.out.batch]
+max_bytes = 65536
+"#
+    ));
+    let mut sender = spawn_send(
+        src,
+        &["--connections", "2", "--count", "10000000", "--size", "256"],
+    );
+    let (r, _) = rx.finish();
+    let _ = sender.kill();
+    let _ = sender.wait();
+    let seconds = r["seconds"].as_f64().unwrap();
+    let per_sec = u(&r, "received") as f64 * 256.0 / seconds;
+    assert!(seconds > 6.0, "{r}");
+    assert!(
+        (per_sec / RATE - 1.0).abs() <= 0.10,
+        "{per_sec:.0} B/s against a budget of {RATE} over {seconds:.1} s: {r}"
+    );
+    // The budget pushed back like a slow sink: the tcp source was held
+    // back (it can wait) rather than anything dropped.
+    assert!(u_.metric(r#"updraft_sink_backpressure_waits_total{sink="out",type="tcp"}"#) > 0.0);
+    assert!(u_.metric(r#"updraft_sink_rate_limit_wait_ms_total{sink="out",type="tcp"}"#) > 1000.0);
+}

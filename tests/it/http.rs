@@ -683,3 +683,44 @@ X-Device = "{{tag.device}}"
     );
     u_.wait_metric(SENT, N as f64, Duration::from_secs(5));
 }
+
+#[test]
+fn a_byte_budget_of_1_mib_per_second_holds_at_the_receiver_within_ten_percent() {
+    const RATE: f64 = 1_048_576.0;
+    let (src, sink) = (free_addr(), free_addr());
+    // Never met: the receiver runs its 22 s and reports what came.
+    let rx = http_receiver(sink, u64::MAX / 2, 22, &[]);
+    let u_ = Updraft::start(&tcp_to_http(
+        src,
+        2,
+        &format!("http://{sink}/ingest"),
+        "compression = \"zstd\"\nrate_limit = { bytes_per_sec = 1048576 }",
+        "",
+    ));
+    // Far more than 22 s of budget: the sink is held to it all along.
+    let mut sender = spawn_send(
+        src,
+        &["--connections", "2", "--count", "50000000", "--size", "256"],
+    );
+    let (r, _) = rx.finish();
+    let _ = sender.kill();
+    let _ = sender.wait();
+    let h = &r["http"];
+    let seconds = r["seconds"].as_f64().unwrap();
+    assert!(seconds > 20.0, "{r}");
+    let per_sec = u(h, "body_bytes") as f64 / seconds;
+    eprintln!(
+        "bodies: {per_sec:.0} B/s over {seconds:.1} s, {:.3} of the budget",
+        per_sec / RATE
+    );
+    assert!(
+        (per_sec / RATE - 1.0).abs() <= 0.10,
+        "{per_sec:.0} B/s of bodies against a budget of {RATE} over {seconds:.1} s: {r}"
+    );
+    // The budget was what held the sink back (the writes waited for it),
+    // and the bodies were compressed (the cap is on wire bytes).
+    assert!(
+        u_.metric(r#"updraft_sink_rate_limit_wait_ms_total{sink="cloud",type="http"}"#) > 1000.0
+    );
+    assert!(u(h, "plain_bytes") > 3 * u(h, "body_bytes"), "{h}");
+}

@@ -542,6 +542,8 @@ async fn request(inner: Rc<Inner>, mut body: Vec<u8>, start: usize, meta: Meta) 
     let timeout = Duration::from_millis(inner.target.timeout_ms);
     let mut response = Vec::new();
     loop {
+        // The rate limit's wait is not part of the request's time.
+        inner.shard.rate_take(inner.sink, body.len() - start).await;
         let t0 = Instant::now();
         let deadline = tokio::time::Instant::now() + timeout;
         let attempt = attempt(&inner, &mut body, start, &mut response, deadline).await;

@@ -763,6 +763,9 @@ async fn writer<P: Protocol>(inner: Rc<Inner<P>>) {
             }
             last_write = Instant::now();
         }
+        // The rate limit: wait for the budget before taking a run of
+        // messages, charge what was written after.
+        inner.cx.rate_wait(inner.sink).await;
         let run = {
             let mut st = inner.st.borrow_mut();
             match next_run(&st) {
@@ -807,6 +810,7 @@ async fn writer<P: Protocol>(inner: Rc<Inner<P>>) {
             continue;
         };
         let (res, body) = conn.write(body, a..b).await;
+        inner.cx.rate_charge(inner.sink, b - a);
         last_write = Instant::now();
         let mut st = inner.st.borrow_mut();
         let i = st

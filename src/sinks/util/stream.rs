@@ -142,6 +142,7 @@ impl<T: Transport> Deliver for StreamOutput<T> {
                 }
                 continue;
             };
+            cx.rate_take(self.sink, buf.bytes_init()).await;
             let (res, b) = self.transport.write(c, buf).await;
             buf = b;
             match res {
