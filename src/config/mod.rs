@@ -462,6 +462,9 @@ pub enum WhenFull {
     Block,
     /// Drop the newest records and count them.
     DropNewest,
+    /// Drop the oldest batches not yet sent (whole) to make room, and count
+    /// their records: the newest stay (memory buffers).
+    DropOldest,
 }
 
 /// `rate_limit = { bytes_per_sec = N, burst_bytes = B }` on a sink.
@@ -1292,7 +1295,15 @@ impl Plan {
             let wait_batches = queue_batches.saturating_sub(headroom).max(1);
             let buffer = BufferPlan {
                 kind,
-                when_full: buf.and_then(|b| b.when_full).unwrap_or_default(),
+                when_full: match buf.and_then(|b| b.when_full).unwrap_or_default() {
+                    WhenFull::DropOldest if kind == BufferKind::Disk => {
+                        return Err(invalid(
+                            key("buffer.when_full"),
+                            "drop_oldest is for memory buffers (a disk buffer takes block or drop_newest)",
+                        ))
+                    }
+                    w => w,
+                },
                 max_bytes: buffer_max_bytes,
                 sync_interval_ms,
                 sync_bytes: SYNC_BYTES,

@@ -178,6 +178,8 @@ pub struct SinkCounters {
     /// Records dropped by the sink's buffer (full, or a failing disk, with
     /// `when_full = "drop_newest"`).
     pub buffer_dropped: Counter,
+    /// Of those, records of the oldest batches (`when_full = "drop_oldest"`).
+    pub buffer_dropped_oldest: Counter,
     /// Time writes waited for the sink's `rate_limit`, in ms.
     pub rate_limited_ms: Counter,
     /// Bytes put on the wire under the sink's `rate_limit`.
@@ -507,9 +509,16 @@ impl Collector for Exposition {
         family(
             &mut enc,
             "sink_buffer_dropped_records",
-            "Records the sink's buffer dropped (when_full = drop_newest).",
+            "Records the sink's buffer dropped (when_full = drop_newest or drop_oldest).",
             MetricType::Counter,
             sink_counter(|c| c.buffer_dropped.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_buffer_dropped_oldest_records",
+            "Of those, records of the oldest queued batches, dropped to make room for new ones (when_full = drop_oldest).",
+            MetricType::Counter,
+            sink_counter(|c| c.buffer_dropped_oldest.get() as i64),
         )?;
         family(
             &mut enc,

@@ -412,9 +412,22 @@ impl Ingest {
                     continue;
                 }
                 let q = &self.sinks[s];
-                // drop_newest: nobody waits, so no headroom is kept either.
-                if q.has_room(len, src.can_wait && !q.drops_when_full) {
+                // drop_newest, drop_oldest: nobody waits, so no headroom is
+                // kept either.
+                let can_wait = src.can_wait && !q.drops_when_full;
+                if q.has_room(len, can_wait) {
                     q.append(&mut pool, ts_ns, key_hash, source as u16, record, meta);
+                } else if q.evicts_when_full {
+                    // drop_oldest: the oldest queued batch makes room.
+                    let n = q.evict_oldest(&mut pool);
+                    let c = &self.metrics.sinks[s];
+                    c.buffer_dropped.add(n as u64);
+                    c.buffer_dropped_oldest.add(n as u64);
+                    if q.has_room(len, can_wait) {
+                        q.append(&mut pool, ts_ns, key_hash, source as u16, record, meta);
+                    } else {
+                        c.buffer_dropped.add(1);
+                    }
                 } else {
                     // when_full = "drop_newest" on a memory buffer.
                     self.metrics.sinks[s].buffer_dropped.add(1);

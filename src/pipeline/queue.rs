@@ -36,6 +36,10 @@ pub struct SinkQueue {
     /// A memory buffer with `when_full = "drop_newest"`: a record that finds
     /// the queue full is dropped and counted instead of waiting.
     pub drops_when_full: bool,
+    /// A memory buffer with `when_full = "drop_oldest"`: a record that
+    /// finds the queue full makes room by dropping the oldest sealed batch
+    /// (counted); nobody waits either.
+    pub evicts_when_full: bool,
     /// A disk buffer: payloads are checksummed as they fill, while the
     /// records just appended are still in the cache (the log frames them).
     checksum: bool,
@@ -76,7 +80,12 @@ impl SinkQueue {
             wait_capacity: plan.wait_batches,
             counters,
             drops_when_full: plan.buffer.kind == crate::config::BufferKind::Memory
-                && plan.buffer.when_full == crate::config::WhenFull::DropNewest,
+                && matches!(
+                    plan.buffer.when_full,
+                    crate::config::WhenFull::DropNewest | crate::config::WhenFull::DropOldest
+                ),
+            evicts_when_full: plan.buffer.kind == crate::config::BufferKind::Memory
+                && plan.buffer.when_full == crate::config::WhenFull::DropOldest,
             checksum: plan.buffer.kind == crate::config::BufferKind::Disk,
             appended: Cell::new(0),
             settled: Cell::new(0),
@@ -128,6 +137,20 @@ impl SinkQueue {
         if st.builder.is_full() && st.sealed.len() < self.capacity {
             self.seal(&mut st);
         }
+    }
+
+    /// `when_full = "drop_oldest"`: drops the oldest sealed batch (one the
+    /// sender has not taken) to make room; returns its records (0: none was
+    /// queued).
+    pub fn evict_oldest(&self, pool: &mut BatchPool) -> usize {
+        let mut st = self.state.borrow_mut();
+        let Some(b) = st.sealed.pop_front() else {
+            return 0;
+        };
+        self.counters().queued_batches.set(st.sealed.len() as i64);
+        let n = b.len();
+        pool.give(b);
+        n
     }
 
     /// Records appended since start (see `settled`).

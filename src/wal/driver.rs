@@ -453,7 +453,8 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
                     let max = (plan.buffer.max_bytes / shard.shards) as u64;
                     wait_until(&wal.space, || wal.log.borrow().bytes() + needed <= max).await;
                 }
-                WhenFull::DropNewest => {
+                // (drop_oldest is refused for disk buffers at config time.)
+                WhenFull::DropNewest | WhenFull::DropOldest => {
                     wal.space_wanted.notify_one();
                     if let Some(held) = log_full.ready() {
                         tracing::warn!(sink = %plan.name, shard = shard.id, max_bytes = plan.buffer.max_bytes,
@@ -567,7 +568,8 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
                 }
                 tokio::time::sleep(backoff.next_delay()).await;
             }
-            WhenFull::DropNewest => {
+            // (drop_oldest is refused for disk buffers at config time.)
+            WhenFull::DropNewest | WhenFull::DropOldest => {
                 if let Some(held) = log_err.ready() {
                     tracing::warn!(sink = %plan.name, shard = shard.id, dir = %wal.dir.display(), error = %e,
                         suppressed = held, "cannot write the disk buffer; dropping the newest records (counted)");
