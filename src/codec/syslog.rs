@@ -199,9 +199,16 @@ fn pri(r: &[u8]) -> Option<(u8, usize)> {
 }
 
 /// The next space-terminated token at `*at` (moving past its space).
+#[inline]
 fn token(r: &[u8], at: &mut usize) -> Option<Span> {
     let start = *at;
-    let n = memchr::memchr(b' ', r.get(start..)?)?;
+    let rest = r.get(start..)?;
+    // Header tokens are short (a timestamp is 20 to 32 bytes): a plain
+    // scan finds their end before memchr's setup would pay off.
+    let n = match rest.iter().take(40).position(|&c| c == b' ') {
+        Some(n) => n,
+        None => 40 + memchr::memchr(b' ', rest.get(40..)?)?,
+    };
     if n == 0 {
         return None;
     }
@@ -263,11 +270,21 @@ fn year_of(ns: u64) -> i64 {
     yoe + era * 400 + i64::from(m <= 2)
 }
 
+/// A run of 1 to 9 decimal digits (timestamps: every field is short).
+#[inline]
 fn num(b: &[u8]) -> Option<u32> {
-    if b.is_empty() || !b.iter().all(u8::is_ascii_digit) {
+    if b.is_empty() || b.len() > 9 {
         return None;
     }
-    Some(b.iter().fold(0u32, |v, &c| v * 10 + u32::from(c - b'0')))
+    let mut v = 0u32;
+    for &c in b {
+        let d = c.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        v = v * 10 + u32::from(d);
+    }
+    Some(v)
 }
 
 fn unix_ns(y: i64, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> Option<i64> {
@@ -308,8 +325,20 @@ pub fn rfc3339(t: &[u8]) -> Option<u64> {
         if n == 0 || n > 9 {
             return None;
         }
+        const SCALE: [i64; 10] = [
+            1_000_000_000,
+            100_000_000,
+            10_000_000,
+            1_000_000,
+            100_000,
+            10_000,
+            1_000,
+            100,
+            10,
+            1,
+        ];
         let digits = num(&t[at + 1..at + 1 + n])? as i64;
-        frac = digits * 10i64.pow(9 - n as u32);
+        frac = digits * SCALE[n];
         at += 1 + n;
     }
     let offset_s = match t.get(at..)? {
