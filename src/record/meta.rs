@@ -1,6 +1,7 @@
 //! A record's meta: what its source knew about it beside its bytes (an MQTT
-//! message's topic), kept in the batch's `meta` buffer and written to the log
-//! with it, so that a sink can name a destination from it (`{topic}`).
+//! message's topic, a decoded record's field index), kept in the batch's
+//! `meta` buffer and written to the log with it, so that a sink can name a
+//! destination from it (`{topic}`, `{host}`) or encode its fields.
 //!
 //! A record's meta is a run of items, each:
 //!
