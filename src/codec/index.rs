@@ -123,15 +123,7 @@ impl Parsed {
             Parsed::Syslog(m) => {
                 out.extend_from_slice(&[SYSLOG | flag, m.facility, m.severity, m.version]);
                 out.extend_from_slice(&m.ts_ns.unwrap_or(NO_TS).to_le_bytes());
-                for s in [
-                    m.timestamp,
-                    m.host,
-                    m.app,
-                    m.procid,
-                    m.msgid,
-                    m.structured_data,
-                    Some(m.msg),
-                ] {
+                for s in m.spans() {
                     span(out, s);
                 }
             }

@@ -56,6 +56,22 @@ pub struct Syslog {
     pub msg: Span,
 }
 
+impl Syslog {
+    /// Its spans in the order the field index keeps them: timestamp, host,
+    /// app, procid, msgid, structured data, msg.
+    pub fn spans(&self) -> [Option<Span>; 7] {
+        [
+            self.timestamp,
+            self.host,
+            self.app,
+            self.procid,
+            self.msgid,
+            self.structured_data,
+            Some(self.msg),
+        ]
+    }
+}
+
 /// Why a record is not syslog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Error {
@@ -519,18 +535,7 @@ mod tests {
                 }
             }
             if let Ok(m) = parse(&r, NOW) {
-                for sp in [
-                    m.timestamp,
-                    m.host,
-                    m.app,
-                    m.procid,
-                    m.msgid,
-                    m.structured_data,
-                    Some(m.msg),
-                ]
-                .into_iter()
-                .flatten()
-                {
+                for sp in m.spans().into_iter().flatten() {
                     assert!((sp.start + sp.len) as usize <= r.len(), "{r:?} {m:?}");
                 }
             }
