@@ -239,10 +239,7 @@ fn syslog_ndjson(
     m: &Syslog,
     second: &mut SecondPrefix,
 ) {
-    out.extend_from_slice(b"{\"timestamp\":\"");
-    rfc3339_ns(out, m.ts_ns.unwrap_or(ts_ns), second);
-    out.extend_from_slice(b"\",\"source\":");
-    json_string(out, source.as_bytes());
+    ndjson_head(out, m.ts_ns.unwrap_or(ts_ns), source, second);
     for (key, span) in [
         (&b",\"host\":"[..], m.host),
         (b",\"app\":", m.app),
@@ -285,10 +282,7 @@ fn influx_ndjson(
         influx::unescape(escaped, scratch);
         json_string(out, scratch);
     };
-    out.extend_from_slice(b"{\"timestamp\":\"");
-    rfc3339_ns(out, l.ts_ns.unwrap_or(ts_ns), second);
-    out.extend_from_slice(b"\",\"source\":");
-    json_string(out, source.as_bytes());
+    ndjson_head(out, l.ts_ns.unwrap_or(ts_ns), source, second);
     out.extend_from_slice(b",\"measurement\":");
     string(out, l.measurement.of(r));
     out.extend_from_slice(b",\"tags\":{");
@@ -430,6 +424,15 @@ fn syslog_influx(out: &mut Vec<u8>, ts_ns: u64, r: &[u8], m: &Syslog) {
     out.push(b'\n');
 }
 
+/// Appends the start every ndjson object has:
+/// `{"timestamp":"<RFC 3339, ns>","source":"<name>"`.
+fn ndjson_head(out: &mut Vec<u8>, ts_ns: u64, source: &str, second: &mut SecondPrefix) {
+    out.extend_from_slice(b"{\"timestamp\":\"");
+    rfc3339_ns(out, ts_ns, second);
+    out.extend_from_slice(b"\",\"source\":");
+    json_string(out, source.as_bytes());
+}
+
 /// Appends `{"timestamp":…,"source":…,"message":…}\n`.
 fn ndjson_line(
     out: &mut Vec<u8>,
@@ -438,10 +441,7 @@ fn ndjson_line(
     record: &[u8],
     second: &mut SecondPrefix,
 ) {
-    out.extend_from_slice(b"{\"timestamp\":\"");
-    rfc3339_ns(out, ts_ns, second);
-    out.extend_from_slice(b"\",\"source\":");
-    json_string(out, source.as_bytes());
+    ndjson_head(out, ts_ns, source, second);
     out.extend_from_slice(b",\"message\":");
     json_string(out, record);
     out.extend_from_slice(b"}\n");
