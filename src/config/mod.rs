@@ -53,6 +53,8 @@ pub const SYNC_INTERVAL_MS_LIMIT: u64 = 60_000;
 /// fill: tcp senders are held back before the queue is full.
 pub const HEADROOM_PERCENT_DEFAULT: u64 = 25;
 pub const HEADROOM_PERCENT_LIMIT: u64 = 90;
+/// A source's `priority` when it sets none.
+pub const PRIORITY_DEFAULT: u8 = 0;
 pub const RETRY_BACKOFF_MS_LIMIT: u64 = 3_600_000;
 pub const SHUTDOWN_TIMEOUT_MS_LIMIT: u64 = 3_600_000;
 pub const RETRY_INITIAL_BACKOFF_MS_DEFAULT: u64 = 50;
@@ -285,6 +287,7 @@ pub struct SourceConfig {
     pub receive_buffer_bytes: Option<usize>,
     pub utf8: Option<Utf8Policy>,
     pub rate_limit: Option<RateLimitConfig>,
+    pub priority: Option<u8>,
     pub idle_timeout_ms: Option<u64>,
     /// mqtt: the broker, `mqtt://HOST:PORT`.
     pub url: Option<String>,
@@ -519,6 +522,9 @@ pub struct SourcePlan {
     /// Whether the source can be held back (tcp: it stops reading) rather
     /// than drop what it cannot hand on (udp).
     pub can_wait: bool,
+    /// `priority`: when a sink is behind, sources of lower priority are
+    /// held back (or dropped) first (see `admission_marks`).
+    pub priority: u8,
     /// tcp: a connection that sends nothing for this long is closed.
     pub idle_timeout_ms: u64,
     /// mqtt: the broker and the subscription (`address` is the broker's).
@@ -548,9 +554,9 @@ pub struct SinkPlan {
     /// Sealed batches a sink may queue on one shard before sources wait
     /// (for a disk buffer: before the log's writer takes them).
     pub queue_batches: usize,
-    /// Of those, how many sources that can wait (tcp) may fill before they
-    /// are held back; the rest is headroom for those that cannot (udp).
-    pub wait_batches: usize,
+    /// Indexed by source id: how many sealed batches that source's records
+    /// may find queued and still be admitted (`admission_marks`).
+    pub marks: Vec<usize>,
     pub buffer: BufferPlan,
     pub retry: RetryPlan,
     /// `rate_limit`: the sink's byte budget, shared by its shards.
@@ -1051,6 +1057,7 @@ impl Plan {
                 rate_limit,
                 // An mqtt source stops reading and the broker queues.
                 can_wait: s.kind != SourceKind::Udp,
+                priority: s.priority.unwrap_or(PRIORITY_DEFAULT),
                 idle_timeout_ms,
                 mqtt,
                 native,
@@ -1292,7 +1299,6 @@ impl Plan {
                 0 => 0,
                 p => ((queue_batches as u64 * p / 100) as usize).max(1),
             };
-            let wait_batches = queue_batches.saturating_sub(headroom).max(1);
             let buffer = BufferPlan {
                 kind,
                 when_full: match buf.and_then(|b| b.when_full).unwrap_or_default() {
@@ -1361,13 +1367,17 @@ impl Plan {
                     Some(Arc::new(crate::limiter::ByteRate::new(per_sec, burst)))
                 }
             };
+            // drop_newest, drop_oldest: nobody waits, so no headroom is kept
+            // for those that cannot.
+            let nobody_waits = kind == BufferKind::Memory && buffer.when_full != WhenFull::Block;
+            let marks = admission_marks(&sources, &inputs, queue_batches, headroom, nobody_waits);
             sinks.push(SinkPlan {
                 name: name.clone(),
                 target,
                 inputs,
                 batch,
                 queue_batches,
-                wait_batches,
+                marks,
                 buffer,
                 retry,
                 rate,
@@ -1447,6 +1457,42 @@ impl Plan {
 
 /// `path` is a directory this process may write in, or does not exist and
 /// its nearest existing ancestor is one (so it can be created).
+/// Admission by priority: for each source (by id), how many sealed batches
+/// of a sink's queue (`capacity` of them) it may find waiting and still add
+/// records. A source ranks by its `priority`, then, at equal priority, those
+/// that cannot wait (udp) above those that can (tcp, mqtt, updraft); when
+/// nobody waits (`drop_newest`, `drop_oldest`) by priority alone. The top
+/// rank may fill the whole queue; each rank below is held back (or, if it
+/// cannot wait, dropped) one `headroom` earlier than the rank above it, and
+/// sources that can wait never take the top priority's last `headroom`
+/// (kept for a source that cannot wait at that priority). Strict priority,
+/// then: while a sink is behind, a lower rank gets only what the higher
+/// ones leave. Marks stop at one batch, so a queue of few batches, or no
+/// headroom at all, tells fewer ranks apart.
+fn admission_marks(
+    sources: &[SourcePlan],
+    inputs: &[usize],
+    capacity: usize,
+    headroom: usize,
+    nobody_waits: bool,
+) -> Vec<usize> {
+    let rank = |s: &SourcePlan| (s.priority, nobody_waits || !s.can_wait);
+    let mut ranks: Vec<(u8, bool)> = inputs.iter().map(|&i| rank(&sources[i])).collect();
+    if let Some(top) = inputs.iter().map(|&i| sources[i].priority).max() {
+        ranks.push((top, true));
+    }
+    ranks.sort_unstable();
+    ranks.dedup();
+    sources
+        .iter()
+        .map(|s| {
+            let r = rank(s);
+            let above = ranks.iter().filter(|&&x| x > r).count();
+            capacity.saturating_sub(headroom * above).max(1)
+        })
+        .collect()
+}
+
 fn writable_dir(key: &str, path: &Path) -> Result<(), ConfigError> {
     let mut p = path;
     loop {
@@ -1516,6 +1562,70 @@ address = "127.0.0.1:16000"
 max_records = 1000
 linger_ms = 5
 "#;
+
+    #[test]
+    fn priorities_hold_lower_ranks_back_one_headroom_earlier() {
+        let cfg = |extra: &str, when_full: &str| {
+            format!(
+                r#"shards = 1
+[sources.alarms]
+type = "udp"
+address = "127.0.0.1:5141"
+priority = 7
+[sources.app]
+type = "tcp"
+address = "127.0.0.1:5140"
+[sources.debug]
+type = "udp"
+address = "127.0.0.1:5142"
+{extra}
+[sinks.up]
+type = "tcp"
+inputs = ["alarms", "app", "debug"]
+address = "127.0.0.1:16000"
+buffer = {{ max_bytes = 16777216, when_full = "{when_full}" }}
+batch = {{ max_bytes = 1048576 }}
+"#
+            )
+        };
+        // 16 batches, 4 of headroom. Ranks: alarms (7, udp), debug (0, udp),
+        // app (0, tcp).
+        let plan = Plan::from_toml(&cfg("", "block")).unwrap();
+        let by = |plan: &Plan, n: &str| {
+            let i = plan.sources.iter().position(|s| s.name == n).unwrap();
+            plan.sinks[0].marks[i]
+        };
+        assert_eq!(plan.sinks[0].queue_batches, 16);
+        assert_eq!(
+            (by(&plan, "alarms"), by(&plan, "debug"), by(&plan, "app")),
+            (16, 12, 8)
+        );
+        // A top priority that can wait keeps its last headroom for one that
+        // cannot: the tcp source first (12 batches), the udp ones below.
+        let plan = Plan::from_toml(&cfg("", "block").replace(
+            "address = \"127.0.0.1:5140\"",
+            "address = \"127.0.0.1:5140\"\npriority = 9",
+        ))
+        .unwrap();
+        assert_eq!(
+            (by(&plan, "app"), by(&plan, "alarms"), by(&plan, "debug")),
+            (12, 8, 4)
+        );
+        // Nobody waits: by priority alone.
+        let plan = Plan::from_toml(&cfg("", "drop_newest")).unwrap();
+        assert_eq!(
+            (by(&plan, "alarms"), by(&plan, "debug"), by(&plan, "app")),
+            (16, 12, 12)
+        );
+        // Equal priorities: today's rule (tcp held back one headroom early).
+        let plan = Plan::from_toml(&cfg("", "block").replace("priority = 7", "")).unwrap();
+        assert_eq!(
+            (by(&plan, "alarms"), by(&plan, "debug"), by(&plan, "app")),
+            (16, 16, 12)
+        );
+        let err = Plan::from_toml(&cfg("priority = 300", "block")).unwrap_err();
+        assert!(err.to_string().contains("priority"), "{err}");
+    }
 
     #[test]
     fn contract_keys_parse() {

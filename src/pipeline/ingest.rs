@@ -402,7 +402,7 @@ impl Ingest {
             let src = &self.plan.sources[source];
             for &s in &src.sinks {
                 let q = &self.sinks[s];
-                if !skipped(skip, s) && !q.drops_when_full && !q.has_room(len, src.can_wait) {
+                if !skipped(skip, s) && !q.drops_when_full && !q.has_room(len, source) {
                     return Err(Blocked::Sink(s));
                 }
             }
@@ -412,18 +412,16 @@ impl Ingest {
                     continue;
                 }
                 let q = &self.sinks[s];
-                // drop_newest, drop_oldest: nobody waits, so no headroom is
-                // kept either.
-                let can_wait = src.can_wait && !q.drops_when_full;
-                if q.has_room(len, can_wait) {
+                if q.has_room(len, source) {
                     q.append(&mut pool, ts_ns, key_hash, source as u16, record, meta);
-                } else if q.evicts_when_full {
-                    // drop_oldest: the oldest queued batch makes room.
+                } else if q.evicts_when_full && q.is_top(source) {
+                    // drop_oldest: the oldest queued batch makes room (for
+                    // the top priority; a lower one is dropped instead).
                     let n = q.evict_oldest(&mut pool);
                     let c = &self.metrics.sinks[s];
                     c.buffer_dropped.add(n as u64);
                     c.buffer_dropped_oldest.add(n as u64);
-                    if q.has_room(len, can_wait) {
+                    if q.has_room(len, source) {
                         q.append(&mut pool, ts_ns, key_hash, source as u16, record, meta);
                     } else {
                         c.buffer_dropped.add(1);

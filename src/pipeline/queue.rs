@@ -7,8 +7,9 @@
 //! drop (UDP): memory stays bounded by `queue_batches` batches per sink and
 //! shard. A batch is sealed part-full by its linger only when nothing is
 //! queued before it, so a queue that backs up holds full batches and
-//! `buffer.max_bytes` is the budget a user gets. Sources that can wait are
-//! held back before the queue is full (`buffer.headroom_percent`).
+//! `buffer.max_bytes` is the budget a user gets. Sources that can wait,
+//! and those of lower priority, are held back (or dropped) before the queue
+//! is full (`buffer.headroom_percent`, `priority`).
 
 use crate::config::SinkPlan;
 use crate::metrics::SinkCounters;
@@ -29,9 +30,10 @@ pub struct SinkQueue {
     /// Signalled when a record opens a batch (the linger task waits).
     opened: Notify,
     capacity: usize,
-    /// Sealed batches past which sources that can wait are held back
-    /// (`capacity` less the headroom kept for those that cannot).
-    wait_capacity: usize,
+    /// Indexed by source id: sealed batches past which that source's
+    /// records are refused (it is held back, or its records dropped): its
+    /// rank's admission mark (`config::admission_marks`).
+    marks: Vec<usize>,
     counters: Arc<crate::metrics::ShardMetrics>,
     /// A memory buffer with `when_full = "drop_newest"`: a record that finds
     /// the queue full is dropped and counted instead of waiting.
@@ -77,7 +79,7 @@ impl SinkQueue {
             space: Notify::new(),
             opened: Notify::new(),
             capacity: plan.queue_batches,
-            wait_capacity: plan.wait_batches,
+            marks: plan.marks.clone(),
             counters,
             drops_when_full: plan.buffer.kind == crate::config::BufferKind::Memory
                 && matches!(
@@ -97,19 +99,26 @@ impl SinkQueue {
         &self.counters.sinks[self.sink]
     }
 
-    /// Whether a record of `len` bytes can be appended now. A source that
-    /// can wait (`can_wait`: tcp) is held back once `wait_capacity` batches
-    /// are sealed, even with room in the open batch, so that what it adds
-    /// per batch sent is one batch at most and the rest of the queue stays
-    /// headroom for sources that cannot wait (udp), which may fill it all.
+    /// Whether a record of `len` bytes from `source` can be appended now.
+    /// A source below the top rank is refused once its mark of batches is
+    /// sealed, even with room in the open batch, so that what it adds per
+    /// batch sent is one batch at most and the queue above its mark stays
+    /// headroom for the ranks above it (udp, higher priorities); the top
+    /// rank may fill it all.
     #[inline]
-    pub fn has_room(&self, len: usize, can_wait: bool) -> bool {
+    pub fn has_room(&self, len: usize, source: usize) -> bool {
         let st = self.state.borrow();
-        if can_wait {
-            st.sealed.len() < self.wait_capacity
+        let mark = self.marks[source];
+        if mark < self.capacity {
+            st.sealed.len() < mark
         } else {
             st.builder.fits(len) || st.sealed.len() < self.capacity
         }
+    }
+
+    /// Whether `source` is of the queue's top rank (it may fill it all).
+    pub fn is_top(&self, source: usize) -> bool {
+        self.marks[source] >= self.capacity
     }
 
     /// Appends a record; the caller checked [`has_room`](Self::has_room).

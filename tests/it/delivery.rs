@@ -299,6 +299,157 @@ address = "{sink}"
     );
 }
 
+/// Issue 14 (priorities): a high-priority UDP sensor stream (10,000/s) and
+/// a low-priority TCP flood share one tcp sink that carries a fifth of what
+/// they offer together (the receiver reads 40,000 lines/s of 200,000/s
+/// offered). The sensors lose nothing; the flood is held back and loses
+/// nothing either.
+#[test]
+fn a_high_priority_udp_stream_loses_nothing_beside_a_held_back_tcp_flood() {
+    let (tcp, udp, sink) = (free_addr(), free_addr(), free_addr());
+    let u_ = Updraft::start(&format!(
+        r#"
+shards = 1
+[sources.sensors]
+type = "udp"
+address = "{udp}"
+priority = 10
+receive_buffer_bytes = 8388608
+[sources.app]
+type = "tcp"
+address = "{tcp}"
+priority = 1
+[sinks.up]
+type = "tcp"
+inputs = ["app", "sensors"]
+address = "{sink}"
+buffer = {{ max_bytes = 8388608 }}
+"#
+    ));
+    let rx = Receiver::start(sink, 700_000, 120, &["--read-bytes-per-sec", "10240000"]);
+    let mut flood = spawn_send(
+        tcp,
+        &[
+            "--connections",
+            "4",
+            "--count",
+            "600000",
+            "--size",
+            "256",
+            "--rate",
+            "190000",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let sensors = send(
+        udp,
+        &[
+            "--proto",
+            "udp",
+            "--count",
+            "100000",
+            "--size",
+            "256",
+            "--rate",
+            "10000",
+            "--stream-base",
+            "100",
+        ],
+    );
+    assert_eq!(u(&sensors, "sent"), 100_000);
+    assert!(
+        flood.try_wait().unwrap().is_none(),
+        "the tcp flood (600,000 lines at 190,000/s) must still be held back when the sensors are done"
+    );
+    assert!(flood.wait().unwrap().success());
+    let (r, ok) = rx.finish();
+    for reason in ["sink_full", "receive_buffer"] {
+        let dropped = u_.metric(&format!(
+            r#"updraft_source_dropped_records_total{{source="sensors",reason="{reason}"}}"#
+        ));
+        assert_eq!(dropped, 0.0, "sensor datagrams dropped ({reason}): {r}");
+    }
+    assert!(ok, "{r}\n{}", u_.log_text());
+    assert_eq!(r["per_stream"]["100"], 100_000, "{r}");
+    assert_eq!(u(&r, "unique"), 700_000, "{r}");
+    assert_eq!(u(&r, "duplicates"), 0, "{r}");
+    assert!(
+        u_.metric(r#"updraft_sink_backpressure_waits_total{sink="up",type="tcp"}"#) > 0.0,
+        "the tcp flood was held back"
+    );
+}
+
+/// Issue 14 (priorities): two UDP streams that cannot wait share a sink
+/// that carries about half of what they offer. The high-priority one loses
+/// nothing; the low-priority one is the one dropped, and every datagram of
+/// it is either delivered or counted.
+#[test]
+fn of_two_udp_streams_on_a_slow_sink_the_low_priority_one_is_dropped_and_counted() {
+    let (alarms, debug, sink) = (free_addr(), free_addr(), free_addr());
+    let u_ = Updraft::start(&format!(
+        r#"
+shards = 1
+[sources.alarms]
+type = "udp"
+address = "{alarms}"
+priority = 10
+receive_buffer_bytes = 8388608
+[sources.debug]
+type = "udp"
+address = "{debug}"
+receive_buffer_bytes = 8388608
+[sinks.up]
+type = "tcp"
+inputs = ["alarms", "debug"]
+address = "{sink}"
+buffer = {{ max_bytes = 8388608 }}
+"#
+    ));
+    // 20,000 lines/s of the 40,000/s offered.
+    let rx = Receiver::start(
+        sink,
+        u64::MAX / 2,
+        120,
+        &["--read-bytes-per-sec", "5120000", "--idle-s", "2"],
+    );
+    let udp = |count: &str, rate: &str, base: &str| {
+        vec![
+            "--proto".to_string(),
+            "udp".into(),
+            "--count".into(),
+            count.into(),
+            "--size".into(),
+            "256".into(),
+            "--rate".into(),
+            rate.into(),
+            "--stream-base".into(),
+            base.into(),
+        ]
+    };
+    let low = udp("300000", "30000", "200");
+    let low: Vec<&str> = low.iter().map(String::as_str).collect();
+    let mut flood = spawn_send(debug, &low);
+    let high = udp("100000", "10000", "100");
+    let high: Vec<&str> = high.iter().map(String::as_str).collect();
+    let sent = send(alarms, &high);
+    assert_eq!(u(&sent, "sent"), 100_000);
+    assert!(flood.wait().unwrap().success());
+    let (r, _) = rx.finish();
+    let dropped = |source: &str, reason: &str| {
+        u_.metric(&format!(
+            r#"updraft_source_dropped_records_total{{source="{source}",reason="{reason}"}}"#
+        )) as u64
+    };
+    assert_eq!(r["per_stream"]["100"], 100_000, "{r}");
+    assert_eq!(dropped("alarms", "sink_full"), 0, "{r}");
+    assert_eq!(dropped("alarms", "receive_buffer"), 0, "{r}");
+    let low_delivered = r["per_stream"]["200"].as_u64().unwrap_or(0);
+    let low_dropped = dropped("debug", "sink_full") + dropped("debug", "receive_buffer");
+    assert!(dropped("debug", "sink_full") > 50_000, "{r}");
+    assert_eq!(low_delivered + low_dropped, 300_000, "{r}");
+    assert_eq!(u(&r, "duplicates"), 0, "{r}");
+}
+
 #[test]
 fn a_tcp_sink_holds_to_its_byte_budget_and_holds_the_sender_back() {
     const RATE: f64 = 512.0 * 1024.0;

@@ -30,7 +30,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -178,6 +178,10 @@ struct ReceiveArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 60.0)]
     timeout_s: f64,
+    /// Stop once records arrived and then none for this many seconds (for
+    /// a sender whose count that arrives is not known: drops upstream).
+    #[arg(long)]
+    idle_s: Option<f64>,
     /// After --expect is met, wait this long for late duplicates.
     #[arg(long, default_value_t = 200)]
     linger_ms: u64,
@@ -798,6 +802,9 @@ struct StreamState {
     max_seq: Option<u64>,
 }
 
+/// Streams up to which the summary lists each one's distinct records.
+const PER_STREAM_MAX: usize = 64;
+
 /// The most sequence numbers tracked per stream (a bitmap of 2^32 bits,
 /// 512 MiB, is the ceiling; a larger number is counted as malformed).
 const SEQ_MAX: u64 = 1 << 32;
@@ -882,6 +889,9 @@ struct ReceiveSummary {
     reordered: u64,
     malformed: u64,
     streams: usize,
+    /// Distinct records per stream id, when there are few streams.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    per_stream: BTreeMap<u64, u64>,
     seconds: f64,
     records_per_sec: f64,
     mib_per_sec: f64,
@@ -1150,6 +1160,7 @@ fn receive(a: ReceiveArgs) -> Result<bool> {
     let start = Instant::now();
     let timeout = Duration::from_secs_f64(a.timeout_s);
     let mut met_at: Option<Instant> = None;
+    let mut moved = (0, Instant::now());
     loop {
         std::thread::sleep(Duration::from_millis(20));
         if worker.is_finished() {
@@ -1160,6 +1171,14 @@ fn receive(a: ReceiveArgs) -> Result<bool> {
             (t.unique(), t.received)
         };
         received.store(total, Relaxed);
+        if total != moved.0 {
+            moved = (total, Instant::now());
+        }
+        if a.idle_s
+            .is_some_and(|s| total > 0 && moved.1.elapsed().as_secs_f64() >= s)
+        {
+            break;
+        }
         bar.set_position(unique);
         if let Some(e) = a.expect {
             if unique >= e && met_at.is_none() {
@@ -1203,6 +1222,11 @@ fn receive(a: ReceiveArgs) -> Result<bool> {
         reordered: t.streams.values().map(|s| s.reordered).sum(),
         malformed: t.malformed,
         streams: t.streams.len(),
+        per_stream: if t.streams.len() <= PER_STREAM_MAX {
+            t.streams.iter().map(|(&k, s)| (k, s.unique)).collect()
+        } else {
+            BTreeMap::new()
+        },
         seconds,
         records_per_sec: per_sec(unique as f64),
         mib_per_sec: per_sec(t.bytes as f64) / (1024.0 * 1024.0),
