@@ -53,6 +53,13 @@ pub const SYNC_INTERVAL_MS_LIMIT: u64 = 60_000;
 /// fill: tcp senders are held back before the queue is full.
 pub const HEADROOM_PERCENT_DEFAULT: u64 = 25;
 pub const HEADROOM_PERCENT_LIMIT: u64 = 90;
+/// A disk buffer's `memory_bytes` (`write_when = "behind"`) when it sets
+/// none (raised to two batches per shard).
+pub const MEMORY_BYTES_DEFAULT: usize = 8 * 1024 * 1024;
+pub const MEMORY_BYTES_LIMIT: usize = 64 * 1024 * 1024 * 1024;
+/// A disk buffer's `replay_share` when it sets none: after an outage, the
+/// backlog and live batches get the sink half and half.
+pub const REPLAY_SHARE_DEFAULT: f64 = 0.5;
 /// A source's `priority` when it sets none.
 pub const PRIORITY_DEFAULT: u8 = 0;
 pub const RETRY_BACKOFF_MS_LIMIT: u64 = 3_600_000;
@@ -444,6 +451,21 @@ pub struct BufferConfig {
     pub when_full: Option<WhenFull>,
     pub sync_interval_ms: Option<u64>,
     pub headroom_percent: Option<u64>,
+    pub write_when: Option<WriteWhen>,
+    pub memory_bytes: Option<usize>,
+    pub replay_share: Option<f64>,
+}
+
+/// When a disk buffer writes a batch to its log.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteWhen {
+    /// Every batch, before it is sent.
+    #[default]
+    Always,
+    /// Only when the sink is behind: batches are sent from memory while
+    /// the sink keeps up, and written once `memory_bytes` are waiting.
+    Behind,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
@@ -577,6 +599,15 @@ pub struct BufferPlan {
     pub segment_bytes: u64,
     /// Disk: this sink's log directory on each shard is `<dir>/<shard>`.
     pub dir: PathBuf,
+    /// Disk: whether a batch is written before it is sent, or only once
+    /// the sink falls behind.
+    pub write_when: WriteWhen,
+    /// Disk, `write_when = "behind"`: bytes of batches that may wait in
+    /// memory, unwritten, over all shards.
+    pub memory_bytes: usize,
+    /// Disk: the backlog's share of the sink, per mille, while live batches
+    /// are interleaved with it (1000: the backlog first, in order).
+    pub replay_share: u16,
 }
 
 /// When a batch is sealed: whichever comes first.
@@ -1299,6 +1330,73 @@ impl Plan {
                 0 => 0,
                 p => ((queue_batches as u64 * p / 100) as usize).max(1),
             };
+            let write_when = buf.and_then(|b| b.write_when).unwrap_or_default();
+            if kind == BufferKind::Memory && buf.is_some_and(|b| b.write_when.is_some()) {
+                return Err(invalid(
+                    key("buffer.write_when"),
+                    "is for disk buffers (buffer.type = \"disk\")",
+                ));
+            }
+            if write_when != WriteWhen::Behind && buf.is_some_and(|b| b.memory_bytes.is_some()) {
+                return Err(invalid(
+                    key("buffer.memory_bytes"),
+                    "is for disk buffers with write_when = \"behind\"",
+                ));
+            }
+            // Two batches per shard at least, so one can wait while one is
+            // sent.
+            let memory_min = 2 * batch.max_bytes * shards;
+            let memory_bytes = buf
+                .and_then(|b| b.memory_bytes)
+                .unwrap_or(MEMORY_BYTES_DEFAULT.max(memory_min));
+            if write_when == WriteWhen::Behind
+                && (memory_bytes < memory_min || memory_bytes > MEMORY_BYTES_LIMIT)
+            {
+                return Err(invalid(
+                    key("buffer.memory_bytes"),
+                    format!(
+                        "must be between {memory_min} (two batches of batch.max_bytes per shard) and {MEMORY_BYTES_LIMIT}, got {memory_bytes}"
+                    ),
+                ));
+            }
+            if kind == BufferKind::Memory && buf.is_some_and(|b| b.replay_share.is_some()) {
+                return Err(invalid(
+                    key("buffer.replay_share"),
+                    "is for disk buffers (a memory buffer has no backlog to replay)",
+                ));
+            }
+            // A far end that takes batches only in id order gets them so.
+            let in_order = target.in_id_order();
+            if in_order && buf.is_some_and(|b| b.replay_share.is_some_and(|s| s != 1.0)) {
+                return Err(invalid(
+                    key("buffer.replay_share"),
+                    format!(
+                        "a {} sink takes batches in order only (its far end drops one older than the last it took): leave it at 1",
+                        target.kind()
+                    ),
+                ));
+            }
+            if in_order && write_when == WriteWhen::Behind {
+                return Err(invalid(
+                    key("buffer.write_when"),
+                    format!(
+                        "a {} sink takes batches in order only, so its disk buffer writes always",
+                        target.kind()
+                    ),
+                ));
+            }
+            let share = buf.and_then(|b| b.replay_share).unwrap_or(if in_order {
+                1.0
+            } else {
+                REPLAY_SHARE_DEFAULT
+            });
+            if !(share > 0.0 && share <= 1.0) {
+                return Err(invalid(
+                    key("buffer.replay_share"),
+                    format!("must be more than 0 and at most 1, got {share}"),
+                ));
+            }
+            let replay_share = ((share * 1000.0).round() as u16).max(1);
             let buffer = BufferPlan {
                 kind,
                 when_full: match buf.and_then(|b| b.when_full).unwrap_or_default() {
@@ -1315,6 +1413,9 @@ impl Plan {
                 sync_bytes: SYNC_BYTES,
                 segment_bytes,
                 dir: data_dir.join(name),
+                write_when,
+                memory_bytes,
+                replay_share,
             };
             let r = k.retry.as_ref();
             let retry = RetryPlan {
@@ -1625,6 +1726,79 @@ batch = {{ max_bytes = 1048576 }}
         );
         let err = Plan::from_toml(&cfg("priority = 300", "block")).unwrap_err();
         assert!(err.to_string().contains("priority"), "{err}");
+    }
+
+    #[test]
+    fn disk_buffer_keys_for_a_slow_uplink_are_checked() {
+        let cfg = |buffer: &str| {
+            format!(
+                r#"shards = 2
+data_dir = "/tmp"
+[sources.app]
+type = "tcp"
+address = "127.0.0.1:5140"
+[sinks.up]
+type = "tcp"
+inputs = ["app"]
+address = "127.0.0.1:16000"
+[sinks.up.buffer]
+{buffer}
+"#
+            )
+        };
+        let plan = Plan::from_toml(&cfg("type = \"disk\"\nwrite_when = \"behind\"")).unwrap();
+        let b = &plan.sinks[0].buffer;
+        assert_eq!((b.write_when, b.memory_bytes), (WriteWhen::Behind, 8 << 20));
+        assert_eq!(b.replay_share, 500);
+        let plan = Plan::from_toml(&cfg("type = \"disk\"\nreplay_share = 1.0")).unwrap();
+        assert_eq!(plan.sinks[0].buffer.replay_share, 1000);
+        for (buffer, key) in [
+            ("write_when = \"behind\"", "sinks.up.buffer.write_when"),
+            (
+                "type = \"disk\"\nmemory_bytes = 4194304",
+                "sinks.up.buffer.memory_bytes",
+            ),
+            (
+                "type = \"disk\"\nwrite_when = \"behind\"\nmemory_bytes = 1024",
+                "sinks.up.buffer.memory_bytes",
+            ),
+            (
+                "type = \"disk\"\nreplay_share = 0.0",
+                "sinks.up.buffer.replay_share",
+            ),
+            (
+                "type = \"disk\"\nreplay_share = 1.5",
+                "sinks.up.buffer.replay_share",
+            ),
+            ("replay_share = 0.5", "sinks.up.buffer.replay_share"),
+        ] {
+            let err = Plan::from_toml(&cfg(buffer)).unwrap_err().to_string();
+            assert!(err.contains(key), "{buffer}: {err}");
+        }
+        // An updraft sink's aggregator takes frames in id order only.
+        let native = |buffer: &str| {
+            cfg(buffer)
+                .replace("type = \"tcp\"\ninputs", "type = \"updraft\"\ninputs")
+                .replace(
+                    "address = \"127.0.0.1:16000\"",
+                    "url = \"updraft://127.0.0.1:16000\"",
+                )
+        };
+        let plan = Plan::from_toml(&native("type = \"disk\"")).unwrap();
+        assert_eq!(plan.sinks[0].buffer.replay_share, 1000);
+        for (buffer, key) in [
+            (
+                "type = \"disk\"\nreplay_share = 0.5",
+                "sinks.up.buffer.replay_share",
+            ),
+            (
+                "type = \"disk\"\nwrite_when = \"behind\"",
+                "sinks.up.buffer.write_when",
+            ),
+        ] {
+            let err = Plan::from_toml(&native(buffer)).unwrap_err().to_string();
+            assert!(err.contains(key), "{buffer}: {err}");
+        }
     }
 
     #[test]

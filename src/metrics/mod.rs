@@ -205,6 +205,13 @@ pub struct SinkCounters {
     pub wal_read_batches: Counter,
     /// Bytes the disk buffer holds now.
     pub wal_bytes: Gauge,
+    /// Disk buffer, `write_when = "behind"`: batches handed to the sender
+    /// from memory without being written, times the buffer began writing
+    /// to its log because the sink fell behind, and bytes of unwritten
+    /// batches held now.
+    pub wal_memory_batches: Counter,
+    pub wal_spills: Counter,
+    pub wal_memory_bytes: Gauge,
     /// HTTP: request bodies sent (after encoding and compression).
     pub body_bytes: Counter,
     /// HTTP: answers by class.
@@ -634,6 +641,32 @@ impl Collector for Exposition {
                 (
                     sink(i),
                     ConstGauge::new(m.sink_sum(i, |c| c.wal_bytes.get())),
+                )
+            }),
+        )?;
+        family(
+            &mut enc,
+            "sink_wal_memory_batches",
+            "Disk buffer (write_when = behind): batches sent from memory, never written to the disk.",
+            MetricType::Counter,
+            sink_counter(|c| c.wal_memory_batches.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_wal_spills",
+            "Disk buffer (write_when = behind): times the sink fell behind and batches began going to the disk.",
+            MetricType::Counter,
+            sink_counter(|c| c.wal_spills.get() as i64),
+        )?;
+        family(
+            &mut enc,
+            "sink_wal_memory_bytes",
+            "Disk buffer (write_when = behind): bytes of batches held in memory only, now.",
+            MetricType::Gauge,
+            (0..n_sink).map(|i| {
+                (
+                    sink(i),
+                    ConstGauge::new(m.sink_sum(i, |c| c.wal_memory_bytes.get())),
                 )
             }),
         )?;

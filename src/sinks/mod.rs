@@ -68,6 +68,11 @@ pub trait Kind {
     fn encodes_fields(_target: &Self::Target) -> bool {
         false
     }
+    /// Whether the far end takes batches only in the order of their ids (it
+    /// drops one at or below the highest it took as a duplicate): then a
+    /// disk buffer must send them in that order, never live batches before
+    /// a backlog nor from memory beside the log.
+    const IN_ID_ORDER: bool = false;
 }
 
 /// What a sink's plan may know of the rest of the config.
@@ -152,6 +157,13 @@ macro_rules! sinks {
             pub fn encodes_fields(&self) -> bool {
                 match self {
                     $(Target::$variant(t) => <$module::Sink as Kind>::encodes_fields(t),)*
+                }
+            }
+
+            /// Whether the far end takes batches only in id order.
+            pub fn in_id_order(&self) -> bool {
+                match self {
+                    $(Target::$variant(_) => <$module::Sink as Kind>::IN_ID_ORDER,)*
                 }
             }
         }

@@ -27,6 +27,15 @@
 //!
 //! Replay after a restart is the same path: recovery puts every frame after
 //! the checkpoint in front of the sender before new data.
+//!
+//! With `write_when = "behind"` the writer hands each framed batch straight
+//! to the sender, unwritten (an id of `Wal::memory_epoch`, acknowledged to
+//! no log), while the log holds nothing unsent and `memory_bytes` are not
+//! exceeded; once they are, or the sender finds the sink failing, what
+//! memory holds is put in front of the writer's pending frames and written,
+//! and so is every batch after it until the sender has caught up
+//! (`keep_in_memory`, `spill`). At the end the writer waits for the sender
+//! and writes what memory still holds.
 
 use super::format::{self, frame_bytes, CheckpointSlot, FRAME_HEADER_BYTES};
 use super::machine::{Append, BatchId, Full, Log, LogConfig};
@@ -74,12 +83,27 @@ pub const FRAMES_IN_MEMORY_BYTES: usize = 32 * 1024 * 1024;
 pub const WRITE_BYTES_MAX: usize = 8 * 1024 * 1024;
 
 /// A durable batch waiting for the sender, with its frame when the writer
-/// kept it in memory (otherwise the sender reads it from the segment).
+/// kept it in memory (otherwise the sender reads it from the segment). With
+/// `write_when = "behind"`, also a batch never written (`Wal::is_memory`),
+/// whose frame is always here.
 struct Durable {
     id: BatchId,
     archive_len: u32,
     frame: Option<FrameBuf>,
+    /// Its records (a batch kept in memory only; 0 otherwise).
+    records: u32,
+    /// When it became durable (or was kept in memory).
+    at: tokio::time::Instant,
 }
+
+/// How far behind the sender must be (the age of the oldest batch waiting
+/// for it) before what waits is a backlog that live batches are interleaved
+/// with (`buffer.replay_share`).
+const PACE_AFTER: Duration = Duration::from_secs(1);
+
+/// `write_when = "behind"`: how long a stream output may fail to take a
+/// batch kept in memory before the buffer writes what it holds to the log.
+const SPILL_AFTER_FAILING: Duration = Duration::from_secs(1);
 
 /// An open segment and the nonce its frame headers are checked with.
 #[derive(Clone)]
@@ -103,11 +127,23 @@ struct Wal {
     /// since: retired segments are deleted, not kept as spares.
     disk_trouble: Cell<bool>,
     checkpoint_file: File,
-    /// Written, waiting for a sync, with each batch's record count (in log
-    /// order).
-    written: RefCell<VecDeque<(Durable, u32)>>,
-    /// Durable, waiting for the sender.
+    /// Written, waiting for a sync, with each batch's record count and
+    /// whether they settle when it is durable (not if they settled when
+    /// kept in memory), in log order.
+    written: RefCell<VecDeque<(Durable, u32, bool)>>,
+    /// Durable, waiting for the sender (while `pacing`: the backlog).
     to_send: RefCell<VecDeque<Durable>>,
+    /// Backlog pacing (`buffer.replay_share`): once the oldest batch waiting
+    /// for the sender is older than PACE_AFTER (the sink was down, or a
+    /// restart replays the log), what waits is the backlog and what becomes
+    /// durable after it is live (`live`); the sender takes from both, the
+    /// backlog getting `replay_share` (per mille) of the bytes, until it is
+    /// drained.
+    live: RefCell<VecDeque<Durable>>,
+    pacing: Cell<bool>,
+    /// Bytes sent from the backlog, and in all, since pacing began.
+    paced: Cell<(u64, u64)>,
+    replay_share: u64,
     pending_checkpoint: Cell<Option<CheckpointSlot>>,
     pending_delete: RefCell<Vec<u64>>,
     /// Something for the syncer: a write, a due sync, an ack, the end.
@@ -143,11 +179,91 @@ struct Wal {
     spares: RefCell<Vec<PathBuf>>,
     segment_bytes: u64,
     max_bytes: u64,
+    /// The writer's queue closed: the sender sends what it has and stops.
+    closing: Cell<bool>,
+    /// Signalled when the sender has stopped (`sender_done`).
+    sender_exited: Notify,
+    /// `write_when = "behind"`: batches go to the sender from memory,
+    /// unwritten, while fewer than `memory_bytes` wait there and the log
+    /// holds nothing unsent; otherwise (`spilling`) through the log.
+    behind: bool,
+    memory_bytes: usize,
+    spilling: Cell<bool>,
+    /// The sender asks the writer to write what memory holds to the log
+    /// (the sink is failing).
+    spill_wanted: Cell<bool>,
+    spill_notify: Notify,
+    /// Ids of batches kept in memory: this `segment` (far past any log
+    /// segment's number: its top bit is set), then a sequence number.
+    memory_epoch: u64,
+    memory_seq: Cell<u64>,
+    /// Frame bytes of batches kept in memory and waiting in `to_send`.
+    memory_held: Cell<usize>,
+    /// Batch outputs: batches kept in memory, taken by the output and not
+    /// yet acknowledged, by sequence number (written to the log at
+    /// shutdown if they still are not).
+    memory_in_flight: RefCell<std::collections::BTreeMap<u64, Durable>>,
+    /// A batch kept in memory that its output acknowledged before it was
+    /// put in `memory_in_flight` (within `submit`).
+    memory_acked_early: Cell<Option<u64>>,
 }
 
 impl Wal {
     fn segment_path(&self, id: u64) -> PathBuf {
         self.dir.join(format::segment_file_name(id))
+    }
+
+    /// Whether `id` is a batch kept in memory, never written to the log.
+    fn is_memory(&self, id: BatchId) -> bool {
+        self.behind && id.segment == self.memory_epoch
+    }
+
+    fn nothing_to_send(&self) -> bool {
+        self.to_send.borrow().is_empty() && self.live.borrow().is_empty()
+    }
+
+    /// A batch made durable goes to the sender: behind the backlog while
+    /// one is paced.
+    fn push_durable(&self, d: Durable) {
+        if self.pacing.get() {
+            self.live.borrow_mut().push_back(d);
+        } else {
+            self.to_send.borrow_mut().push_back(d);
+        }
+    }
+
+    /// The next batch for the sender, and whether it was live (see `live`).
+    /// Order holds within the backlog and within what is live; live
+    /// batches overtake the backlog.
+    fn next_to_send(&self) -> Option<(Durable, bool)> {
+        let mut backlog = self.to_send.borrow_mut();
+        let mut live = self.live.borrow_mut();
+        if !self.pacing.get() {
+            let behind = backlog
+                .front()
+                .is_some_and(|d| !self.is_memory(d.id) && d.at.elapsed() >= PACE_AFTER);
+            if self.replay_share >= 1000 || !behind {
+                return backlog.pop_front().map(|d| (d, false));
+            }
+            self.pacing.set(true);
+            self.paced.set((0, 0));
+        }
+        let (old, all) = self.paced.get();
+        let take_live =
+            !live.is_empty() && (backlog.is_empty() || old * 1000 > all * self.replay_share);
+        let (d, is_live) = if take_live {
+            (live.pop_front()?, true)
+        } else {
+            (backlog.pop_front()?, false)
+        };
+        let n = frame_bytes(d.archive_len as usize) as u64;
+        self.paced.set((old + if is_live { 0 } else { n }, all + n));
+        if backlog.is_empty() {
+            // The backlog is drained: what is live is all that waits.
+            self.pacing.set(false);
+            std::mem::swap(&mut *backlog, &mut *live);
+        }
+        Some((d, is_live))
     }
 }
 
@@ -251,9 +367,16 @@ pub async fn run<O: Deliver + 'static>(
                     id,
                     archive_len: len,
                     frame: None,
+                    records: 0,
+                    // A backlog from the start.
+                    at: tokio::time::Instant::now() - PACE_AFTER,
                 })
                 .collect(),
         ),
+        live: RefCell::new(VecDeque::new()),
+        pacing: Cell::new(false),
+        paced: Cell::new((0, 0)),
+        replay_share: u64::from(plan.buffer.replay_share),
         pending_checkpoint: Cell::new(None),
         pending_delete: RefCell::new(Vec::new()),
         wake_syncer: Notify::new(),
@@ -273,6 +396,19 @@ pub async fn run<O: Deliver + 'static>(
         spares: RefCell::new(rec.spares),
         segment_bytes: cfg.segment_bytes,
         max_bytes: cfg.max_bytes,
+        closing: Cell::new(false),
+        sender_exited: Notify::new(),
+        behind: plan.buffer.write_when == crate::config::WriteWhen::Behind,
+        memory_bytes: plan.buffer.memory_bytes / shard.shards,
+        // Until what the log holds (a replay) is delivered.
+        spilling: Cell::new(true),
+        spill_wanted: Cell::new(false),
+        spill_notify: Notify::new(),
+        memory_epoch: shard.now_ns() | 1 << 63,
+        memory_seq: Cell::new(0),
+        memory_held: Cell::new(0),
+        memory_in_flight: RefCell::new(std::collections::BTreeMap::new()),
+        memory_acked_early: Cell::new(None),
     });
     counters.wal_bytes.set(wal.log.borrow().bytes() as i64);
     let syncer = tokio_uring::spawn(syncer(shard.clone(), wal.clone(), queue.clone()));
@@ -281,11 +417,11 @@ pub async fn run<O: Deliver + 'static>(
     let out = output(Rc::new(move |id| ack(&acks, id)));
     let sender = tokio_uring::spawn(sender(shard.clone(), wal.clone(), out));
     writer(&shard, &wal, &queue).await;
+    wal.closing.set(true);
     wal.writer_done.set(true);
     wal.wake_syncer.notify_one();
     wal.durable.notify_one();
     let _ = sender.await;
-    wal.sender_done.set(true);
     wal.wake_keeper.notify_one();
     let _ = syncer.await;
     let _ = keeper.await;
@@ -338,6 +474,9 @@ struct Framed {
     buf: FrameBuf,
     archive_len: usize,
     records: u32,
+    /// Kept in memory first (`write_when = "behind"`): its records were
+    /// settled then.
+    settled: bool,
 }
 
 /// Archives `batch` in its own payload buffer (the records stay where they
@@ -392,6 +531,7 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
                 buf,
                 archive_len,
                 records,
+                settled: false,
             }),
             Err(e) => {
                 tracing::error!(sink = %plan.name, error = %e, "cannot archive a batch; dropped");
@@ -404,15 +544,44 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
             }
         }
     };
+    // write_when = "behind": the queue closed and what memory held was
+    // taken to be written.
+    let mut last_spill = false;
     loop {
         // Gather: wait for a batch if none is pending, then take every batch
         // that queued meanwhile (up to one write's worth), so that a disk
         // slower than the network gets fewer, larger writes.
         if pending.is_empty() {
-            let Some(batch) = queue.next().await else {
-                break;
+            let next = if wal.behind && !last_spill {
+                tokio::select! {
+                    b = queue.next() => Some(b),
+                    _ = wait_until(&wal.spill_notify, || wal.spill_wanted.get()) => None,
+                }
+            } else {
+                Some(queue.next().await)
             };
-            pending.extend(frame(batch, take_buf()));
+            match next {
+                Some(Some(batch)) => pending.extend(frame(batch, take_buf())),
+                Some(None) if wal.behind && !last_spill => {
+                    // Stopping: the sender sends what it can, then what
+                    // memory still holds is written to the log.
+                    last_spill = true;
+                    wal.closing.set(true);
+                    wal.durable.notify_one();
+                    wait_until(&wal.sender_exited, || wal.sender_done.get()).await;
+                    let n = spill(shard, wal, &mut pending, true);
+                    if n > 0 {
+                        tracing::info!(sink = %plan.name, shard = shard.id, batches = n,
+                            "writing the batches held in memory to the disk buffer before stopping");
+                    }
+                    continue;
+                }
+                Some(None) => break,
+                None => {}
+            }
+        }
+        if wal.behind && !last_spill {
+            keep_in_memory(shard, wal, queue, &mut pending);
         }
         let mut bytes: usize = pending.iter().map(|f| f.buf.0.len()).sum();
         while bytes < WRITE_BYTES_MAX {
@@ -421,6 +590,9 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
                 bytes += f.buf.0.len();
                 pending.push_back(f);
             }
+        }
+        if wal.behind && !last_spill {
+            keep_in_memory(shard, wal, queue, &mut pending);
         }
         let Some(first) = pending.front() else {
             continue;
@@ -443,6 +615,17 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
         }
         if appends.is_empty() {
             match plan.buffer.when_full {
+                WhenFull::Block if last_spill => {
+                    // Nothing will free space now.
+                    let f = pending.pop_front().expect("checked");
+                    tracing::error!(sink = %plan.name, shard = shard.id, records = f.records,
+                        "disk buffer full while stopping: a batch held in memory is lost (counted)");
+                    counters.buffer_dropped.add(f.records as u64);
+                    if !f.settled {
+                        queue.settle(u64::from(f.records));
+                    }
+                    give_back(wal, f.buf);
+                }
                 WhenFull::Block => {
                     if let Some(held) = log_full.ready() {
                         tracing::warn!(sink = %plan.name, shard = shard.id, max_bytes = plan.buffer.max_bytes,
@@ -462,7 +645,9 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
                     }
                     let f = pending.pop_front().expect("checked");
                     counters.buffer_dropped.add(f.records as u64);
-                    queue.settle(u64::from(f.records));
+                    if !f.settled {
+                        queue.settle(u64::from(f.records));
+                    }
                     give_back(wal, f.buf);
                 }
             }
@@ -520,8 +705,11 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
                     id: a.id,
                     archive_len: f.archive_len as u32,
                     frame,
+                    records: 0,
+                    at: tokio::time::Instant::now(),
                 },
                 f.records,
+                !f.settled,
             ));
             counters.wal_bytes_written.add(a.frame_bytes);
         }
@@ -576,11 +764,125 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
                 }
                 let f = pending.pop_front().expect("the frame that failed");
                 counters.buffer_dropped.add(f.records as u64);
-                queue.settle(u64::from(f.records));
+                if !f.settled {
+                    queue.settle(u64::from(f.records));
+                }
                 give_back(wal, f.buf);
             }
         }
     }
+}
+
+/// `write_when = "behind"`: hands the pending frames to the sender from
+/// memory, unwritten, while the log holds nothing unsent and they fit in
+/// `memory_bytes`. Once one does not fit, or the sender asked for it (the
+/// sink is failing), everything memory holds goes to the log ahead of the
+/// pending frames (`spill`), and so does every batch after it until the
+/// sender has delivered all the log holds: the order of batches holds.
+fn keep_in_memory(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue, pending: &mut VecDeque<Framed>) {
+    let counters = &shard.metrics.sinks[wal.sink];
+    if wal.spill_wanted.get() {
+        if !wal.spilling.get() {
+            counters.wal_spills.add(1);
+        }
+        wal.spilling.set(true);
+        spill(shard, wal, pending, false);
+        return;
+    }
+    if wal.spilling.get() {
+        // Every spilled frame written, and all the log holds delivered.
+        let caught_up = !pending.iter().any(|f| f.settled)
+            && wal.written.borrow().is_empty()
+            && wal.nothing_to_send()
+            && wal.log.borrow().unacknowledged() == 0;
+        if !caught_up {
+            return;
+        }
+        wal.spilling.set(false);
+        tracing::debug!(
+            sink = wal.sink,
+            shard = shard.id,
+            "the sink caught up: batches are sent from memory"
+        );
+    }
+    while let Some(f) = pending.front() {
+        let len = f.buf.0.len();
+        if wal.memory_held.get() + len > wal.memory_bytes {
+            tracing::debug!(
+                sink = wal.sink,
+                shard = shard.id,
+                "the sink is behind: batches go to the disk buffer"
+            );
+            wal.spilling.set(true);
+            counters.wal_spills.add(1);
+            spill(shard, wal, pending, false);
+            return;
+        }
+        let f = pending.pop_front().expect("checked");
+        let seq = wal.memory_seq.get();
+        wal.memory_seq.set(seq + 1);
+        wal.memory_held.set(wal.memory_held.get() + len);
+        counters.wal_memory_bytes.set(wal.memory_held.get() as i64);
+        wal.to_send.borrow_mut().push_back(Durable {
+            id: BatchId {
+                segment: wal.memory_epoch,
+                offset: seq,
+            },
+            archive_len: f.archive_len as u32,
+            frame: Some(f.buf),
+            records: f.records,
+            at: tokio::time::Instant::now(),
+        });
+        // As a memory buffer does: taken is settled.
+        queue.settle(u64::from(f.records));
+        wal.durable.notify_one();
+    }
+}
+
+/// Puts what memory holds (batches waiting for the sender, and, when
+/// stopping (`all`), those a batch output took and has not acknowledged)
+/// in front of `pending`, oldest first, to be written to the log. Returns
+/// how many.
+fn spill(shard: &SinkCtx, wal: &Wal, pending: &mut VecDeque<Framed>, all: bool) -> usize {
+    let counters = &shard.metrics.sinks[wal.sink];
+    wal.spill_wanted.set(false);
+    let mut taken: Vec<Durable> = Vec::new();
+    {
+        let mut to_send = wal.to_send.borrow_mut();
+        let mut kept = VecDeque::with_capacity(to_send.len());
+        for d in to_send.drain(..) {
+            if wal.is_memory(d.id) {
+                taken.push(d);
+            } else {
+                kept.push_back(d);
+            }
+        }
+        *to_send = kept;
+    }
+    let waiting: usize = taken
+        .iter()
+        .map(|d| frame_bytes(d.archive_len as usize))
+        .sum();
+    wal.memory_held
+        .set(wal.memory_held.get().saturating_sub(waiting));
+    if all {
+        taken.extend(std::mem::take(&mut *wal.memory_in_flight.borrow_mut()).into_values());
+    }
+    taken.sort_by_key(|d| d.id.offset);
+    let n = taken.len();
+    for d in taken.into_iter().rev() {
+        let buf = d.frame.expect("a batch kept in memory has its frame");
+        pending.push_front(Framed {
+            buf,
+            archive_len: d.archive_len as usize,
+            records: d.records,
+            settled: true,
+        });
+    }
+    counters.wal_memory_bytes.set(wal.memory_held.get() as i64);
+    // The sender waits for this.
+    wal.durable.notify_one();
+    n
 }
 
 /// Keeps a frame buffer for the writer to fill again, up to a bound.
@@ -761,17 +1063,19 @@ async fn syncer(shard: Rc<SinkCtx>, wal: Rc<Wal>, queue: Rc<SinkQueue>) {
         counters.wal_syncs.add(1);
         let durable = wal.log.borrow_mut().synced(plan_sync);
         let mut written = wal.written.borrow_mut();
-        let mut to_send = wal.to_send.borrow_mut();
-        let mut records = 0u64;
+        let (mut records, mut settle) = (0u64, 0u64);
         for id in durable {
-            let (d, n) = written.pop_front().expect("written in log order");
+            let (d, n, settles) = written.pop_front().expect("written in log order");
             debug_assert_eq!(d.id, id);
             records += n as u64;
-            to_send.push_back(d);
+            if settles {
+                settle += n as u64;
+            }
+            wal.push_durable(d);
         }
         counters.durable_records.add(records);
-        queue.settle(records);
-        drop((written, to_send));
+        queue.settle(settle);
+        drop(written);
         wal.durable.notify_one();
     }
     wal.syncer_idle.set(true);
@@ -816,7 +1120,7 @@ async fn keeper(shard: Rc<SinkCtx>, wal: Rc<Wal>) {
         // segments from it again.
         let idle = !wal.writing.get()
             && !wal.log.borrow().has_unsynced()
-            && wal.to_send.borrow().is_empty()
+            && wal.nothing_to_send()
             && wal.pending_checkpoint.get().is_none();
         if idle {
             let freed = wal.log.borrow_mut().release_idle_head();
@@ -898,19 +1202,29 @@ async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
     let mut buf = FrameBuf(shard.new_payload().into_buffer());
     let mut backoff = Backoff::new(plan.retry);
     let give_up = Duration::from_millis(shard.plan.shutdown_timeout_ms / 2);
+    // Once the collector stops and the writer is done: the sink has until
+    // then to take what is left (`shutdown_timeout_ms / 2`), the rest of
+    // the budget is for writing down what memory holds.
+    let stop_at: Cell<Option<tokio::time::Instant>> = Cell::new(None);
+    let stopping_now = || {
+        if stop_at.get().is_none() && shard.stopping.get() && wal.closing.get() {
+            stop_at.set(Some(tokio::time::Instant::now() + give_up));
+        }
+        stop_at.get()
+    };
     let mut give_up_at: Option<tokio::time::Instant> = None;
+    let mut log_failing = LogEvery::new(Duration::from_secs(10));
     loop {
-        let next = wal.to_send.borrow_mut().pop_front();
-        let Some(d) = next else {
-            if wal.writer_done.get() && !wal.log.borrow().has_unsynced() && wal.syncer_idle.get() {
+        let next = wal.next_to_send();
+        let Some((d, live)) = next else {
+            if wal.closing.get() && !wal.log.borrow().has_unsynced() && wal.syncer_idle.get() {
                 break;
             }
             wait_until(&wal.durable, || {
-                !wal.to_send.borrow().is_empty()
-                    || (wal.writer_done.get() && !wal.log.borrow().has_unsynced())
+                !wal.nothing_to_send() || (wal.closing.get() && !wal.log.borrow().has_unsynced())
             })
             .await;
-            if wal.to_send.borrow().is_empty() {
+            if wal.nothing_to_send() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             continue;
@@ -919,11 +1233,26 @@ async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
             id,
             archive_len,
             frame,
+            records: kept_records,
+            ..
         } = d;
+        // Never written (write_when = "behind"): no log to acknowledge it
+        // to, and, while it is sent, no longer waiting in memory.
+        let memory_only = wal.is_memory(id);
+        if memory_only {
+            wal.memory_held.set(
+                wal.memory_held
+                    .get()
+                    .saturating_sub(frame_bytes(archive_len as usize)),
+            );
+            counters.wal_memory_bytes.set(wal.memory_held.get() as i64);
+        }
         // From memory when the writer kept the frame; else read back.
         let from_memory = frame.is_some();
         if let Some(f) = frame {
-            wal.held_frames.set(wal.held_frames.get() - 1);
+            if !memory_only {
+                wal.held_frames.set(wal.held_frames.get() - 1);
+            }
             let old = std::mem::replace(&mut buf, f);
             give_back(&wal, old);
         } else {
@@ -944,11 +1273,18 @@ async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
             counters.wal_read_batches.add(1);
             if let Err(e) = res {
                 tracing::warn!(sink = %plan.name, segment = id.segment, error = %e, "cannot read the disk buffer; retrying");
-                wal.to_send.borrow_mut().push_front(Durable {
+                let again = Durable {
                     id,
                     archive_len,
                     frame: None,
-                });
+                    records: 0,
+                    at: tokio::time::Instant::now() - PACE_AFTER,
+                };
+                if live && wal.pacing.get() {
+                    wal.live.borrow_mut().push_front(again);
+                } else {
+                    wal.to_send.borrow_mut().push_front(again);
+                }
                 tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
@@ -997,15 +1333,47 @@ async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
                     crate::record::BatchView::Native(&copied)
                 }
             };
-            let submit = out.submit(view, id);
-            if shard.stopping.get() && wal.writer_done.get() {
-                if tokio::time::timeout(give_up, submit).await.is_err() {
-                    tracing::warn!(sink = %plan.name, shard = shard.id,
-                        "the sink did not take the disk buffer before shutdown; it is kept and replayed at the next start");
-                    break;
+            // A submit waits while the output's window is full; once the
+            // collector stops, for `give_up` at most (also when it began
+            // waiting before).
+            let stop = async {
+                wait_until(&wal.durable, || stopping_now().is_some()).await;
+                tokio::time::sleep_until(stopping_now().expect("stopping")).await;
+            };
+            let taken = tokio::select! {
+                _ = out.submit(view, id) => true,
+                _ = stop => false,
+            };
+            if !taken {
+                tracing::warn!(sink = %plan.name, shard = shard.id,
+                    "the sink did not take the disk buffer before shutdown; it is kept and replayed at the next start");
+                if memory_only {
+                    hold_again(&wal, counters, id, archive_len, kept_records, &mut buf);
                 }
-            } else {
-                submit.await;
+                break;
+            }
+            if memory_only {
+                counters.wal_memory_batches.add(1);
+            }
+            if memory_only && wal.memory_acked_early.take() != Some(id.offset) {
+                // Kept until the output acknowledges it, to be written to
+                // the log if it has not when the collector stops.
+                let fresh = wal
+                    .free_frames
+                    .borrow_mut()
+                    .pop()
+                    .unwrap_or_else(|| FrameBuf(shard.new_payload().into_buffer()));
+                let f = std::mem::replace(&mut buf, fresh);
+                wal.memory_in_flight.borrow_mut().insert(
+                    id.offset,
+                    Durable {
+                        id,
+                        archive_len,
+                        frame: Some(f),
+                        records: kept_records,
+                        at: tokio::time::Instant::now(),
+                    },
+                );
             }
             continue;
         }
@@ -1017,12 +1385,36 @@ async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
         let (start, end) = (start, start + p.len());
         // Stopping: no new write starts after the give-up time; one under
         // way finishes (a write cut off would tear the batch upstream).
-        if give_up_at.is_none() && shard.stopping.get() && wal.writer_done.get() {
-            give_up_at = Some(tokio::time::Instant::now() + give_up);
+        if give_up_at.is_none() {
+            give_up_at = stopping_now();
         }
+        // A batch only in memory goes to the log if the sink fails to
+        // take it for a while.
+        let spill_at = match (memory_only, give_up_at) {
+            (true, None) => Some(tokio::time::Instant::now() + SPILL_AFTER_FAILING),
+            _ => give_up_at,
+        };
         // The payload is sent as it lies in the read buffer.
-        match out.deliver(&shard, buf.slice(start..end), give_up_at).await {
+        match out.deliver(&shard, buf.slice(start..end), spill_at).await {
             Ok(slice) => buf = slice.into_inner(),
+            Err(slice) if memory_only => {
+                buf = slice.into_inner();
+                hold_again(&wal, counters, id, archive_len, kept_records, &mut buf);
+                if give_up_at.is_some() {
+                    break;
+                }
+                if let Some(held) = log_failing.ready() {
+                    tracing::info!(sink = %plan.name, shard = shard.id, suppressed = held,
+                        "the sink is failing: what the disk buffer held in memory is written to the disk");
+                }
+                // The writer takes it (unless it is itself waiting, for
+                // space or for the end: then it is tried again meanwhile).
+                wal.spill_wanted.set(true);
+                wal.spill_notify.notify_one();
+                let spilled = wait_until(&wal.durable, || !wal.spill_wanted.get());
+                let _ = tokio::time::timeout(SPILL_AFTER_FAILING, spilled).await;
+                continue;
+            }
             Err(_) => {
                 tracing::warn!(sink = %plan.name, shard = shard.id,
                     "the sink did not take the disk buffer before shutdown; it is kept and replayed at the next start");
@@ -1033,10 +1425,47 @@ async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
         counters.records.add(records as u64);
         counters.bytes.add((end - start) as u64);
         counters.batches.add(1);
-        ack(&wal, id);
+        if memory_only {
+            counters.wal_memory_batches.add(1);
+        } else {
+            ack(&wal, id);
+        }
     }
     drop(buf);
-    out.close(&shard).await;
+    // Requests still in flight past the give-up are left to the next start
+    // (batches in the log are replayed, those in memory written below).
+    match stopping_now() {
+        Some(t) => {
+            let _ = tokio::time::timeout_at(t.max(tokio::time::Instant::now()), out.close(&shard))
+                .await;
+        }
+        None => out.close(&shard).await,
+    }
+    wal.sender_done.set(true);
+    wal.sender_exited.notify_waiters();
+}
+
+/// Puts a batch kept in memory that the sink did not take back in front of
+/// the sender's queue, its frame taken from `buf` (the sender's buffer).
+fn hold_again(
+    wal: &Wal,
+    counters: &SinkCounters,
+    id: BatchId,
+    archive_len: u32,
+    records: u32,
+    buf: &mut FrameBuf,
+) {
+    let frame = std::mem::replace(buf, FrameBuf(AlignedVec::new()));
+    wal.memory_held
+        .set(wal.memory_held.get() + frame_bytes(archive_len as usize));
+    counters.wal_memory_bytes.set(wal.memory_held.get() as i64);
+    wal.to_send.borrow_mut().push_front(Durable {
+        id,
+        archive_len,
+        frame: Some(frame),
+        records,
+        at: tokio::time::Instant::now(),
+    });
 }
 
 /// A batch archive read back from the log, in the shape its segment's
@@ -1048,6 +1477,19 @@ enum Stored<'a> {
 
 /// Acknowledges a batch to the log and hands the syncer what it made due.
 fn ack(wal: &Wal, id: BatchId) {
+    if wal.is_memory(id) {
+        // Never written: nothing to acknowledge to the log.
+        match wal.memory_in_flight.borrow_mut().remove(&id.offset) {
+            Some(d) => {
+                if let Some(f) = d.frame {
+                    give_back(wal, f);
+                }
+            }
+            // Within its submit: it is not kept.
+            None => wal.memory_acked_early.set(Some(id.offset)),
+        }
+        return;
+    }
     let outcome = wal.log.borrow_mut().ack(id);
     if let Some(c) = outcome.checkpoint {
         wal.pending_checkpoint.set(Some(c));

@@ -370,7 +370,7 @@ buffer = {{ max_bytes = 8388608 }}
         assert_eq!(dropped, 0.0, "sensor datagrams dropped ({reason}): {r}");
     }
     assert!(ok, "{r}\n{}", u_.log_text());
-    assert_eq!(r["per_stream"]["100"], 100_000, "{r}");
+    assert_eq!(r["per_stream"]["100"]["unique"], 100_000, "{r}");
     assert_eq!(u(&r, "unique"), 700_000, "{r}");
     assert_eq!(u(&r, "duplicates"), 0, "{r}");
     assert!(
@@ -440,10 +440,10 @@ buffer = {{ max_bytes = 8388608 }}
             r#"updraft_source_dropped_records_total{{source="{source}",reason="{reason}"}}"#
         )) as u64
     };
-    assert_eq!(r["per_stream"]["100"], 100_000, "{r}");
+    assert_eq!(r["per_stream"]["100"]["unique"], 100_000, "{r}");
     assert_eq!(dropped("alarms", "sink_full"), 0, "{r}");
     assert_eq!(dropped("alarms", "receive_buffer"), 0, "{r}");
-    let low_delivered = r["per_stream"]["200"].as_u64().unwrap_or(0);
+    let low_delivered = r["per_stream"]["200"]["unique"].as_u64().unwrap_or(0);
     let low_dropped = dropped("debug", "sink_full") + dropped("debug", "receive_buffer");
     assert!(dropped("debug", "sink_full") > 50_000, "{r}");
     assert_eq!(low_delivered + low_dropped, 300_000, "{r}");

@@ -553,6 +553,68 @@ fn a_disk_buffer_replays_unconfirmed_requests_after_kill_9_and_the_key_dedups_th
     assert_eq!(u(&r, "duplicates"), 0, "{r}");
 }
 
+/// Issue 14: `write_when = "behind"` on an http sink (a batch output, which
+/// keeps requests in flight): a healthy endpoint gets everything from
+/// memory, nothing written to the disk; with the endpoint down, SIGTERM
+/// writes what memory held (in flight or waiting) to the log, and the next
+/// start delivers it.
+#[test]
+fn write_when_behind_on_http_sends_from_memory_and_keeps_what_sigterm_finds() {
+    let (src, sink) = (free_addr(), free_addr());
+    let cfg = tcp_to_http(
+        src,
+        2,
+        &format!("http://{sink}/"),
+        "idempotency_header = \"Idempotency-Key\"",
+        "[sinks.cloud.buffer]\ntype = \"disk\"\nwrite_when = \"behind\"",
+    );
+    let rx = http_receiver(sink, 200_000, 60, &[]);
+    let mut u_ = Updraft::start(&cfg);
+    // What the endpoint keeps up with (a flood would spill, as it should).
+    send(
+        src,
+        &[
+            "--connections",
+            "2",
+            "--count",
+            "200000",
+            "--size",
+            "128",
+            "--rate",
+            "50000",
+        ],
+    );
+    let (r, ok) = rx.finish();
+    assert!(ok, "{r}\n{}", u_.log_text());
+    assert_eq!(u(&r, "unique"), 200_000, "{r}");
+    let written = u_.metric(r#"updraft_sink_wal_written_bytes_total{sink="cloud",type="http"}"#);
+    assert!(
+        written < 0.01 * 200_000.0 * 128.0,
+        "a healthy endpoint: {written} bytes written to the disk"
+    );
+    // Now the endpoint is gone.
+    send(
+        src,
+        &[
+            "--connections",
+            "2",
+            "--count",
+            "20000",
+            "--size",
+            "128",
+            "--stream-base",
+            "100",
+        ],
+    );
+    let (status, _) = u_.terminate();
+    assert!(status.success(), "{}", u_.log_text());
+    let rx = http_receiver(sink, 20_000, 60, &["--dedup-header", "Idempotency-Key"]);
+    u_.restart();
+    let (r, ok) = rx.finish();
+    assert!(ok, "{r}\n{}", u_.log_text());
+    assert_eq!((u(&r, "unique"), u(&r, "lost")), (20_000, 0), "{r}");
+}
+
 #[test]
 fn a_source_rate_limit_drops_or_holds_back_what_is_over_it() {
     // drop: what passes plus what is counted equals what was sent.

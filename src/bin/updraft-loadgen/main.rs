@@ -800,6 +800,10 @@ struct StreamState {
     duplicates: u64,
     reordered: u64,
     max_seq: Option<u64>,
+    /// The first PER_STREAM_MAX streams: their own latencies, and when
+    /// their last new record came.
+    latency_us: Option<Histogram<u64>>,
+    last: Option<Instant>,
 }
 
 /// Streams up to which the summary lists each one's distinct records.
@@ -849,7 +853,13 @@ impl Tracker {
                 self.malformed += 1;
                 continue;
             }
-            let s = self.streams.entry(stream).or_default();
+            let few = self.streams.len() < PER_STREAM_MAX;
+            let s = self.streams.entry(stream).or_insert_with(|| StreamState {
+                latency_us: few.then(|| {
+                    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
+                }),
+                ..StreamState::default()
+            });
             let word = (seq / 64) as usize;
             if s.seen.len() <= word {
                 s.seen.resize((word + 1).next_power_of_two(), 0);
@@ -868,6 +878,10 @@ impl Tracker {
             }
             let lat = now_ns.saturating_sub(ts) / 1000;
             let _ = self.latency_us.record(lat.max(1));
+            if let Some(h) = s.latency_us.as_mut() {
+                let _ = h.record(lat.max(1));
+                s.last = Some(Instant::now());
+            }
         }
     }
 }
@@ -889,9 +903,9 @@ struct ReceiveSummary {
     reordered: u64,
     malformed: u64,
     streams: usize,
-    /// Distinct records per stream id, when there are few streams.
+    /// Per stream id, when there are few streams.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    per_stream: BTreeMap<u64, u64>,
+    per_stream: BTreeMap<u64, StreamSummary>,
     seconds: f64,
     records_per_sec: f64,
     mib_per_sec: f64,
@@ -900,6 +914,15 @@ struct ReceiveSummary {
     http: Option<http::HttpStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
     mqtt: Option<MqttSummary>,
+}
+
+#[derive(Serialize)]
+struct StreamSummary {
+    unique: u64,
+    latency_p99_us: f64,
+    /// When its last new record came, seconds after the first record of
+    /// all.
+    last_s: f64,
 }
 
 #[derive(Serialize)]
@@ -1223,7 +1246,23 @@ fn receive(a: ReceiveArgs) -> Result<bool> {
         malformed: t.malformed,
         streams: t.streams.len(),
         per_stream: if t.streams.len() <= PER_STREAM_MAX {
-            t.streams.iter().map(|(&k, s)| (k, s.unique)).collect()
+            t.streams
+                .iter()
+                .filter_map(|(&k, s)| {
+                    let h = s.latency_us.as_ref()?;
+                    Some((
+                        k,
+                        StreamSummary {
+                            unique: s.unique,
+                            latency_p99_us: h.value_at_quantile(0.99) as f64,
+                            last_s: match (t.first, s.last) {
+                                (Some(f), Some(l)) => l.duration_since(f).as_secs_f64(),
+                                _ => 0.0,
+                            },
+                        },
+                    ))
+                })
+                .collect()
         } else {
             BTreeMap::new()
         },

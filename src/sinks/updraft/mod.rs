@@ -70,6 +70,8 @@ pub struct Target {
 
 impl Kind for Sink {
     const NAME: &'static str = "updraft";
+    // The aggregator drops a frame at or below the highest id it took.
+    const IN_ID_ORDER: bool = true;
     type Config = Config;
     type Target = Target;
     type Output = Publisher<Session>;
