@@ -135,6 +135,7 @@ class Collector:
             if log:
                 out.close()
         self.metrics_port = metrics_port
+        self.log = log
         try:
             if metrics_port:
                 wait_port(metrics_port, proc=self.proc)
@@ -145,10 +146,14 @@ class Collector:
         self.cpu0 = proc_cpu_s(self.proc.pid)
 
     def metric(self, series):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith(series + " "):
-                    return float(line.rsplit(" ", 1)[1])
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith(series + " "):
+                        return float(line.rsplit(" ", 1)[1])
+        except OSError as e:
+            state = "running" if self.proc.poll() is None else f"exited with {self.proc.returncode}"
+            raise RuntimeError(f"metrics of a collector ({state}): {e}{log_tail(self.log)}") from None
         return 0.0
 
     def usage(self):
@@ -187,7 +192,8 @@ address = "127.0.0.1:{src}"
 inputs = ["in"]
 {buffer}
 """)
-    c = Collector([UPDRAFT, "run", "--config", cfg], src if source_proto == "tcp" else mport, mport, "tcp")
+    c = Collector([UPDRAFT, "run", "--config", cfg], src if source_proto == "tcp" else mport, mport, "tcp",
+                  log=os.path.join(tmp, "updraft.log"))
     return c, src
 
 
@@ -397,18 +403,19 @@ def updraft_tcp_disk(tmp, size, conns, shards, n, write_when="always"):
     ("behind")."""
     sink = free_port()
     rx = receiver(sink, n, 120)
-    c, src = updraft(tmp, shards, "tcp", ("tcp", sink),
-                     f'[sinks.out.buffer]\ntype = "disk"\nwrite_when = "{write_when}"')
+    # (The default is left unset, so that --against can run older builds.)
+    when = "" if write_when == "always" else f'\nwrite_when = "{write_when}"'
+    c, src = updraft(tmp, shards, "tcp", ("tcp", sink), f'[sinks.out.buffer]\ntype = "disk"{when}')
     t0 = time.time()
     send(src, "tcp", conns, n, size)
     r = finish(rx)
     took = time.time() - t0
     written = c.metric('updraft_sink_wal_written_bytes_total{sink="out",type="tcp"}')
     syncs = c.metric('updraft_sink_wal_syncs_total{sink="out",type="tcp"}')
+    delivered = c.metric('updraft_sink_sent_bytes_total{sink="out",type="tcp"}')
     cpu, rss = c.usage()
     c.stop()
     shutil.rmtree(os.path.join(tmp, "data"), ignore_errors=True)
-    delivered = c.metric('updraft_sink_sent_bytes_total{sink="out",type="tcp"}')
     name = "tcp->tcp (disk)" if write_when == "always" else f"tcp->tcp (disk, {write_when})"
     out = row(name, "updraft", size, conns, shards, r["records_per_sec"], r["latency_us"], cpu, rss, n,
               r["lost"], r["duplicates"],
