@@ -1343,9 +1343,9 @@ impl Plan {
                     "is for disk buffers with write_when = \"behind\"",
                 ));
             }
-            // Two batches per shard at least, so one can wait while one is
-            // sent.
-            let memory_min = 2 * batch.max_bytes * shards;
+            // Two full batches' frames per shard at least, so one can wait
+            // while one is sent.
+            let memory_min = 2 * crate::wal::format::frame_bytes(batch.max_bytes * 2) * shards;
             let memory_bytes = buf
                 .and_then(|b| b.memory_bytes)
                 .unwrap_or(MEMORY_BYTES_DEFAULT.max(memory_min));
@@ -1355,7 +1355,7 @@ impl Plan {
                 return Err(invalid(
                     key("buffer.memory_bytes"),
                     format!(
-                        "must be between {memory_min} (two batches of batch.max_bytes per shard) and {MEMORY_BYTES_LIMIT}, got {memory_bytes}"
+                        "must be between {memory_min} (two full batches per shard) and {MEMORY_BYTES_LIMIT}, got {memory_bytes}"
                     ),
                 ));
             }
@@ -1748,7 +1748,10 @@ address = "127.0.0.1:16000"
         };
         let plan = Plan::from_toml(&cfg("type = \"disk\"\nwrite_when = \"behind\"")).unwrap();
         let b = &plan.sinks[0].buffer;
-        assert_eq!((b.write_when, b.memory_bytes), (WriteWhen::Behind, 8 << 20));
+        assert_eq!(b.write_when, WriteWhen::Behind);
+        // Two full batches per shard at least (a batch's frame is a little
+        // more than batch.max_bytes).
+        assert!(b.memory_bytes >= 8 << 20, "{}", b.memory_bytes);
         assert_eq!(b.replay_share, 500);
         let plan = Plan::from_toml(&cfg("type = \"disk\"\nreplay_share = 1.0")).unwrap();
         assert_eq!(plan.sinks[0].buffer.replay_share, 1000);

@@ -181,6 +181,10 @@ struct Wal {
     max_bytes: u64,
     /// The writer's queue closed: the sender sends what it has and stops.
     closing: Cell<bool>,
+    /// Once the collector stops and the writer is done: until when the
+    /// sink may take what is left (`shutdown_timeout_ms / 2`); the rest of
+    /// the budget is for writing down what memory holds.
+    stop_at: Cell<Option<tokio::time::Instant>>,
     /// Signalled when the sender has stopped (`sender_done`).
     sender_exited: Notify,
     /// `write_when = "behind"`: batches go to the sender from memory,
@@ -213,6 +217,16 @@ impl Wal {
         self.dir.join(format::segment_file_name(id))
     }
 
+    /// The stop deadline (`stop_at`), set the first time it is asked for
+    /// once the collector stops and the writer is done.
+    fn stop_deadline(&self, stopping: bool, give_up: Duration) -> Option<tokio::time::Instant> {
+        if self.stop_at.get().is_none() && stopping && self.closing.get() {
+            self.stop_at
+                .set(Some(tokio::time::Instant::now() + give_up));
+        }
+        self.stop_at.get()
+    }
+
     /// Whether `id` is a batch kept in memory, never written to the log.
     fn is_memory(&self, id: BatchId) -> bool {
         self.behind && id.segment == self.memory_epoch
@@ -220,6 +234,11 @@ impl Wal {
 
     fn nothing_to_send(&self) -> bool {
         self.to_send.borrow().is_empty() && self.live.borrow().is_empty()
+    }
+
+    /// Nothing waits for the sender but batches kept in memory.
+    fn nothing_in_the_log_to_send(&self) -> bool {
+        self.live.borrow().is_empty() && self.to_send.borrow().iter().all(|d| self.is_memory(d.id))
     }
 
     /// A batch made durable goes to the sender: behind the backlog while
@@ -397,6 +416,7 @@ pub async fn run<O: Deliver + 'static>(
         segment_bytes: cfg.segment_bytes,
         max_bytes: cfg.max_bytes,
         closing: Cell::new(false),
+        stop_at: Cell::new(None),
         sender_exited: Notify::new(),
         behind: plan.buffer.write_when == crate::config::WriteWhen::Behind,
         memory_bytes: plan.buffer.memory_bytes / shard.shards,
@@ -547,6 +567,10 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
     // write_when = "behind": the queue closed and what memory held was
     // taken to be written.
     let mut last_spill = false;
+    // Stopping with a full log: how long the sink has to make room.
+    let give_up = Duration::from_millis(shard.plan.shutdown_timeout_ms / 2);
+    let mut stop_at: Option<tokio::time::Instant> = None;
+    let mut log_lost = LogEvery::new(Duration::from_secs(10));
     loop {
         // Gather: wait for a batch if none is pending, then take every batch
         // that queued meanwhile (up to one write's worth), so that a disk
@@ -568,7 +592,17 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
                     last_spill = true;
                     wal.closing.set(true);
                     wal.durable.notify_one();
-                    wait_until(&wal.sender_exited, || wal.sender_done.get()).await;
+                    // A sender holding a batch kept in memory lets it go
+                    // by the give-up (at most one failing try after it);
+                    // one that began a write to a failing sink before the
+                    // stop, of a batch in the log, has no deadline: it is
+                    // not waited for past that (the log's batches are
+                    // safe; what memory holds is written here).
+                    let until = wal.stop_deadline(true, give_up).expect("closing")
+                        + SPILL_AFTER_FAILING
+                        + Duration::from_millis(500);
+                    let exited = wait_until(&wal.sender_exited, || wal.sender_done.get());
+                    let _ = tokio::time::timeout_at(until, exited).await;
                     let n = spill(shard, wal, &mut pending, true);
                     if n > 0 {
                         tracing::info!(sink = %plan.name, shard = shard.id, batches = n,
@@ -634,7 +668,30 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
                     wal.space_wanted.notify_one();
                     let needed = (first.buf.0.len() + format::SEGMENT_HEADER_BYTES) as u64;
                     let max = (plan.buffer.max_bytes / shard.shards) as u64;
-                    wait_until(&wal.space, || wal.log.borrow().bytes() + needed <= max).await;
+                    let space = wait_until(&wal.space, || wal.log.borrow().bytes() + needed <= max);
+                    if !shard.stopping.get() {
+                        // Looked at again now and then: the collector may
+                        // begin to stop meanwhile.
+                        let _ = tokio::time::timeout(Duration::from_millis(200), space).await;
+                        continue;
+                    }
+                    // Stopping: the sink has until the give-up to make
+                    // room; past it, what waits is lost, and counted (it
+                    // is in memory only, and the collector is about to end).
+                    let until =
+                        *stop_at.get_or_insert_with(|| tokio::time::Instant::now() + give_up);
+                    if tokio::time::timeout_at(until, space).await.is_err() {
+                        let f = pending.pop_front().expect("checked");
+                        if let Some(held) = log_lost.ready() {
+                            tracing::error!(sink = %plan.name, shard = shard.id, records = f.records, suppressed = held,
+                                "disk buffer full while stopping: records held in memory are lost (counted)");
+                        }
+                        counters.buffer_dropped.add(f.records as u64);
+                        if !f.settled {
+                            queue.settle(u64::from(f.records));
+                        }
+                        give_back(wal, f.buf);
+                    }
                 }
                 // (drop_oldest is refused for disk buffers at config time.)
                 WhenFull::DropNewest | WhenFull::DropOldest => {
@@ -749,6 +806,17 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
         // disk may take a frame where it cannot take a group.
         solo = true;
         match plan.buffer.when_full {
+            WhenFull::Block if last_spill => {
+                // Nothing will be retried after this.
+                let f = pending.pop_front().expect("the frame that failed");
+                tracing::error!(sink = %plan.name, shard = shard.id, dir = %wal.dir.display(), error = %e,
+                    records = f.records, "cannot write the disk buffer while stopping: a batch held in memory is lost (counted)");
+                counters.buffer_dropped.add(f.records as u64);
+                if !f.settled {
+                    queue.settle(u64::from(f.records));
+                }
+                give_back(wal, f.buf);
+            }
             WhenFull::Block => {
                 if let Some(held) = log_err.ready() {
                     tracing::warn!(sink = %plan.name, shard = shard.id, dir = %wal.dir.display(), error = %e,
@@ -799,6 +867,8 @@ fn keep_in_memory(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue, pending: &mut V
             return;
         }
         wal.spilling.set(false);
+        // An idle log gives back its last segment (the keeper).
+        wal.wake_keeper.notify_one();
         tracing::debug!(
             sink = wal.sink,
             shard = shard.id,
@@ -1120,7 +1190,7 @@ async fn keeper(shard: Rc<SinkCtx>, wal: Rc<Wal>) {
         // segments from it again.
         let idle = !wal.writing.get()
             && !wal.log.borrow().has_unsynced()
-            && wal.nothing_to_send()
+            && wal.nothing_in_the_log_to_send()
             && wal.pending_checkpoint.get().is_none();
         if idle {
             let freed = wal.log.borrow_mut().release_idle_head();
@@ -1202,18 +1272,11 @@ async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
     let mut buf = FrameBuf(shard.new_payload().into_buffer());
     let mut backoff = Backoff::new(plan.retry);
     let give_up = Duration::from_millis(shard.plan.shutdown_timeout_ms / 2);
-    // Once the collector stops and the writer is done: the sink has until
-    // then to take what is left (`shutdown_timeout_ms / 2`), the rest of
-    // the budget is for writing down what memory holds.
-    let stop_at: Cell<Option<tokio::time::Instant>> = Cell::new(None);
-    let stopping_now = || {
-        if stop_at.get().is_none() && shard.stopping.get() && wal.closing.get() {
-            stop_at.set(Some(tokio::time::Instant::now() + give_up));
-        }
-        stop_at.get()
-    };
+    let stopping_now = || wal.stop_deadline(shard.stopping.get(), give_up);
     let mut give_up_at: Option<tokio::time::Instant> = None;
     let mut log_failing = LogEvery::new(Duration::from_secs(10));
+    // The sink did not take what was left by the give-up.
+    let mut gave_up = false;
     loop {
         let next = wal.next_to_send();
         let Some((d, live)) = next else {
@@ -1350,6 +1413,7 @@ async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
                 if memory_only {
                     hold_again(&wal, counters, id, archive_len, kept_records, &mut buf);
                 }
+                gave_up = true;
                 break;
             }
             if memory_only {
@@ -1401,6 +1465,7 @@ async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
                 buf = slice.into_inner();
                 hold_again(&wal, counters, id, archive_len, kept_records, &mut buf);
                 if give_up_at.is_some() {
+                    gave_up = true;
                     break;
                 }
                 if let Some(held) = log_failing.ready() {
@@ -1411,14 +1476,17 @@ async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
                 // space or for the end: then it is tried again meanwhile).
                 wal.spill_wanted.set(true);
                 wal.spill_notify.notify_one();
-                let spilled = wait_until(&wal.durable, || !wal.spill_wanted.get());
-                let _ = tokio::time::timeout(SPILL_AFTER_FAILING, spilled).await;
+                if !wal.closing.get() {
+                    let spilled = wait_until(&wal.durable, || !wal.spill_wanted.get());
+                    let _ = tokio::time::timeout(SPILL_AFTER_FAILING, spilled).await;
+                }
                 continue;
             }
             Err(_) => {
                 tracing::warn!(sink = %plan.name, shard = shard.id,
                     "the sink did not take the disk buffer before shutdown; it is kept and replayed at the next start");
                 buf = FrameBuf(AlignedVec::new());
+                gave_up = true;
                 break;
             }
         }
@@ -1432,14 +1500,14 @@ async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
         }
     }
     drop(buf);
-    // Requests still in flight past the give-up are left to the next start
-    // (batches in the log are replayed, those in memory written below).
-    match stopping_now() {
-        Some(t) => {
-            let _ = tokio::time::timeout_at(t.max(tokio::time::Instant::now()), out.close(&shard))
-                .await;
-        }
-        None => out.close(&shard).await,
+    // Past the give-up, the output's close (which waits for its requests
+    // in flight, then writes its dead letters) gets half of what is left of
+    // the budget: what it leaves in flight is for the next start (batches
+    // in the log are replayed, those in memory written by the writer).
+    if gave_up {
+        let _ = tokio::time::timeout(give_up / 2, out.close(&shard)).await;
+    } else {
+        out.close(&shard).await;
     }
     wal.sender_done.set(true);
     wal.sender_exited.notify_waiters();
