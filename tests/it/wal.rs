@@ -535,11 +535,17 @@ fn write_when_behind_spills_for_a_down_sink_and_kill_9_after_the_spill_loses_not
         0.0
     );
     u_.kill9();
-    let rx = Receiver::start(sink, 40_000, 60, &["--linger-ms", "1000"]);
+    restart_delivers_all_once(&mut u_, sink, 40_000);
+}
+
+/// Restarts the stopped collector with a receiver up at `sink`: all `n`
+/// records arrive, none twice.
+fn restart_delivers_all_once(u_: &mut Updraft, sink: SocketAddr, n: u64) {
+    let rx = Receiver::start(sink, n, 60, &["--linger-ms", "1000"]);
     u_.restart();
     let (r, ok) = rx.finish();
     assert!(ok, "{r}\n{}", u_.log_text());
-    assert_eq!(u(&r, "unique"), 40_000, "{r}");
+    assert_eq!(u(&r, "unique"), n, "{r}");
     assert_eq!(u(&r, "duplicates"), 0, "{r}");
 }
 
@@ -568,12 +574,7 @@ fn write_when_behind_writes_what_memory_holds_at_sigterm() {
         "{}",
         u_.log_text()
     );
-    let rx = Receiver::start(sink, 20_000, 60, &["--linger-ms", "1000"]);
-    u_.restart();
-    let (r, ok) = rx.finish();
-    assert!(ok, "{r}\n{}", u_.log_text());
-    assert_eq!(u(&r, "unique"), 20_000, "{r}");
-    assert_eq!(u(&r, "duplicates"), 0, "{r}");
+    restart_delivers_all_once(&mut u_, sink, 20_000);
 }
 
 /// Issue 14 (backlog pacing): the sink is down for 20 s under a live
