@@ -1399,15 +1399,7 @@ impl Plan {
             let replay_share = ((share * 1000.0).round() as u16).max(1);
             let buffer = BufferPlan {
                 kind,
-                when_full: match buf.and_then(|b| b.when_full).unwrap_or_default() {
-                    WhenFull::DropOldest if kind == BufferKind::Disk => {
-                        return Err(invalid(
-                            key("buffer.when_full"),
-                            "drop_oldest is for memory buffers (a disk buffer takes block or drop_newest)",
-                        ))
-                    }
-                    w => w,
-                },
+                when_full: buf.and_then(|b| b.when_full).unwrap_or_default(),
                 max_bytes: buffer_max_bytes,
                 sync_interval_ms,
                 sync_bytes: SYNC_BYTES,

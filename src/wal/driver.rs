@@ -12,7 +12,9 @@
 //!   the frames stay in memory for the sender (up to a budget) so a sink
 //!   that keeps up is not fed by reading back; a full log or a failing disk either
 //!   holds the batch (`when_full = "block"`: the queue backs up and TCP sources
-//!   stop reading) or drops and counts it (`"drop_newest"`);
+//!   stop reading), drops and counts it (`"drop_newest"`), or drops and
+//!   counts the oldest batches waiting for the sender until a segment is
+//!   freed (`"drop_oldest"`);
 //! - the **syncer** group-commits: `fdatasync` of the segments written since
 //!   the last sync, every `sync_interval_ms` or at once past `sync_bytes`;
 //!   batches it covers become durable and go to the sender;
@@ -90,7 +92,7 @@ struct Durable {
     id: BatchId,
     archive_len: u32,
     frame: Option<FrameBuf>,
-    /// Its records (a batch kept in memory only; 0 otherwise).
+    /// Its records (0 for a batch that will not validate when read back).
     records: u32,
     /// When it became durable (or was kept in memory).
     at: tokio::time::Instant,
@@ -382,11 +384,11 @@ pub async fn run<O: Deliver + 'static>(
         to_send: RefCell::new(
             rec.replay
                 .iter()
-                .map(|&(id, len)| Durable {
+                .map(|&(id, len, records)| Durable {
                     id,
                     archive_len: len,
                     frame: None,
-                    records: 0,
+                    records,
                     // A backlog from the start.
                     at: tokio::time::Instant::now() - PACE_AFTER,
                 })
@@ -434,7 +436,9 @@ pub async fn run<O: Deliver + 'static>(
     let syncer = tokio_uring::spawn(syncer(shard.clone(), wal.clone(), queue.clone()));
     let keeper = tokio_uring::spawn(keeper(shard.clone(), wal.clone()));
     let acks = wal.clone();
-    let out = output(Rc::new(move |id| ack(&acks, id)));
+    let out = output(Rc::new(move |id| {
+        ack(&acks, id);
+    }));
     let sender = tokio_uring::spawn(sender(shard.clone(), wal.clone(), out));
     writer(&shard, &wal, &queue).await;
     wal.closing.set(true);
@@ -648,8 +652,11 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
             }
         }
         if appends.is_empty() {
+            let needed = (first.buf.0.len() + format::SEGMENT_HEADER_BYTES) as u64;
+            let dropped = plan.buffer.when_full == WhenFull::DropOldest
+                && drop_oldest(shard, wal, needed) > 0;
             match plan.buffer.when_full {
-                WhenFull::Block if last_spill => {
+                WhenFull::Block | WhenFull::DropOldest if last_spill && !dropped => {
                     // Nothing will free space now.
                     let f = pending.pop_front().expect("checked");
                     tracing::error!(sink = %plan.name, shard = shard.id, records = f.records,
@@ -660,13 +667,17 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
                     }
                     give_back(wal, f.buf);
                 }
-                WhenFull::Block => {
+                WhenFull::Block | WhenFull::DropOldest => {
                     if let Some(held) = log_full.ready() {
+                        let what = match plan.buffer.when_full {
+                            WhenFull::Block => "disk buffer full: sources are held back until the sink catches up",
+                            _ if dropped => "disk buffer full: dropping the oldest records (counted)",
+                            _ => "disk buffer full and what it holds is being sent: sources are held back until the sink takes it",
+                        };
                         tracing::warn!(sink = %plan.name, shard = shard.id, max_bytes = plan.buffer.max_bytes,
-                            suppressed = held, "disk buffer full: sources are held back until the sink catches up");
+                            suppressed = held, "{what}");
                     }
                     wal.space_wanted.notify_one();
-                    let needed = (first.buf.0.len() + format::SEGMENT_HEADER_BYTES) as u64;
                     let max = (plan.buffer.max_bytes / shard.shards) as u64;
                     let space = wait_until(&wal.space, || wal.log.borrow().bytes() + needed <= max);
                     if !shard.stopping.get() {
@@ -693,8 +704,7 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
                         give_back(wal, f.buf);
                     }
                 }
-                // (drop_oldest is refused for disk buffers at config time.)
-                WhenFull::DropNewest | WhenFull::DropOldest => {
+                WhenFull::DropNewest => {
                     wal.space_wanted.notify_one();
                     if let Some(held) = log_full.ready() {
                         tracing::warn!(sink = %plan.name, shard = shard.id, max_bytes = plan.buffer.max_bytes,
@@ -762,7 +772,7 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
                     id: a.id,
                     archive_len: f.archive_len as u32,
                     frame,
-                    records: 0,
+                    records: f.records,
                     at: tokio::time::Instant::now(),
                 },
                 f.records,
@@ -824,7 +834,20 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
                 }
                 tokio::time::sleep(backoff.next_delay()).await;
             }
-            // (drop_oldest is refused for disk buffers at config time.)
+            // A full file system: the oldest batches make room, as for a
+            // full log; the frame is written again after the backoff.
+            WhenFull::DropOldest
+                if e.kind() == std::io::ErrorKind::StorageFull
+                    && drop_oldest(shard, wal, pending[0].buf.0.len() as u64) > 0 =>
+            {
+                if let Some(held) = log_err.ready() {
+                    tracing::warn!(sink = %plan.name, shard = shard.id, dir = %wal.dir.display(), error = %e,
+                        suppressed = held, "the disk is full: dropping the oldest records (counted)");
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            // Any other write error drops the newest batch (the one that
+            // failed), as with drop_newest.
             WhenFull::DropNewest | WhenFull::DropOldest => {
                 if let Some(held) = log_err.ready() {
                     tracing::warn!(sink = %plan.name, shard = shard.id, dir = %wal.dir.display(), error = %e,
@@ -953,6 +976,54 @@ fn spill(shard: &SinkCtx, wal: &Wal, pending: &mut VecDeque<Framed>, all: bool) 
     // The sender waits for this.
     wal.durable.notify_one();
     n
+}
+
+/// `when_full = "drop_oldest"`: drops the oldest batches waiting for the
+/// sender until the segments so emptied free what `needed` more bytes lack,
+/// or none is left to drop. Spared: a batch the sender has taken, and those
+/// in the head segment (the newest: emptying it frees nothing while it is
+/// written). Each dropped batch is acknowledged to the log, so its segment
+/// is deleted once nothing in it waits, and its records are counted.
+/// Returns how many records went.
+fn drop_oldest(shard: &SinkCtx, wal: &Wal, needed: u64) -> u64 {
+    let counters = &shard.metrics.sinks[wal.sink];
+    let (head, mut lack) = {
+        let log = wal.log.borrow();
+        let Some(head) = log.head_segment() else {
+            return 0;
+        };
+        (head, (log.bytes() + needed).saturating_sub(wal.max_bytes))
+    };
+    let mut records = 0u64;
+    while lack > 0 {
+        let next = {
+            let mut to_send = wal.to_send.borrow_mut();
+            let oldest = to_send
+                .iter()
+                .position(|d| !wal.is_memory(d.id))
+                .filter(|&i| to_send[i].id.segment != head);
+            match oldest {
+                Some(i) => to_send.remove(i),
+                None => {
+                    let mut live = wal.live.borrow_mut();
+                    match live.front() {
+                        Some(d) if d.id.segment != head => live.pop_front(),
+                        _ => None,
+                    }
+                }
+            }
+        };
+        let Some(d) = next else { break };
+        records += u64::from(d.records);
+        if let Some(f) = d.frame {
+            wal.held_frames.set(wal.held_frames.get() - 1);
+            give_back(wal, f);
+        }
+        lack = lack.saturating_sub(ack(wal, d.id));
+    }
+    counters.buffer_dropped.add(records);
+    counters.buffer_dropped_oldest.add(records);
+    records
 }
 
 /// Keeps a frame buffer for the writer to fill again, up to a bound.
@@ -1172,7 +1243,9 @@ async fn keeper(shard: Rc<SinkCtx>, wal: Rc<Wal>) {
         // What this round persists and deletes: segments listed now are
         // covered by the checkpoint taken now (acks arriving meanwhile wait
         // for the next round, so no segment goes before a checkpoint
-        // covering it is on disk).
+        // covering it is on disk), or lie between it and the head, kept,
+        // which numbers new segments after them across a crash (ones
+        // emptied out of order: nothing in them is to be replayed).
         let checkpoint = wal.pending_checkpoint.take();
         let delete = std::mem::take(&mut *wal.pending_delete.borrow_mut());
         if let Some(c) = checkpoint {
@@ -1340,7 +1413,7 @@ async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
                     id,
                     archive_len,
                     frame: None,
-                    records: 0,
+                    records: kept_records,
                     at: tokio::time::Instant::now() - PACE_AFTER,
                 };
                 if live && wal.pacing.get() {
@@ -1543,8 +1616,9 @@ enum Stored<'a> {
     NoMeta(&'a crate::record::ArchivedBatchV2),
 }
 
-/// Acknowledges a batch to the log and hands the syncer what it made due.
-fn ack(wal: &Wal, id: BatchId) {
+/// Acknowledges a batch to the log and hands the keeper what it made due.
+/// Returns the bytes of the segments it emptied (deleted by the keeper).
+fn ack(wal: &Wal, id: BatchId) -> u64 {
     if wal.is_memory(id) {
         // Never written: nothing to acknowledge to the log.
         match wal.memory_in_flight.borrow_mut().remove(&id.offset) {
@@ -1556,7 +1630,7 @@ fn ack(wal: &Wal, id: BatchId) {
             // Within its submit: it is not kept.
             None => wal.memory_acked_early.set(Some(id.offset)),
         }
-        return;
+        return 0;
     }
     let outcome = wal.log.borrow_mut().ack(id);
     if let Some(c) = outcome.checkpoint {
@@ -1564,4 +1638,5 @@ fn ack(wal: &Wal, id: BatchId) {
     }
     wal.pending_delete.borrow_mut().extend(outcome.delete);
     wal.wake_keeper.notify_one();
+    outcome.freed
 }

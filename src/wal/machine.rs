@@ -8,7 +8,9 @@
 //! segment, not yet synced), *durable* (a sync covering it completed; the
 //! sender may read it), *acknowledged* (the sink delivered it). The
 //! checkpoint is the highest acknowledged id with every id before it
-//! acknowledged too; segments wholly before it are deleted.
+//! acknowledged too. A segment other than the head is deleted once all of it
+//! is acknowledged, before the checkpoint reaches it or not: nothing in it
+//! is replayed either way.
 //!
 //! Bounds: the bytes on disk never pass `max_bytes` (an append that would is
 //! refused with [`Full`]); the bookkeeping is one entry per unacknowledged
@@ -59,6 +61,8 @@ pub struct AckOutcome {
     /// Segments now wholly acknowledged: delete them (after the checkpoint
     /// is persisted).
     pub delete: Vec<u64>,
+    /// The bytes those segments held.
+    pub freed: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -375,19 +379,35 @@ impl Log {
                 offset: c.offset,
             });
         }
-        // Wholly acknowledged segments before the head go.
-        while self.segments.len() > 1 && self.segments[0].unacked == 0 {
-            let s = self.segments.pop_front().expect("checked");
-            self.total_bytes -= s.bytes;
-            out.delete.push(s.id);
-        }
-        // A closed head (after recovery) with nothing left goes too.
+        // Wholly acknowledged segments before the head go, also ones after
+        // a segment still waiting for an ack (acks out of order, batches
+        // dropped by `when_full = "drop_oldest"` around one in flight):
+        // nothing in them is replayed, and the head, kept, numbers new
+        // segments after them even across a crash.
+        let head = self.segments.back().map(|s| s.id);
+        let (freed, delete) = (&mut out.freed, &mut out.delete);
+        self.segments.retain(|s| {
+            let gone = s.unacked == 0 && Some(s.id) != head;
+            if gone {
+                *freed += s.bytes;
+                delete.push(s.id);
+            }
+            !gone
+        });
+        // A closed head (after recovery) with nothing left goes too, once it
+        // is the only segment (the checkpoint then covers it).
         if !self.head_open && self.segments.len() == 1 && self.segments[0].unacked == 0 {
             let s = self.segments.pop_front().expect("checked");
-            self.total_bytes -= s.bytes;
+            out.freed += s.bytes;
             out.delete.push(s.id);
         }
+        self.total_bytes -= out.freed;
         out
+    }
+
+    /// The segment being written (its batches free no space when dropped).
+    pub fn head_segment(&self) -> Option<u64> {
+        self.segments.back().map(|s| s.id)
     }
 }
 
@@ -529,6 +549,39 @@ mod tests {
         assert_eq!(deleted, vec![0]);
         assert_eq!(log.bytes(), before - (H + 3 * frame_bytes(100) as u64));
         assert!(log.ack(ids[3]).delete.is_empty(), "segment 1 is the head");
+    }
+
+    #[test]
+    fn a_wholly_acknowledged_segment_goes_before_the_checkpoint_reaches_it() {
+        let mut log = Log::new(cfg());
+        // Three segments of three frames; the head is the third.
+        let ids: Vec<BatchId> = (0..7).map(|_| put(&mut log, 100).unwrap().id).collect();
+        sync_all(&mut log);
+        let seg = H + 3 * frame_bytes(100) as u64;
+        let before = log.bytes();
+        // Batch 0 is out (with a sink); segment 1 is dropped whole.
+        let mut deleted = Vec::new();
+        let mut freed = 0;
+        for id in &ids[3..6] {
+            let o = log.ack(*id);
+            assert_eq!(o.checkpoint, None, "batch 0 is still out");
+            deleted.extend(o.delete);
+            freed += o.freed;
+        }
+        assert_eq!(deleted, vec![1]);
+        assert_eq!((freed, log.bytes()), (seg, before - seg));
+        assert_eq!(log.head_segment(), Some(2));
+        // The head stays however much of it is acknowledged.
+        assert!(log.ack(ids[6]).delete.is_empty());
+        // The rest of segment 0 delivered: it goes, the checkpoint jumps
+        // over segment 1 to batch 6, and the head still stays.
+        log.ack(ids[1]);
+        log.ack(ids[2]);
+        let o = log.ack(ids[0]);
+        assert_eq!(o.delete, vec![0]);
+        let c = o.checkpoint.unwrap();
+        assert_eq!((c.segment, c.offset), (ids[6].segment, ids[6].offset));
+        assert_eq!(log.bytes(), H + frame_bytes(100) as u64);
     }
 
     #[test]

@@ -28,8 +28,9 @@ fn at(path: &Path) -> impl Fn(std::io::Error) -> std::io::Error + '_ {
 /// What recovery found and the log it rebuilt.
 pub struct Recovery {
     pub log: Log,
-    /// Batches to send before new data: id and archive length.
-    pub replay: Vec<(BatchId, u32)>,
+    /// Batches to send before new data: id, archive length and records
+    /// (0 if the archive does not validate: the sender skips it, counted).
+    pub replay: Vec<(BatchId, u32, u32)>,
     /// Segments kept (to open for reading).
     pub segments: Vec<u64>,
     pub bad_frames: u64,
@@ -102,7 +103,12 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
             "the checkpoint is damaged: replaying the whole disk buffer (the sink may see duplicates)");
     }
     let mut found = Vec::new();
-    let mut lens: HashMap<BatchId, u32> = HashMap::new();
+    let mut lens: HashMap<BatchId, (u32, u32)> = HashMap::new();
+    // Archives are validated in an aligned copy (rkyv needs the alignment a
+    // file read into a plain vector does not promise) to learn how many
+    // records each holds: a batch dropped unsent (`when_full =
+    // "drop_oldest"`) is counted by its records.
+    let mut aligned = rkyv::util::AlignedVec::<16>::new();
     let mut nonces: HashMap<u64, u32> = HashMap::new();
     let mut versions: HashMap<u64, u32> = HashMap::new();
     let (mut bad_frames, mut damaged_segments) = (0u64, 0u64);
@@ -153,12 +159,19 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
         nonces.insert(id, s.nonce);
         versions.insert(id, s.version);
         for fr in &s.frames {
+            aligned.clear();
+            aligned.extend_from_slice(&bytes[fr.archive_at..fr.archive_at + fr.len]);
+            let records = if s.version == format::VERSION_NO_META {
+                crate::record::access_v2(&aligned).map(|a| a.entries.len())
+            } else {
+                crate::record::access(&aligned).map(|a| a.entries.len())
+            };
             lens.insert(
                 BatchId {
                     segment: id,
                     offset: fr.offset,
                 },
-                fr.len as u32,
+                (fr.len as u32, records.unwrap_or(0) as u32),
             );
         }
         found.push(Recovered {
@@ -180,7 +193,10 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
     segments.dedup();
     Ok(Recovery {
         log,
-        replay: replay.into_iter().map(|id| (id, lens[&id])).collect(),
+        replay: replay
+            .into_iter()
+            .map(|id| (id, lens[&id].0, lens[&id].1))
+            .collect(),
         segments,
         bad_frames,
         damaged_segments,
@@ -227,13 +243,15 @@ mod tests {
         std::fs::write(dir.path().join(format::segment_file_name(7)), &file).unwrap();
         std::fs::write(dir.path().join(format::spare_file_name(8)), &old).unwrap();
         let r = recover(dir.path(), cfg, "up", 0).unwrap();
-        let replayed: Vec<u64> = r.replay.iter().map(|(id, _)| id.offset).collect();
+        let replayed: Vec<u64> = r.replay.iter().map(|(id, ..)| id.offset).collect();
         let h = SEGMENT_HEADER_BYTES as u64;
         assert_eq!(replayed, vec![h, h + frame_bytes(2) as u64]);
-        assert!(r
-            .replay
-            .iter()
-            .all(|(id, len)| id.segment == 7 && *len == 2));
+        assert!(
+            r.replay
+                .iter()
+                .all(|(id, len, records)| id.segment == 7 && *len == 2 && *records == 0),
+            "(these archives are not batches: no records counted)"
+        );
         assert_eq!((r.bad_frames, r.damaged_segments), (0, 0));
         assert_eq!(r.spares, vec![dir.path().join(format::spare_file_name(8))]);
         assert_eq!(r.nonces[&7], 1007);

@@ -167,14 +167,6 @@ fn issue18_10_validation_gaps_are_closed() {
             "sinks.up.rate_limit.burst_bytes",
             "a minute's worth",
         ),
-        (
-            GOOD.replace(
-                "address = \"127.0.0.1:16000\"",
-                "address = \"127.0.0.1:16000\"\nbuffer = { type = \"disk\", when_full = \"drop_oldest\" }",
-            ),
-            "sinks.up.buffer.when_full",
-            "drop_oldest is for memory buffers",
-        ),
     ];
     for (text, key, why) in cases {
         let (ok, err) = check("validate", &text);

@@ -627,3 +627,74 @@ fn after_an_outage_live_records_are_interleaved_with_the_backlog() {
         "live records waited behind the backlog: {r}"
     );
 }
+
+#[test]
+fn drop_oldest_on_a_full_disk_buffer_keeps_the_newest_and_counts_the_rest() {
+    const N: u64 = 300_000;
+    const BATCH: u64 = 500;
+    let (src, sink) = (free_addr(), free_addr());
+    // The sink is down while 300,000 records of 128 B (about 40 MB framed)
+    // come into a log of 8 MB: it overflows and drops its oldest batches.
+    let u_ = Updraft::start(&disk_config(
+        src,
+        sink,
+        1,
+        "max_bytes = 8388608\nwhen_full = \"drop_oldest\"",
+        SMALL_BATCH,
+    ));
+    send(
+        src,
+        &[
+            "--count",
+            &N.to_string(),
+            "--size",
+            "128",
+            "--stream-base",
+            "100",
+        ],
+    );
+    u_.wait_metric(
+        r#"updraft_source_received_records_total{source="app"}"#,
+        N as f64,
+        Duration::from_secs(20),
+    );
+    let oldest = r#"updraft_sink_buffer_dropped_oldest_records_total{sink="up",type="tcp"}"#;
+    assert!(u_.metric(oldest) > 0.0, "{}", u_.log_text());
+    // The sink comes up: what the log kept is delivered.
+    let rx = Receiver::start(sink, 1, 60, &["--idle-s", "3"]);
+    let sent = r#"updraft_sink_sent_records_total{sink="up",type="tcp"}"#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while u_.metric(sent) + u_.metric(DROPPED) < N as f64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "records unaccounted for: {} sent, {} dropped\n{}",
+            u_.metric(sent),
+            u_.metric(DROPPED),
+            u_.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (r, _) = rx.finish();
+    let (delivered, dropped) = (u(&r, "unique"), u_.metric(DROPPED) as u64);
+    eprintln!("delivered {delivered}, dropped {dropped}: {r}");
+    assert_eq!(u(&r, "duplicates"), 0, "{r}");
+    assert_eq!(delivered + dropped, N, "sent = delivered + dropped: {r}");
+    assert_eq!(u_.metric(oldest) as u64, dropped, "all of them the oldest");
+    assert!(dropped > N / 2, "8 MB cannot hold 40 MB: {r}");
+    // The newest records all arrived: one unbroken run up to the last
+    // record sent, and before it only the batch the sender held (retried)
+    // when the sink was down.
+    let stream = &r["per_stream"]["100"];
+    assert_eq!(stream["unique"].as_u64(), Some(delivered), "{r}");
+    let run = stream["newest_run"].as_u64().unwrap();
+    assert!(
+        delivered - run <= BATCH,
+        "{} delivered outside the newest run of {run}: {r}",
+        delivered - run
+    );
+    assert_eq!(
+        u(&r, "lost"),
+        dropped,
+        "the last record sent arrived (the gaps are what was dropped): {r}"
+    );
+}

@@ -806,6 +806,15 @@ struct StreamState {
     last: Option<Instant>,
 }
 
+impl StreamState {
+    /// See `StreamSummary::newest_run`.
+    fn newest_run(&self) -> u64 {
+        let Some(max) = self.max_seq else { return 0 };
+        let seen = |seq: u64| self.seen[(seq / 64) as usize] & (1u64 << (seq % 64)) != 0;
+        (0..=max).rev().take_while(|&q| seen(q)).count() as u64
+    }
+}
+
 /// Streams up to which the summary lists each one's distinct records.
 const PER_STREAM_MAX: usize = 64;
 
@@ -923,6 +932,10 @@ struct StreamSummary {
     /// When its last new record came, seconds after the first record of
     /// all.
     last_s: f64,
+    /// Distinct records in the unbroken run of sequence numbers that ends
+    /// at the stream's highest (all of them when nothing is missing): how
+    /// much of the newest data arrived.
+    newest_run: u64,
 }
 
 #[derive(Serialize)]
@@ -1259,6 +1272,7 @@ fn receive(a: ReceiveArgs) -> Result<bool> {
                                 (Some(f), Some(l)) => l.duration_since(f).as_secs_f64(),
                                 _ => 0.0,
                             },
+                            newest_run: s.newest_run(),
                         },
                     ))
                 })
@@ -1370,5 +1384,12 @@ mod tests {
         t.apply(&[(1, 0, 0), (1, 2, 0), (1, 1, 0), (1, 2, 0)], 0, 0);
         let s = &t.streams[&1];
         assert_eq!((s.unique, s.duplicates, s.reordered), (3, 1, 1));
+        assert_eq!(s.newest_run(), 3);
+        t.apply(
+            &[(2, 1, 0), (2, 3, 0), (2, 4, 0), (2, 200, 0), (2, 199, 0)],
+            0,
+            0,
+        );
+        assert_eq!(t.streams[&2].newest_run(), 2, "199 and 200");
     }
 }
