@@ -168,6 +168,12 @@ class Collector:
             self.proc.wait()
 
 
+# The I/O backend (config key io) of the collectors `updraft()` starts: ""
+# leaves it unset (auto, and older builds for --against); "uring" or "epoll"
+# for --only io.
+IO = ""
+
+
 def updraft(tmp, shards, source_proto, sink, buffer="", source_extra=""):
     src, mport = free_port(), free_port()
     sink_toml = {
@@ -180,6 +186,7 @@ def updraft(tmp, shards, source_proto, sink, buffer="", source_extra=""):
     cfg = os.path.join(tmp, "updraft.toml")
     with open(cfg, "w") as f:
         f.write(f"""shards = {shards}
+{f'io = "{IO}"' if IO else ""}
 data_dir = "{os.path.join(tmp, 'data')}"
 [metrics]
 address = "127.0.0.1:{mport}"
@@ -1026,6 +1033,47 @@ def native_bench(a, tmp, log):
 
 # --- two builds side by side ---------------------------------------------------
 
+def io_bench(a, tmp, log):
+    """tcp->tcp (memory and disk buffer) and udp->blackhole on each I/O
+    backend, 2 shards, beside the ceilings measured in the same run; the tcp
+    rows in alternating pairs (uring, epoll), each row the median run."""
+    global IO
+    n = a.count or count_for(256, a.quick)
+    reps = 1 if a.quick else 3
+    print(f"io backends: tcp, 256 B, 4 connections, {n} records, {reps} pairs", flush=True)
+    log(tcp_ceiling_direct(256, 4, n))
+    log(tcp_ceiling_relay(256, 4, n))
+    backends = ("uring", "epoll")
+    runs = {(kind, b): [] for kind in ("memory", "disk") for b in backends}
+    try:
+        for _ in range(reps):
+            for b in backends:
+                IO = b
+                runs[("memory", b)].append(updraft_tcp_forward(tmp, 256, 4, 2, n))
+                runs[("disk", b)].append(updraft_tcp_disk(tmp, 256, 4, 2, n))
+        for kind in ("memory", "disk"):
+            medians = {b: median_run(runs[(kind, b)]) for b in backends}
+            for b in backends:
+                r = medians[b]
+                r["collector"] = f"updraft ({b})"
+                if b == "epoll":
+                    pairs = ", ".join(f"{e['records_per_sec'] / u['records_per_sec']:.2f}"
+                                      for u, e in zip(runs[(kind, "uring")], runs[(kind, "epoll")]))
+                    r["note"] += f"; epoll / uring per pair: {pairs}"
+                log(r)
+        rates = [100_000, 200_000, 300_000, 400_000, 500_000, 600_000, 800_000]
+        seconds = 1.0 if a.quick else 2.0
+        print("io backends: udp rate sweeps, 256 B, 4 senders", flush=True)
+        log(udp_ceiling_direct(256, 4, rates, seconds))
+        for b in backends:
+            IO = b
+            r = updraft_udp(tmp, "blackhole", 256, 4, 2, rates, seconds)
+            r["collector"] = f"updraft ({b})"
+            log(r)
+    finally:
+        IO = ""
+
+
 def against(a, tmp):
     """tcp->tcp and tcp->http, memory and disk buffers, this build against
     another (--against BIN), in alternating pairs (the order flips each pair,
@@ -1102,7 +1150,7 @@ def main():
                          "longer runs show steady state rather than start-up")
     ap.add_argument("--only", default="all",
                     help="all, or a comma-separated list of: http, disk (only 256 B x 4 connections, the ceilings, "
-                         "memory mode and that scenario), mqtt, nats, native, decode")
+                         "memory mode and that scenario), mqtt, nats, native, decode, io (io_uring beside epoll)")
     ap.add_argument("--against", metavar="BIN",
                     help="compare with another updraft binary: tcp->tcp and tcp->http, memory and disk, "
                          "in alternating pairs (writes against.md and against.json)")
@@ -1110,7 +1158,7 @@ def main():
     ap.add_argument("--scenario", default="", help="with --against: only scenarios whose name holds this")
     a = ap.parse_args()
     only = set(a.only.split(","))
-    unknown = only - {"all", "http", "disk", "mqtt", "nats", "native", "decode"}
+    unknown = only - {"all", "http", "disk", "mqtt", "nats", "native", "decode", "io"}
     if unknown or ("all" in only and len(only) > 1):
         ap.error(f"--only: unknown or mixed with all: {a.only}")
     os.makedirs(a.out, exist_ok=True)
@@ -1161,6 +1209,8 @@ def main():
             native_bench(a, tmp, log)
         if "decode" in only:
             decode_bench(a, tmp, log)
+        if "io" in only:
+            io_bench(a, tmp, log)
         if not only & {"all", "http", "disk"}:
             raise StopIteration
         for size in sizes:

@@ -31,6 +31,9 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 # One test at a time: each pushes load through two cores.
 cargo test --release -- --test-threads=1
+# The end-to-end tests again with every collector on the epoll backend
+# (io = "epoll"; the run above used io_uring): both backends must pass.
+UPDRAFT_TEST_IO=epoll cargo test --release --test it -- --test-threads=1
 # Allocations per record, counted on the shard threads of a binary built with
 # the counting allocator.
 cargo test --release --features count-alloc --test it alloc

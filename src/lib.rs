@@ -1,6 +1,8 @@
 //! updraft: a Linux-native edge collector.
 //!
-//! The data path, one shard (thread, core, io_uring) at a time:
+//! The data path, one shard (thread, core, I/O runtime) at a time; every
+//! socket and file operation goes through [`io`], on io_uring or epoll
+//! (chosen once at start):
 //!
 //! 1. [`sources`] read datagrams and streams from sockets bound with
 //!    `SO_REUSEPORT`, so the kernel spreads peers over shards.
@@ -36,6 +38,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod io;
 pub mod limiter;
 pub mod logging;
 pub mod metrics;

@@ -393,7 +393,7 @@ pub type ClientTls = (
 /// an await). Only the writer writes to the socket: what TLS itself has to
 /// send while reading goes out with the next write.
 pub struct Link {
-    stream: tokio_uring::net::TcpStream,
+    stream: crate::io::TcpStream,
     tls: Option<std::cell::RefCell<rustls::Connection>>,
     /// Ciphertext on its way out (the writer's) and in (the reader's).
     out: std::cell::Cell<Vec<u8>>,
@@ -416,7 +416,7 @@ impl Link {
     /// Connects without TLS (a protocol that greets in the clear first,
     /// as NATS does, calls [`Link::start_tls`] after the greeting).
     pub async fn connect_plain(address: std::net::SocketAddr) -> Result<Link, String> {
-        let stream = tokio_uring::net::TcpStream::connect(address)
+        let stream = crate::io::TcpStream::connect(address)
             .await
             .map_err(|e| format!("cannot connect: {e}"))?;
         let _ = stream.set_nodelay(true);
@@ -429,7 +429,7 @@ impl Link {
     }
 
     /// An accepted connection, plain until [`Link::accept_tls`].
-    pub fn from_stream(stream: tokio_uring::net::TcpStream) -> Link {
+    pub fn from_stream(stream: crate::io::TcpStream) -> Link {
         Link {
             stream,
             tls: None,
@@ -439,7 +439,7 @@ impl Link {
     }
 
     /// The socket back (the connection's owner closes it).
-    pub fn into_stream(self) -> tokio_uring::net::TcpStream {
+    pub fn into_stream(self) -> crate::io::TcpStream {
         self.stream
     }
 
@@ -556,8 +556,8 @@ impl Link {
         buf: Vec<u8>,
         range: std::ops::Range<usize>,
     ) -> (std::io::Result<()>, Vec<u8>) {
+        use crate::io::BoundedBuf;
         use std::io::Write;
-        use tokio_uring::buf::BoundedBuf;
         let Some(t) = &self.tls else {
             let (res, slice) = self.stream.write_all(buf.slice(range)).await;
             return (res, slice.into_inner());
@@ -584,8 +584,8 @@ impl Link {
     /// Reads what the peer sent next into `buf[have..]` (which must have
     /// room); returns how many bytes came, 0 when the peer closed.
     pub async fn read(&self, buf: Vec<u8>, have: usize) -> (Result<usize, String>, Vec<u8>) {
+        use crate::io::BoundedBuf;
         use std::io::Read;
-        use tokio_uring::buf::BoundedBuf;
         let Some(t) = &self.tls else {
             let (res, slice) = self.stream.read(buf.slice(have..)).await;
             return (

@@ -114,6 +114,9 @@ pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigErro
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     pub shards: Option<usize>,
+    /// The I/O backend: auto (io_uring where it can be set up, else
+    /// epoll), uring or epoll.
+    pub io: Option<crate::io::Choice>,
     pub data_dir: Option<PathBuf>,
     pub shutdown_timeout_ms: Option<u64>,
     pub metrics: Option<MetricsConfig>,
@@ -518,6 +521,7 @@ const SINK_RATE_MAX: u64 = 100 << 30;
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub shards: usize,
+    pub io: crate::io::Choice,
     pub data_dir: PathBuf,
     pub shutdown_timeout_ms: u64,
     pub metrics_address: Option<SocketAddr>,
@@ -1493,6 +1497,7 @@ impl Plan {
         }
         let plan = Plan {
             shards,
+            io: file.io.unwrap_or_default(),
             data_dir,
             shutdown_timeout_ms,
             metrics_address,

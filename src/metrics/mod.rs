@@ -782,6 +782,21 @@ impl Collector for Exposition {
         )?;
         family(
             &mut enc,
+            "shard_io_backend",
+            "The I/O backend each shard runs (uring or epoll: config key io), as a label; always 1.",
+            MetricType::Gauge,
+            (0..m.shards.len()).map(|k| {
+                (
+                    vec![
+                        ("shard", k.to_string()),
+                        ("backend", crate::io::backend().name().to_string()),
+                    ],
+                    ConstGauge::new(1i64),
+                )
+            }),
+        )?;
+        family(
+            &mut enc,
             "task_failures",
             "Tasks that died (a panic) since start; /ready answers 503 once one has.",
             MetricType::Counter,

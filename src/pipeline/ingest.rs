@@ -325,14 +325,14 @@ impl Ingest {
     pub fn start(self: &Rc<Self>) {
         for q in &self.sinks {
             let q = q.clone();
-            tokio_uring::spawn(async move { q.linger().await });
+            crate::io::spawn(async move { q.linger().await });
         }
         for dest in 0..self.shards {
             if dest != self.id {
-                tokio_uring::spawn(self.clone().lane_linger(dest));
+                crate::io::spawn(self.clone().lane_linger(dest));
             }
         }
-        tokio_uring::spawn(self.clone().inbound());
+        crate::io::spawn(self.clone().inbound());
     }
 
     /// Stops the sources: no new connections; every read in flight
@@ -703,7 +703,7 @@ impl Ingest {
     pub fn spawn_source<F: std::future::Future<Output = ()> + 'static>(self: &Rc<Self>, task: F) {
         self.active_sources.set(self.active_sources.get() + 1);
         let shard = self.clone();
-        tokio_uring::spawn(async move {
+        crate::io::spawn(async move {
             task.await;
             shard.active_sources.set(shard.active_sources.get() - 1);
             shard.sources_changed.notify_waiters();

@@ -159,7 +159,7 @@ pub type Ack = Rc<dyn Fn(BatchId)>;
 pub trait Deliver {
     fn takes_batches(&self) -> bool;
     /// Writes `buf` whole, retrying; `Err` (unsent) only past `give_up`.
-    fn deliver<B: tokio_uring::buf::BoundedBuf>(
+    fn deliver<B: crate::io::Buf>(
         &mut self,
         cx: &SinkCtx,
         buf: B,

@@ -307,7 +307,7 @@ impl FrameBuf {
 
 // SAFETY: AlignedVec's heap pointer does not move while the value is owned
 // by the operation (it is neither grown nor dropped until handed back).
-unsafe impl tokio_uring::buf::IoBuf for FrameBuf {
+unsafe impl crate::io::IoBuf for FrameBuf {
     fn stable_ptr(&self) -> *const u8 {
         self.0.as_ptr()
     }
@@ -320,7 +320,7 @@ unsafe impl tokio_uring::buf::IoBuf for FrameBuf {
 }
 
 // SAFETY: as above; set_init only grows the length over bytes the kernel wrote.
-unsafe impl tokio_uring::buf::IoBufMut for FrameBuf {
+unsafe impl crate::io::IoBufMut for FrameBuf {
     fn stable_mut_ptr(&mut self) -> *mut u8 {
         self.0.as_mut_ptr()
     }

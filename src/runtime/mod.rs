@@ -1,13 +1,14 @@
-//! Shards: threads, CPU pinning, the io_uring probe, start and stop.
+//! Shards: threads, CPU pinning, the choice of I/O backend, start and stop.
 //!
-//! This is the only module that starts threads. [`start`] checks that
-//! io_uring can be set up (and says exactly what to check when it cannot),
+//! This is the only module that starts threads. [`start`] chooses the I/O
+//! backend (`io`: io_uring where it can be set up, saying exactly what to
+//! check when it cannot; see [`crate::io`]),
 //! locks `data_dir` (one collector per directory: [`lock_data_dir`]),
 //! refuses a source port another process listens on, binds every source's
 //! sockets up front (so a taken port fails the start, not a shard), recovers
 //! every disk buffer (a log that cannot be read fails the start with its
 //! path), builds the ring mesh and starts one pinned thread per shard, each
-//! running its own tokio-uring runtime; `/ready` turns true only then. [`Running::stop`] tells every shard to
+//! running its own runtime of that backend; `/ready` turns true only then. [`Running::stop`] tells every shard to
 //! stop and waits, up to `shutdown_timeout_ms`, for them to drain.
 
 pub mod shard;
@@ -22,13 +23,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-/// Submission queue entries per shard ring.
-pub const URING_ENTRIES: u32 = 1024;
-
 /// Why the collector could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("io_uring is not available: {reason}. {hint}")]
+    #[error("io_uring is not available: {reason}. {hint}; or set io = \"epoll\" (or \"auto\")")]
     Uring { reason: String, hint: &'static str },
     #[error("sources.{source_name}.address: cannot bind {address}: {error}")]
     Bind {
@@ -174,31 +172,6 @@ pub struct Lifecycle {
     pub sources_done: AtomicUsize,
 }
 
-/// Checks that this process may create an io_uring, with an actionable
-/// message when it may not.
-pub fn probe_uring() -> Result<(), StartError> {
-    match io_uring::IoUring::new(8) {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
-                .ok()
-                .and_then(|s| s.trim().parse::<u32>().ok())
-                .unwrap_or(0);
-            let hint = match e.raw_os_error() {
-                Some(libc::ENOSYS) => "the kernel lacks io_uring (it needs Linux 5.11 or later, built with CONFIG_IO_URING)",
-                Some(libc::EPERM) if disabled > 0 => "sysctl kernel.io_uring_disabled is set; set it to 0 (or to 1 and run updraft in the group kernel.io_uring_group names)",
-                Some(libc::EPERM) => "a seccomp profile refuses io_uring_setup; container runtimes (Docker 25+, containerd) do by default: run with a profile that allows io_uring_setup, io_uring_enter and io_uring_register",
-                Some(libc::ENOMEM) => "the locked-memory limit is too low for the ring; raise `ulimit -l` (LimitMEMLOCK= under systemd)",
-                _ => "check kernel.io_uring_disabled, the container's seccomp profile and the kernel version (5.11 or later)",
-            };
-            Err(StartError::Uring {
-                reason: e.to_string(),
-                hint,
-            })
-        }
-    }
-}
-
 /// Raises the open-file limit to its hard limit: every connection, segment
 /// and socket is a descriptor, and the usual soft limit (1024) is below
 /// what `max_connections` allows.
@@ -253,7 +226,11 @@ pub struct Running {
 
 /// Starts the collector described by `plan`.
 pub fn start(plan: Plan) -> Result<Running, StartError> {
-    probe_uring()?;
+    let backend = crate::io::choose(plan.io).map_err(|r| StartError::Uring {
+        reason: r.reason,
+        hint: r.hint,
+    })?;
+    crate::io::set_backend(backend);
     raise_fd_limit();
     let lock = if plan.uses_data_dir() {
         Some(lock_data_dir(&plan.data_dir)?)
@@ -337,21 +314,16 @@ pub fn start(plan: Plan) -> Result<Running, StartError> {
                 }
                 #[cfg(feature = "count-alloc")]
                 crate::alloc_count::count_this_thread();
-                tokio_uring::builder()
-                    .entries(URING_ENTRIES)
-                    .start(async move {
-                        let shard = shard::Shard::new(
-                            plan,
-                            ends,
-                            shard_metrics,
-                            life,
-                            connections,
-                            recovered,
-                        );
-                        shard
-                            .run(move |s| crate::sources::start(s, shard_sockets))
-                            .await;
-                    });
+                let ran = crate::io::run_shard(async move {
+                    let shard =
+                        shard::Shard::new(plan, ends, shard_metrics, life, connections, recovered);
+                    shard
+                        .run(move |s| crate::sources::start(s, shard_sockets))
+                        .await;
+                });
+                if let Err(e) = ran {
+                    tracing::error!(shard = k, error = %e, "cannot start the shard's runtime");
+                }
                 let _ = done_tx.send(k);
             })
             .map_err(|error| StartError::Thread { shard: k, error })?;

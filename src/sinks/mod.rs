@@ -20,12 +20,12 @@
 pub mod util;
 
 use crate::config::{ConfigError, SinkPlan};
+use crate::io::BoundedBuf;
 use crate::pipeline::{Ack, BatchId, Deliver, SinkCtx, SinkQueue};
 use crate::record::meta::Field;
 use crate::record::{BatchView, FrameBuf, Payload, HEADROOM};
 use std::path::Path;
 use std::rc::Rc;
-use tokio_uring::buf::BoundedBuf;
 
 /// What a sink kind's folder provides.
 pub trait Kind {
@@ -203,7 +203,7 @@ macro_rules! sinks {
                 }
             }
 
-            async fn deliver<B: BoundedBuf>(
+            async fn deliver<B: crate::io::Buf>(
                 &mut self,
                 cx: &SinkCtx,
                 buf: B,
@@ -276,14 +276,14 @@ pub fn spawn_sender(
         (crate::config::BufferKind::Disk, Some(rec)) => {
             let sink = queue.sink;
             let out_cx = cx.clone();
-            tokio_uring::spawn(crate::wal::driver::run(cx, queue, rec, move |ack| {
+            crate::io::spawn(crate::wal::driver::run(cx, queue, rec, move |ack| {
                 Output::new(&out_cx, sink, Some(ack))
             }))
         }
         (crate::config::BufferKind::Disk, None) => {
             unreachable!("a disk buffer is recovered before its shard starts")
         }
-        (crate::config::BufferKind::Memory, _) => tokio_uring::spawn(run_memory(cx, queue)),
+        (crate::config::BufferKind::Memory, _) => crate::io::spawn(run_memory(cx, queue)),
     }
 }
 

@@ -102,7 +102,14 @@ pub fn start(shard: &Rc<Ingest>, sockets: Vec<BoundSocket>) {
     for s in sockets {
         match s {
             BoundSocket::Tcp { source, listener } => {
-                let listener = tokio_uring::net::TcpListener::from_std(listener);
+                let listener = match crate::io::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let name = &shard.plan.sources[source].name;
+                        tracing::error!(source = %name, error = %e, "cannot serve the listening socket; the source is off on this shard");
+                        continue;
+                    }
+                };
                 if shard.plan.sources[source].kind == SourceKind::Updraft {
                     shard.spawn_source(tcp::accept_loop(
                         shard.clone(),

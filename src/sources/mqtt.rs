@@ -171,8 +171,8 @@ async fn serve(
     });
     let pending: Rc<RefCell<VecDeque<Pending>>> = Rc::new(RefCell::new(VecDeque::new()));
     let acked = Rc::new(Notify::new());
-    let writer = tokio_uring::spawn(writer(stream.clone(), out.clone(), m.keep_alive_s));
-    let acker = tokio_uring::spawn(acker(
+    let writer = crate::io::spawn(writer(stream.clone(), out.clone(), m.keep_alive_s));
+    let acker = crate::io::spawn(acker(
         ing.clone(),
         pending.clone(),
         out.clone(),

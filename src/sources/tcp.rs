@@ -20,6 +20,8 @@
 
 use crate::codec::{Decoded, Decoder, End};
 use crate::config::{Decoding, WhenExceeded};
+use crate::io::BoundedBuf;
+use crate::io::{TcpListener, TcpStream};
 use crate::logging::LogEvery;
 use crate::metrics::{DropReason, SourceCounters};
 use crate::pipeline::ingest::{Ingest, Routed};
@@ -30,8 +32,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio_uring::buf::BoundedBuf;
-use tokio_uring::net::{TcpListener, TcpStream};
 
 /// Bytes a busy connection reads at once, beyond room for one whole frame.
 pub const READ_BYTES: usize = 64 * 1024;
@@ -173,7 +173,7 @@ pub async fn accept_loop(shard: Rc<Ingest>, source: usize, listener: TcpListener
     });
     let idle_timeout = Duration::from_millis(plan.idle_timeout_ms);
     let evict_after = idle_timeout.min(Duration::from_millis(EVICT_IDLE_MS));
-    let sweeper = tokio_uring::spawn(sweep(conns.clone(), idle_timeout));
+    let sweeper = crate::io::spawn(sweep(conns.clone(), idle_timeout));
     let mut log_accept = LogEvery::ten_seconds();
     loop {
         let accepted = listener.accept().await;

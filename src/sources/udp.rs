@@ -213,15 +213,21 @@ impl Take<'_> {
 }
 
 pub async fn receive_loop(shard: Rc<Ingest>, source: usize, socket: std::net::UdpSocket) {
-    let socket = tokio_uring::net::UdpSocket::from_std(socket);
-    let fd = socket.as_raw_fd();
     let plan = &shard.plan.sources[source];
+    let socket = match crate::io::UdpSocket::from_std(socket) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(source = %plan.name, error = %e, "cannot serve the udp socket; the source is off on this shard");
+            return;
+        }
+    };
+    let fd = socket.as_raw_fd();
     let counters = &shard.metrics.sources[source];
 
     // The drop counter is read off the receive path, once a second.
     let watcher = {
         let shard = shard.clone();
-        tokio_uring::spawn(async move {
+        crate::io::spawn(async move {
             let counters = &shard.metrics.sources[source];
             loop {
                 if let Some(d) = kernel_drops(fd) {

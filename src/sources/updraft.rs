@@ -25,6 +25,7 @@
 //! Other connections go on.
 
 use super::tcp::{Conns, Watch};
+use crate::io::TcpStream;
 use crate::metrics::DropReason;
 use crate::native::{self as wire, Hello, Inbound, Welcome};
 use crate::pipeline::ingest::Ingest;
@@ -36,7 +37,6 @@ use std::rc::Rc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
-use tokio_uring::net::TcpStream;
 
 /// How long a peer has to finish TLS and greet.
 const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
@@ -240,7 +240,7 @@ async fn connection(
         pending: RefCell::new(VecDeque::new()),
         more: Notify::new(),
     });
-    let _acker = AbortOnDrop(tokio_uring::spawn(acker(
+    let _acker = AbortOnDrop(crate::io::spawn(acker(
         ing.clone(),
         link.clone(),
         acks.clone(),

@@ -43,6 +43,8 @@ use super::format::{self, frame_bytes, CheckpointSlot, FRAME_HEADER_BYTES};
 use super::machine::{Append, BatchId, Full, Log, LogConfig};
 use super::recovery;
 use crate::config::WhenFull;
+use crate::io::BoundedBuf;
+use crate::io::{File, OpenOptions};
 use crate::logging::LogEvery;
 use crate::metrics::SinkCounters;
 use crate::pipeline::SinkCtx;
@@ -55,8 +57,6 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 use tokio::sync::Notify;
-use tokio_uring::buf::BoundedBuf;
-use tokio_uring::fs::{File, OpenOptions};
 
 /// Asks the kernel to write and read a segment without the page cache
 /// (`O_DIRECT`): the log's bytes are not copied into it, and are not
@@ -433,13 +433,13 @@ pub async fn run<O: Deliver + 'static>(
         memory_acked_early: Cell::new(None),
     });
     counters.wal_bytes.set(wal.log.borrow().bytes() as i64);
-    let syncer = tokio_uring::spawn(syncer(shard.clone(), wal.clone(), queue.clone()));
-    let keeper = tokio_uring::spawn(keeper(shard.clone(), wal.clone()));
+    let syncer = crate::io::spawn(syncer(shard.clone(), wal.clone(), queue.clone()));
+    let keeper = crate::io::spawn(keeper(shard.clone(), wal.clone()));
     let acks = wal.clone();
     let out = output(Rc::new(move |id| {
         ack(&acks, id);
     }));
-    let sender = tokio_uring::spawn(sender(shard.clone(), wal.clone(), out));
+    let sender = crate::io::spawn(sender(shard.clone(), wal.clone(), out));
     writer(&shard, &wal, &queue).await;
     wal.closing.set(true);
     wal.writer_done.set(true);
@@ -653,8 +653,9 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
         }
         if appends.is_empty() {
             let needed = (first.buf.0.len() + format::SEGMENT_HEADER_BYTES) as u64;
+            let lack = (wal.log.borrow().bytes() + needed).saturating_sub(wal.max_bytes);
             let dropped = plan.buffer.when_full == WhenFull::DropOldest
-                && drop_oldest(shard, wal, needed) > 0;
+                && drop_oldest(shard, wal, lack.max(1)) > 0;
             match plan.buffer.when_full {
                 WhenFull::Block | WhenFull::DropOldest if last_spill && !dropped => {
                     // Nothing will free space now.
@@ -838,7 +839,11 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
             // full log; the frame is written again after the backoff.
             WhenFull::DropOldest
                 if e.kind() == std::io::ErrorKind::StorageFull
-                    && drop_oldest(shard, wal, pending[0].buf.0.len() as u64) > 0 =>
+                    && drop_oldest(
+                        shard,
+                        wal,
+                        (pending[0].buf.0.len() + format::SEGMENT_HEADER_BYTES) as u64,
+                    ) > 0 =>
             {
                 if let Some(held) = log_err.ready() {
                     tracing::warn!(sink = %plan.name, shard = shard.id, dir = %wal.dir.display(), error = %e,
@@ -978,52 +983,61 @@ fn spill(shard: &SinkCtx, wal: &Wal, pending: &mut VecDeque<Framed>, all: bool) 
     n
 }
 
-/// `when_full = "drop_oldest"`: drops the oldest batches waiting for the
-/// sender until the segments so emptied free what `needed` more bytes lack,
-/// or none is left to drop. Spared: a batch the sender has taken, and those
-/// in the head segment (the newest: emptying it frees nothing while it is
-/// written). Each dropped batch is acknowledged to the log, so its segment
-/// is deleted once nothing in it waits, and its records are counted.
-/// Returns how many records went.
-fn drop_oldest(shard: &SinkCtx, wal: &Wal, needed: u64) -> u64 {
+/// `when_full = "drop_oldest"`: frees `lack` bytes of the log, or as much
+/// of it as it can, by dropping the oldest batches waiting for the sender.
+/// Only a segment none of whose batches the sender holds (nor the open
+/// head, being written) is freed, so it drops every waiting batch up to
+/// the last segment it needs to free, oldest first, and nothing when no
+/// segment can be freed. Each dropped batch is acknowledged to the log (the
+/// keeper deletes the emptied segments) and its records are counted.
+/// Returns how many batches went.
+fn drop_oldest(shard: &SinkCtx, wal: &Wal, lack: u64) -> usize {
     let counters = &shard.metrics.sinks[wal.sink];
-    let (head, mut lack) = {
+    // Waiting batches per segment, oldest first.
+    let mut waiting: std::collections::BTreeMap<u64, u32> = std::collections::BTreeMap::new();
+    for d in wal.to_send.borrow().iter().chain(wal.live.borrow().iter()) {
+        if !wal.is_memory(d.id) {
+            *waiting.entry(d.id.segment).or_default() += 1;
+        }
+    }
+    let mut upto = None;
+    {
         let log = wal.log.borrow();
-        let Some(head) = log.head_segment() else {
-            return 0;
-        };
-        (head, (log.bytes() + needed).saturating_sub(wal.max_bytes))
-    };
-    let mut records = 0u64;
-    while lack > 0 {
-        let next = {
-            let mut to_send = wal.to_send.borrow_mut();
-            let oldest = to_send
-                .iter()
-                .position(|d| !wal.is_memory(d.id))
-                .filter(|&i| to_send[i].id.segment != head);
-            match oldest {
-                Some(i) => to_send.remove(i),
-                None => {
-                    let mut live = wal.live.borrow_mut();
-                    match live.front() {
-                        Some(d) if d.id.segment != head => live.pop_front(),
-                        _ => None,
-                    }
+        let mut freed = 0;
+        for (&segment, &n) in &waiting {
+            if let Some(bytes) = log.would_free(segment, n) {
+                freed += bytes;
+                upto = Some(segment);
+                if freed >= lack {
+                    break;
                 }
             }
-        };
-        let Some(d) = next else { break };
+        }
+    }
+    let Some(upto) = upto else {
+        return 0;
+    };
+    let goes = |d: &Durable| !wal.is_memory(d.id) && d.id.segment <= upto;
+    let mut dropped: Vec<Durable> = Vec::new();
+    for q in [&wal.to_send, &wal.live] {
+        let mut q = q.borrow_mut();
+        let (go, stay): (VecDeque<Durable>, VecDeque<Durable>) = q.drain(..).partition(goes);
+        *q = stay;
+        dropped.extend(go);
+    }
+    let mut records = 0u64;
+    let batches = dropped.len();
+    for d in dropped {
         records += u64::from(d.records);
         if let Some(f) = d.frame {
             wal.held_frames.set(wal.held_frames.get() - 1);
             give_back(wal, f);
         }
-        lack = lack.saturating_sub(ack(wal, d.id));
+        ack(wal, d.id);
     }
     counters.buffer_dropped.add(records);
     counters.buffer_dropped_oldest.add(records);
-    records
+    batches
 }
 
 /// Keeps a frame buffer for the writer to fill again, up to a bound.
@@ -1112,7 +1126,7 @@ async fn create_segment(wal: &Wal, id: u64, counters: &SinkCounters) -> std::io:
             direct_io(&f);
             let (res, _) = f.write_all_at(header_block(id, nonce, true), 0).await;
             res?;
-            tokio_uring::fs::rename(&spare, wal.segment_path(id)).await?;
+            crate::io::rename(&spare, wal.segment_path(id)).await?;
             Ok::<File, std::io::Error>(f)
         }
         .await;
@@ -1123,7 +1137,7 @@ async fn create_segment(wal: &Wal, id: u64, counters: &SinkCounters) -> std::io:
             }
             Err(e) => {
                 tracing::debug!(path = %spare.display(), error = %e, "cannot reuse a spare segment; removed");
-                let _ = tokio_uring::fs::remove_file(&spare).await;
+                let _ = crate::io::remove_file(&spare).await;
             }
         }
     }
@@ -1158,7 +1172,7 @@ async fn create_segment(wal: &Wal, id: u64, counters: &SinkCounters) -> std::io:
 async fn remove_spares(wal: &Wal) {
     let spares = std::mem::take(&mut *wal.spares.borrow_mut());
     for path in spares {
-        if let Err(e) = tokio_uring::fs::remove_file(&path).await {
+        if let Err(e) = crate::io::remove_file(&path).await {
             tracing::warn!(path = %path.display(), error = %e, "cannot delete a spare segment");
         }
     }
@@ -1319,7 +1333,7 @@ async fn delete_segments(shard: &SinkCtx, wal: &Wal, delete: Vec<u64>, recycle: 
         let room = wal.log.borrow().bytes() + (spares + 2) * wal.segment_bytes <= wal.max_bytes;
         if recycle && !wal.disk_trouble.get() && spares < format::SPARE_SEGMENTS as u64 && room {
             let spare = wal.dir.join(format::spare_file_name(id));
-            match tokio_uring::fs::rename(&path, &spare).await {
+            match crate::io::rename(&path, &spare).await {
                 Ok(()) => {
                     wal.spares.borrow_mut().push(spare);
                     continue;
@@ -1329,7 +1343,7 @@ async fn delete_segments(shard: &SinkCtx, wal: &Wal, delete: Vec<u64>, recycle: 
                 }
             }
         }
-        if let Err(e) = tokio_uring::fs::remove_file(&path).await {
+        if let Err(e) = crate::io::remove_file(&path).await {
             tracing::warn!(path = %path.display(), error = %e, "cannot delete an acknowledged segment");
         }
     }

@@ -72,6 +72,9 @@ struct Segment {
     bytes: u64,
     /// Frames not yet acknowledged.
     unacked: u32,
+    /// A sync covered a frame in it (or recovery found it): its file and
+    /// header are on disk, so the next start numbers new segments after it.
+    durable: bool,
 }
 
 /// A segment as recovery found it.
@@ -164,6 +167,7 @@ impl Log {
                 id: s.id,
                 bytes: s.end,
                 unacked: ids.len() as u32,
+                durable: true,
             });
             log.total_bytes += s.end;
             for id in ids {
@@ -216,6 +220,7 @@ impl Log {
                 id,
                 bytes: SEGMENT_HEADER_BYTES as u64,
                 unacked: 0,
+                durable: false,
             });
             self.head_open = true;
             self.total_bytes += SEGMENT_HEADER_BYTES as u64;
@@ -348,6 +353,15 @@ impl Log {
     pub fn synced(&mut self, plan: SyncPlan) -> Vec<BatchId> {
         let now: Vec<BatchId> = self.written.drain(..plan.written).collect();
         self.outstanding.extend(now.iter().map(|&id| (id, false)));
+        let mut last = None;
+        for id in &now {
+            if last != Some(id.segment) {
+                last = Some(id.segment);
+                if let Some(s) = self.segments.iter_mut().find(|s| s.id == id.segment) {
+                    s.durable = true;
+                }
+            }
+        }
         now
     }
 
@@ -379,35 +393,63 @@ impl Log {
                 offset: c.offset,
             });
         }
-        // Wholly acknowledged segments before the head go, also ones after
-        // a segment still waiting for an ack (acks out of order, batches
-        // dropped by `when_full = "drop_oldest"` around one in flight):
-        // nothing in them is replayed, and the head, kept, numbers new
-        // segments after them even across a crash.
-        let head = self.segments.back().map(|s| s.id);
+        let bounds = self.deletion_bounds();
         let (freed, delete) = (&mut out.freed, &mut out.delete);
         self.segments.retain(|s| {
-            let gone = s.unacked == 0 && Some(s.id) != head;
+            let gone = s.unacked == 0 && bounds.allow(s.id);
             if gone {
                 *freed += s.bytes;
                 delete.push(s.id);
             }
             !gone
         });
-        // A closed head (after recovery) with nothing left goes too, once it
-        // is the only segment (the checkpoint then covers it).
-        if !self.head_open && self.segments.len() == 1 && self.segments[0].unacked == 0 {
-            let s = self.segments.pop_front().expect("checked");
-            out.freed += s.bytes;
-            out.delete.push(s.id);
-        }
         self.total_bytes -= out.freed;
         out
     }
 
-    /// The segment being written (its batches free no space when dropped).
-    pub fn head_segment(&self) -> Option<u64> {
-        self.segments.back().map(|s| s.id)
+    fn deletion_bounds(&self) -> DeletionBounds {
+        DeletionBounds {
+            open_head: self
+                .segments
+                .back()
+                .filter(|_| self.head_open)
+                .map(|h| h.id),
+            checkpoint: self.checkpoint.map(|c| c.segment),
+            last_durable: self.segments.iter().rev().find(|s| s.durable).map(|s| s.id),
+        }
+    }
+
+    /// If acknowledging `waiting` more batches of segment `id` would leave
+    /// none in it unacknowledged and let it be deleted: the bytes it frees.
+    pub fn would_free(&self, id: u64, waiting: u32) -> Option<u64> {
+        let s = self.segments.iter().find(|s| s.id == id)?;
+        let b = self.deletion_bounds();
+        // The front is covered by the checkpoint once all of it is acked.
+        let front = self.segments.front().is_some_and(|f| f.id == id);
+        let allowed = b.allow(id) || (front && b.open_head != Some(id));
+        (s.unacked == waiting && allowed).then_some(s.bytes)
+    }
+}
+
+/// What decides whether a wholly acknowledged segment may be deleted.
+struct DeletionBounds {
+    open_head: Option<u64>,
+    checkpoint: Option<u64>,
+    last_durable: Option<u64>,
+}
+
+impl DeletionBounds {
+    /// Whether segment `id`, once wholly acknowledged, may be deleted: not
+    /// the open head (it is being written), and either the checkpoint has
+    /// reached it, or it lies before a segment on disk that stays (acks out
+    /// of order, batches dropped by `when_full = "drop_oldest"` around one
+    /// in flight). Either way nothing in it is replayed, and the next start
+    /// numbers new segments after it: a reused number would repeat batch
+    /// ids a sink has seen (idempotency keys, message ids).
+    fn allow(&self, id: u64) -> bool {
+        self.open_head != Some(id)
+            && (self.checkpoint.is_some_and(|c| id <= c)
+                || self.last_durable.is_some_and(|d| id < d))
     }
 }
 
@@ -554,33 +596,42 @@ mod tests {
     #[test]
     fn a_wholly_acknowledged_segment_goes_before_the_checkpoint_reaches_it() {
         let mut log = Log::new(cfg());
-        // Three segments of three frames; the head is the third.
-        let ids: Vec<BatchId> = (0..7).map(|_| put(&mut log, 100).unwrap().id).collect();
+        // Three segments of three frames; the head is the third, and its
+        // one frame is not durable yet.
+        let ids: Vec<BatchId> = (0..6).map(|_| put(&mut log, 100).unwrap().id).collect();
         sync_all(&mut log);
+        let last = put(&mut log, 100).unwrap().id;
         let seg = H + 3 * frame_bytes(100) as u64;
         let before = log.bytes();
-        // Batch 0 is out (with a sink); segment 1 is dropped whole.
-        let mut deleted = Vec::new();
-        let mut freed = 0;
+        // Batch 0 is out (with a sink); segment 1 is acknowledged whole.
+        assert_eq!(log.would_free(0, 2), None, "batch 0 is out");
+        assert_eq!(log.would_free(1, 3), None, "no segment after it is on disk");
         for id in &ids[3..6] {
             let o = log.ack(*id);
             assert_eq!(o.checkpoint, None, "batch 0 is still out");
-            deleted.extend(o.delete);
-            freed += o.freed;
+            assert!(
+                o.delete.is_empty(),
+                "nothing after segment 1 is on disk for sure: a crash now \
+                 would number new segments from 1 again"
+            );
         }
-        assert_eq!(deleted, vec![1]);
-        assert_eq!((freed, log.bytes()), (seg, before - seg));
-        assert_eq!(log.head_segment(), Some(2));
-        // The head stays however much of it is acknowledged.
-        assert!(log.ack(ids[6]).delete.is_empty());
+        // The head's frame is synced: segment 1 can go (at the next ack).
+        sync_all(&mut log);
+        assert_eq!(log.would_free(1, 0), Some(seg));
+        assert_eq!(log.would_free(0, 1), None, "one would be left");
+        let o = log.ack(ids[1]);
+        assert_eq!((o.delete, o.freed), (vec![1], seg));
+        assert_eq!(log.bytes(), before - seg);
+        // The open head stays however much of it is acknowledged.
+        assert!(log.ack(last).delete.is_empty());
+        assert_eq!(log.would_free(2, 0), None);
         // The rest of segment 0 delivered: it goes, the checkpoint jumps
-        // over segment 1 to batch 6, and the head still stays.
-        log.ack(ids[1]);
+        // over segment 1 to the head's frame, and the head still stays.
         log.ack(ids[2]);
         let o = log.ack(ids[0]);
         assert_eq!(o.delete, vec![0]);
         let c = o.checkpoint.unwrap();
-        assert_eq!((c.segment, c.offset), (ids[6].segment, ids[6].offset));
+        assert_eq!((c.segment, c.offset), (last.segment, last.offset));
         assert_eq!(log.bytes(), H + frame_bytes(100) as u64);
     }
 

@@ -103,6 +103,7 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
             "the checkpoint is damaged: replaying the whole disk buffer (the sink may see duplicates)");
     }
     let mut found = Vec::new();
+    let mut set_aside: Vec<u64> = Vec::new();
     let mut lens: HashMap<BatchId, (u32, u32)> = HashMap::new();
     // Archives are validated in an aligned copy (rkyv needs the alignment a
     // file read into a plain vector does not promise) to learn how many
@@ -124,6 +125,7 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
                 tracing::error!(sink, shard, path = %path.display(), error = %e,
                     "segment unreadable: set aside as {}", aside.display());
                 std::fs::rename(&path, &aside).map_err(at(&path))?;
+                set_aside.push(id);
                 continue;
             }
         };
@@ -181,8 +183,22 @@ pub fn recover(dir: &Path, cfg: LogConfig, sink: &str, shard: usize) -> std::io:
         });
     }
     let (mut log, replay, delete) = Log::recover(cfg, found, checkpoint);
-    // New segments number after the spares' old ids too.
-    if let Some(&max) = spare_ids.iter().max() {
+    // New segments number after the spares' old ids too, and after
+    // segments set aside as damaged (now or at an earlier start): their
+    // batch ids may have reached a sink.
+    let damaged = names.iter().filter_map(|n| {
+        let stem = n
+            .strip_suffix(".damaged")
+            .or_else(|| n.strip_suffix(".damaged-tail"))?;
+        parse_segment_file_name(stem)
+    });
+    if let Some(max) = spare_ids
+        .iter()
+        .copied()
+        .chain(damaged)
+        .chain(set_aside.iter().copied())
+        .max()
+    {
         log.number_after(max);
     }
     for id in &delete {

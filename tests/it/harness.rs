@@ -39,6 +39,18 @@ pub struct Updraft {
     stderr_closed: bool,
 }
 
+/// `UPDRAFT_TEST_IO=epoll` (or `uring`) runs every collector the suite
+/// starts on that I/O backend, unless its config names one: the whole suite
+/// passes on both.
+pub fn io_line(config: &str) -> String {
+    match std::env::var("UPDRAFT_TEST_IO") {
+        Ok(io) if !io.is_empty() && !config.trim_start().starts_with("io =") => {
+            format!("io = \"{io}\"\n")
+        }
+        _ => String::new(),
+    }
+}
+
 impl Updraft {
     /// Starts `updraft run` on `config` (a `[metrics]` table is added) and
     /// waits until it answers on `/health`.
@@ -60,7 +72,10 @@ impl Updraft {
         } else {
             String::new()
         };
-        let text = format!("{data_dir}{config}\n[metrics]\naddress = \"{metrics}\"\n");
+        let text = format!(
+            "{}{data_dir}{config}\n[metrics]\naddress = \"{metrics}\"\n",
+            io_line(config)
+        );
         std::fs::write(&path, text).unwrap();
         let log = dir.path().join("updraft.log");
         let mut u = Updraft {
@@ -579,4 +594,22 @@ pub fn pki(dir: &std::path::Path, name: &str) -> [String; 5] {
         write("client-cert.pem", &client_cert.pem()),
         write("client-key.pem", &client_key.serialize_pem()),
     ]
+}
+
+/// Sends 1,000,000 records of 200 B over 4 connections to a collector on
+/// `src` that forwards them to `sink`, and checks that each arrived once,
+/// in order per connection.
+pub fn a_million_over_four_connections_arrive_once(src: SocketAddr, sink: SocketAddr) {
+    let rx = Receiver::start(sink, 1_000_000, 60, &[]);
+    let sent = send(
+        src,
+        &["--connections", "4", "--count", "1000000", "--size", "200"],
+    );
+    assert_eq!(u(&sent, "sent"), 1_000_000);
+    let (r, ok) = rx.finish();
+    assert!(ok, "{r}");
+    assert_eq!(u(&r, "unique"), 1_000_000, "{r}");
+    assert_eq!(u(&r, "lost"), 0, "{r}");
+    assert_eq!(u(&r, "duplicates"), 0, "{r}");
+    assert_eq!(u(&r, "reordered"), 0, "{r}");
 }

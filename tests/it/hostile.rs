@@ -18,7 +18,7 @@ fn dropped(source: &str, reason: &str) -> String {
 
 fn write_config(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
     let path = dir.join("second.toml");
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, format!("{}{text}", io_line(text))).unwrap();
     path
 }
 

@@ -145,24 +145,55 @@ impl Drop for Sysctl {
     }
 }
 
-#[test]
-fn io_uring_refused_is_one_clear_line_and_a_non_zero_exit() {
+/// Sets `kernel.io_uring_disabled = 2` until the guard drops; None (the
+/// test is skipped, saying why) where the kernel or the user cannot.
+fn disable_io_uring() -> Option<Sysctl> {
     let path = "/proc/sys/kernel/io_uring_disabled";
     let Ok(old) = std::fs::read_to_string(path) else {
         eprintln!("skipped: this kernel has no kernel.io_uring_disabled (before 6.6)");
-        return;
+        return None;
     };
     if std::fs::write(path, "2").is_err() {
         eprintln!("skipped: changing kernel.io_uring_disabled needs root");
-        return;
+        return None;
     }
-    let _restore = Sysctl(old);
+    Some(Sysctl(old))
+}
+
+#[test]
+fn with_io_uring_disabled_auto_runs_on_epoll_and_delivers_a_million_records_once() {
+    let Some(restore) = disable_io_uring() else {
+        return;
+    };
+    let (src, sink) = (free_addr(), free_addr());
+    let u_ = Updraft::start(&format!("io = \"auto\"\n{}", tcp_to_tcp(src, sink, 2, "")));
+    // Chosen once at start: io_uring may come back now.
+    drop(restore);
+    let log = u_.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("io_uring")).collect();
+    assert_eq!(lines.len(), 1, "one line says why: {log}");
+    assert!(
+        lines[0].contains("epoll") && lines[0].contains("kernel.io_uring_disabled"),
+        "{log}"
+    );
+    for shard in 0..2 {
+        let series = format!(r#"updraft_shard_io_backend{{shard="{shard}",backend="epoll"}}"#);
+        assert_eq!(u_.metric(&series), 1.0);
+    }
+    a_million_over_four_connections_arrive_once(src, sink);
+}
+
+#[test]
+fn io_uring_refused_is_one_clear_line_and_a_non_zero_exit() {
+    let Some(_restore) = disable_io_uring() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("c.toml");
     std::fs::write(
         &config,
         format!(
-            "shards = 1\n[sources.a]\ntype = \"tcp\"\naddress = \"{}\"\n[sinks.b]\ntype = \"blackhole\"\ninputs = [\"a\"]\n",
+            "io = \"uring\"\nshards = 1\n[sources.a]\ntype = \"tcp\"\naddress = \"{}\"\n[sinks.b]\ntype = \"blackhole\"\ninputs = [\"a\"]\n",
             free_addr()
         ),
     )

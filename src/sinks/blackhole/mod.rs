@@ -7,7 +7,6 @@ use crate::pipeline::{Ack, BatchId, Deliver, SinkCtx};
 use crate::record::BatchView;
 use serde::Deserialize;
 use std::rc::Rc;
-use tokio_uring::buf::BoundedBuf;
 
 pub struct Sink;
 
@@ -38,7 +37,7 @@ impl Deliver for Blackhole {
         false
     }
 
-    async fn deliver<B: BoundedBuf>(
+    async fn deliver<B: crate::io::Buf>(
         &mut self,
         _cx: &SinkCtx,
         buf: B,

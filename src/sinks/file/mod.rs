@@ -13,8 +13,7 @@ use crate::pipeline::{Ack, SinkCtx};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use tokio_uring::buf::BoundedBuf;
-use tokio_uring::fs::{File, OpenOptions};
+use crate::io::{File, OpenOptions};
 
 pub struct Sink;
 
@@ -113,7 +112,7 @@ impl Transport for Appender {
             .await
     }
 
-    async fn write<B: BoundedBuf>(&self, f: &File, buf: B) -> (std::io::Result<()>, B) {
+    async fn write<B: crate::io::Buf>(&self, f: &File, buf: B) -> (std::io::Result<()>, B) {
         // O_APPEND: the kernel writes at the end whatever the offset.
         f.write_all_at(buf, 0).await
     }

@@ -8,8 +8,8 @@
 
 use super::config::HttpTarget;
 use std::io::{Read, Write};
-use tokio_uring::buf::BoundedBuf;
-use tokio_uring::net::TcpStream;
+use crate::io::BoundedBuf;
+use crate::io::TcpStream;
 
 /// Bytes asked of the socket per read.
 const READ_BYTES: usize = 16 * 1024;

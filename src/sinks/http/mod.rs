@@ -285,7 +285,7 @@ impl Deliver for HttpOutput {
         true
     }
 
-    async fn deliver<B: tokio_uring::buf::BoundedBuf>(
+    async fn deliver<B: crate::io::Buf>(
         &mut self,
         _cx: &SinkCtx,
         _buf: B,
@@ -474,7 +474,7 @@ impl HttpOutput {
         }
         inner.in_flight.set(in_flight + 1);
         counters.in_flight.set(i64::from(in_flight + 1));
-        tokio_uring::spawn(request(inner.clone(), body, start, meta));
+        crate::io::spawn(request(inner.clone(), body, start, meta));
     }
 
     /// Waits for the requests in flight, at most `give_up`; what is still

@@ -20,8 +20,7 @@ use serde::Deserialize;
 use std::cell::Cell;
 use std::net::{Shutdown, SocketAddr};
 use std::rc::Rc;
-use tokio_uring::buf::BoundedBuf;
-use tokio_uring::net::TcpStream;
+use crate::io::TcpStream;
 
 pub struct Sink;
 
@@ -76,7 +75,7 @@ impl Conn {
         let stream = Rc::new(stream);
         let peer_closed = Rc::new(Cell::new(false));
         let (s, closed) = (stream.clone(), peer_closed.clone());
-        tokio_uring::spawn(async move {
+        crate::io::spawn(async move {
             let mut buf = vec![0u8; 512];
             loop {
                 let (res, b) = s.read(buf).await;
@@ -114,7 +113,7 @@ impl Transport for Tcp {
         Ok(Conn::new(stream))
     }
 
-    async fn write<B: BoundedBuf>(&self, c: &Conn, buf: B) -> (std::io::Result<()>, B) {
+    async fn write<B: crate::io::Buf>(&self, c: &Conn, buf: B) -> (std::io::Result<()>, B) {
         c.stream.write_all(buf).await
     }
 

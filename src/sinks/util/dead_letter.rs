@@ -102,7 +102,7 @@ impl DeadLetters {
 }
 
 async fn write_file(path: &std::path::Path, data: Vec<u8>) -> std::io::Result<()> {
-    let f = tokio_uring::fs::File::create(path).await?;
+    let f = crate::io::File::create(path).await?;
     let (res, _) = f.write_all_at(data, 0).await;
     res?;
     f.close().await

@@ -41,7 +41,6 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
-use tokio_uring::buf::BoundedBuf;
 
 /// Encoded batches queued per shard before `submit` waits.
 pub const QUEUED_BATCHES: usize = 8;
@@ -250,9 +249,9 @@ impl<P: Protocol> Publisher<P> {
             log: RefCell::new(LogEvery::ten_seconds()),
             dead_ready: Notify::new(),
         });
-        let writer = tokio_uring::spawn(writer(inner.clone()));
+        let writer = crate::io::spawn(writer(inner.clone()));
         let dead = Rc::new(DeadLetters::new(cx, sink));
-        tokio_uring::spawn(dead_letters(inner.clone(), dead.clone()));
+        crate::io::spawn(dead_letters(inner.clone(), dead.clone()));
         Publisher {
             inner,
             writer: Some(writer),
@@ -399,7 +398,7 @@ impl<P: Protocol> Deliver for Publisher<P> {
         true
     }
 
-    async fn deliver<B: BoundedBuf>(
+    async fn deliver<B: crate::io::Buf>(
         &mut self,
         _cx: &SinkCtx,
         _buf: B,
@@ -725,7 +724,7 @@ async fn writer<P: Protocol>(inner: Rc<Inner<P>>) {
                         );
                     }
                     last_write = Instant::now();
-                    tokio_uring::spawn(reader(inner.clone(), stream, epoch, opened.rest));
+                    crate::io::spawn(reader(inner.clone(), stream, epoch, opened.rest));
                 }
                 Err(why) => {
                     let c = inner.counters();

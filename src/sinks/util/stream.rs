@@ -18,7 +18,6 @@ use crate::pipeline::{BatchId, Deliver, SinkCtx};
 use crate::record::BatchView;
 use std::future::Future;
 use std::time::Instant;
-use tokio_uring::buf::BoundedBuf;
 
 /// How a stream output reaches its far end.
 pub trait Transport {
@@ -28,7 +27,7 @@ pub trait Transport {
     fn far_end(&self) -> &str;
     fn open(&self) -> impl Future<Output = std::io::Result<Self::Conn>>;
     /// Writes `buf` whole.
-    fn write<B: BoundedBuf>(
+    fn write<B: crate::io::Buf>(
         &self,
         conn: &Self::Conn,
         buf: B,
@@ -84,7 +83,7 @@ impl<T: Transport> Deliver for StreamOutput<T> {
         false
     }
 
-    async fn deliver<B: BoundedBuf>(
+    async fn deliver<B: crate::io::Buf>(
         &mut self,
         cx: &SinkCtx,
         mut buf: B,
