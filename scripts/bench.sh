@@ -10,7 +10,8 @@
 # alternating pairs (bench-results/against.md). `--only mqtt`: the MQTT
 # ceiling, mosquitto's bridge and updraft between two brokers, QoS 0 and 1.
 # `--only nats`: tcp -> nats (JetStream) beside the load generator publishing
-# to the same server.
+# to the same server. `--only io`: tcp->tcp (memory, disk) and udp on the
+# io_uring and the epoll backend, beside the ceilings (3 alternating pairs).
 # Results: bench-results/{results.json,results.md,throughput.png,latency.png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."

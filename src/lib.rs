@@ -52,6 +52,7 @@ pub mod runtime;
 pub mod sinks;
 pub mod sources;
 pub mod tls;
+pub mod top;
 pub mod wal;
 
 #[cfg(feature = "count-alloc")]

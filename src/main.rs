@@ -44,6 +44,24 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// A live view of a running collector, read from its metrics endpoint:
+    /// per source and sink, records/s, bytes/s, drops, queues, retries,
+    /// requests in flight and the disk buffer.
+    Top {
+        /// The collector's metrics address (default: `metrics.address` of
+        /// --config, else 127.0.0.1:9598).
+        #[arg(long, short)]
+        metrics: Option<std::net::SocketAddr>,
+        /// The collector's config file, to find its metrics address.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the table once (rates over one interval) and exit.
+        #[arg(long)]
+        once: bool,
+        /// Refresh interval in milliseconds (100..=60000).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60000))]
+        interval_ms: u64,
+    },
 }
 
 fn load(config: Option<&PathBuf>) -> Result<Plan, String> {
@@ -110,6 +128,57 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => run(config.as_ref()),
+        Command::Top {
+            metrics,
+            config,
+            once,
+            interval_ms,
+        } => top(metrics, config.as_ref(), once, interval_ms),
+    }
+}
+
+/// `updraft top`. Exit 1 when the address cannot be known, 2 when the
+/// collector cannot be read.
+fn top(
+    metrics: Option<std::net::SocketAddr>,
+    config: Option<&PathBuf>,
+    once: bool,
+    interval_ms: u64,
+) -> ExitCode {
+    let address = match (metrics, config) {
+        (Some(a), _) => a,
+        (None, Some(_)) => match load(config) {
+            Ok(plan) => match plan.metrics_address {
+                Some(a) => a,
+                None => {
+                    updraft::logging::say(format_args!(
+                        "error: {} has no metrics.address; give --metrics",
+                        config.expect("given").display()
+                    ));
+                    return ExitCode::from(1);
+                }
+            },
+            Err(e) => {
+                updraft::logging::say(format_args!("error: {e}"));
+                return ExitCode::from(1);
+            }
+        },
+        (None, None) => std::net::SocketAddr::from(([127, 0, 0, 1], 9598)),
+    };
+    let interval = std::time::Duration::from_millis(interval_ms);
+    let result = if once {
+        updraft::top::once(address, interval).map(|text| print!("{text}"))
+    } else {
+        updraft::top::tui::run(address, interval)
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            updraft::logging::say(format_args!(
+                "error: cannot read http://{address}/metrics: {e}"
+            ));
+            ExitCode::from(2)
+        }
     }
 }
 

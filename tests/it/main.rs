@@ -16,4 +16,5 @@ mod native;
 mod nats;
 mod records;
 mod runtime;
+mod top;
 mod wal;
