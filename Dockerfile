@@ -23,7 +23,8 @@ RUN cargo build --release --locked --bin updraft \
 FROM ${RUNTIME_IMAGE}
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
+    && apt-get clean \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
     && useradd --system --home-dir /var/lib/updraft --shell /usr/sbin/nologin updraft \
     && mkdir -p /var/lib/updraft /etc/updraft \
     && chown updraft:updraft /var/lib/updraft
