@@ -95,10 +95,45 @@ pub struct Refused {
     pub hint: &'static str,
 }
 
-/// Sets up a small ring to see whether io_uring is allowed here.
+/// io_uring operations the shards use that came last to the kernel (5.11:
+/// rename and unlink; the rest are older).
+const NEEDED_OPS: [(u8, &str); 8] = [
+    (io_uring::opcode::Writev::CODE, "writev"),
+    (io_uring::opcode::Fsync::CODE, "fsync"),
+    (io_uring::opcode::RecvMsg::CODE, "recvmsg"),
+    (io_uring::opcode::Accept::CODE, "accept"),
+    (io_uring::opcode::Connect::CODE, "connect"),
+    (io_uring::opcode::OpenAt::CODE, "openat"),
+    (io_uring::opcode::RenameAt::CODE, "renameat"),
+    (io_uring::opcode::UnlinkAt::CODE, "unlinkat"),
+];
+
+/// Sets up a ring as large as a shard's to see whether io_uring is allowed
+/// here, and whether the kernel has every operation the shards use.
 pub fn probe_uring() -> Result<(), Refused> {
-    match io_uring::IoUring::new(8) {
-        Ok(_) => Ok(()),
+    match io_uring::IoUring::new(URING_ENTRIES) {
+        Ok(ring) => {
+            let mut probe = io_uring::Probe::new();
+            if ring.submitter().register_probe(&mut probe).is_err() {
+                return Err(Refused {
+                    reason: "the kernel cannot list its io_uring operations (before 5.6)".into(),
+                    hint: "the kernel is too old for updraft's io_uring backend (it needs Linux 5.11 or later)",
+                });
+            }
+            let missing: Vec<&str> = NEEDED_OPS
+                .iter()
+                .filter(|(code, _)| !probe.is_supported(*code))
+                .map(|(_, name)| *name)
+                .collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(Refused {
+                    reason: format!("the kernel's io_uring lacks {}", missing.join(", ")),
+                    hint: "the kernel is too old for updraft's io_uring backend (it needs Linux 5.11 or later)",
+                })
+            }
+        }
         Err(e) => {
             let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
                 .ok()
@@ -143,7 +178,10 @@ pub fn choose(choice: Choice) -> Result<Backend, Refused> {
 /// this thread.
 pub fn run_shard<F: Future>(f: F) -> io::Result<F::Output> {
     match backend() {
-        Backend::Uring => Ok(tokio_uring::builder().entries(URING_ENTRIES).start(f)),
+        Backend::Uring => {
+            let rt = tokio_uring::Runtime::new(tokio_uring::builder().entries(URING_ENTRIES))?;
+            Ok(rt.block_on(f))
+        }
         Backend::Epoll => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -177,7 +215,12 @@ fn cvt(n: isize) -> io::Result<usize> {
 async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // Cancelled: only while the runtime shuts down, when nothing
+            // waits for this any more.
+            Err(_) => std::future::pending().await,
+        },
     }
 }
 
@@ -385,7 +428,30 @@ impl AsRawFd for UdpSocket {
 
 pub enum File {
     Uring(tokio_uring::fs::File),
-    Epoll(Arc<std::fs::File>),
+    Epoll(EpollFile),
+}
+
+/// A file of the epoll backend, shared with the blocking threads working
+/// on it. The last owner on a shard closes it on a blocking thread: a close
+/// may flush (NFS, FUSE, ext4 after a truncate).
+pub struct EpollFile(Option<Arc<std::fs::File>>);
+
+impl EpollFile {
+    fn get(&self) -> &Arc<std::fs::File> {
+        self.0.as_ref().expect("open until dropped")
+    }
+}
+
+impl Drop for EpollFile {
+    fn drop(&mut self) {
+        let Some(f) = self.0.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) if Arc::strong_count(&f) == 1 => {
+                rt.spawn_blocking(move || drop(f));
+            }
+            _ => drop(f),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -445,7 +511,7 @@ impl OpenOptions {
                         .open(path)
                 })
                 .await?;
-                Ok(File::Epoll(Arc::new(f)))
+                Ok(File::Epoll(EpollFile(Some(Arc::new(f)))))
             }
         }
     }
@@ -466,7 +532,7 @@ impl File {
     pub async fn write_all_at<T: Buf>(&self, buf: T, pos: u64) -> BufResult<(), T> {
         let f = match self {
             File::Uring(f) => return f.write_all_at(buf, pos).await,
-            File::Epoll(f) => f.clone(),
+            File::Epoll(f) => f.get().clone(),
         };
         blocking(move || {
             use std::os::unix::fs::FileExt;
@@ -481,7 +547,7 @@ impl File {
     pub async fn read_exact_at<T: BufMut>(&self, mut buf: T, pos: u64) -> BufResult<(), T> {
         let f = match self {
             File::Uring(f) => return f.read_exact_at(buf, pos).await,
-            File::Epoll(f) => f.clone(),
+            File::Epoll(f) => f.get().clone(),
         };
         blocking(move || {
             let (ptr, len) = (buf.stable_mut_ptr(), buf.bytes_total());
@@ -515,8 +581,17 @@ impl File {
     /// bytes written (possibly fewer than all).
     pub async fn writev_at<T: Buf>(&self, bufs: Vec<T>, pos: u64) -> BufResult<usize, Vec<T>> {
         let f = match self {
-            File::Uring(f) => return f.writev_at(bufs, pos).await,
-            File::Epoll(f) => f.clone(),
+            File::Uring(f) => {
+                // One writev takes at most IOV_MAX buffers (the kernel
+                // refuses more): the rest is left for the caller, as a
+                // short write.
+                let mut bufs = bufs;
+                let tail = bufs.split_off(bufs.len().min(IOV_MAX));
+                let (res, mut bufs) = f.writev_at(bufs, pos).await;
+                bufs.extend(tail);
+                return (res, bufs);
+            }
+            File::Epoll(f) => f.get().clone(),
         };
         blocking(move || {
             let iov: Vec<libc::iovec> = bufs
@@ -527,16 +602,21 @@ impl File {
                     iov_len: b.bytes_init(),
                 })
                 .collect();
-            // SAFETY: every iovec points into a buffer this call owns.
-            let n = cvt(unsafe {
-                libc::pwritev(
-                    f.as_raw_fd(),
-                    iov.as_ptr(),
-                    iov.len() as libc::c_int,
-                    pos as libc::off_t,
-                )
-            });
-            (n, bufs)
+            loop {
+                // SAFETY: every iovec points into a buffer this call owns.
+                let n = cvt(unsafe {
+                    libc::pwritev(
+                        f.as_raw_fd(),
+                        iov.as_ptr(),
+                        iov.len() as libc::c_int,
+                        pos as libc::off_t,
+                    )
+                });
+                match n {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    n => return (n, bufs),
+                }
+            }
         })
         .await
     }
@@ -545,7 +625,7 @@ impl File {
         match self {
             File::Uring(f) => f.sync_data().await,
             File::Epoll(f) => {
-                let f = f.clone();
+                let f = f.get().clone();
                 blocking(move || f.sync_data()).await
             }
         }
@@ -555,7 +635,7 @@ impl File {
         match self {
             File::Uring(f) => f.sync_all().await,
             File::Epoll(f) => {
-                let f = f.clone();
+                let f = f.get().clone();
                 blocking(move || f.sync_all()).await
             }
         }
@@ -564,7 +644,8 @@ impl File {
     pub async fn close(self) -> io::Result<()> {
         match self {
             File::Uring(f) => f.close().await,
-            // Closed when the last operation holding it is done.
+            // Closed on a blocking thread once the last operation holding
+            // it is done.
             File::Epoll(f) => {
                 drop(f);
                 Ok(())
@@ -581,7 +662,7 @@ impl AsRawFd for File {
     fn as_raw_fd(&self) -> RawFd {
         match self {
             File::Uring(f) => f.as_raw_fd(),
-            File::Epoll(f) => f.as_raw_fd(),
+            File::Epoll(f) => f.get().as_raw_fd(),
         }
     }
 }

@@ -15,7 +15,10 @@
 //!   the stream full) ends the connection, which is opened again after a
 //!   backoff and everything unacknowledged sent again; any other error, and
 //!   a subject that no stream captures ("no responders"), refuses the
-//!   message for good: a dead letter with the server's reason.
+//!   message for good: a dead letter with the server's reason. "No
+//!   responders" within JETSTREAM_READY_MS of connecting, before anything
+//!   was stored, is taken for a JetStream still loading its streams after a
+//!   restart and handled like a 503 PubAck.
 //! - Core NATS (`jetstream = false`): a PUB per message, delivered once
 //!   written. The server acknowledges nothing: what it had not taken when a
 //!   connection broke, or what no subscriber was there for, is gone.
@@ -34,7 +37,7 @@ use crate::pipeline::{Ack, BatchId, SinkCtx};
 use crate::record::meta::Field;
 use crate::tls::Link;
 use serde::Deserialize;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -93,6 +96,27 @@ pub struct Target {
     pub inbox: String,
     /// The server's max_payload (from its INFO; shared by the shards).
     pub max_payload: Arc<AtomicUsize>,
+    /// When (ms on [`clock_ms`]) a connection opened with no message stored
+    /// since: "no responders" until JETSTREAM_READY_MS after it means the
+    /// server's JetStream is still loading its streams (after a restart),
+    /// not that no stream captures the subject. 0: a message was stored.
+    pub unproven_since_ms: Arc<AtomicU64>,
+}
+
+/// How long after a connection opens, with nothing stored on it yet, a
+/// "no responders" answer is taken for a JetStream still starting (the
+/// connection is opened again after a backoff and everything sent again)
+/// rather than for a subject no stream captures (a dead letter).
+const JETSTREAM_READY_MS: u64 = 5_000;
+
+/// Milliseconds since the first call (never 0).
+fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
 }
 
 /// How the sink logs in; secrets never printed.
@@ -205,6 +229,7 @@ impl Kind for Sink {
             shard: 0,
             inbox: String::new(),
             max_payload: Arc::new(AtomicUsize::new(MAX_PAYLOAD_DEFAULT)),
+            unproven_since_ms: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -389,7 +414,13 @@ impl Protocol for Target {
     }
 
     async fn open(&self, _cx: &SinkCtx, _epoch: u64) -> Result<Opened, String> {
-        self.handshake().await
+        let opened = self.handshake().await?;
+        // The first connection since something was stored starts the
+        // wait for JetStream (a reconnect within it does not extend it).
+        if self.unproven_since_ms.load(Relaxed) == 0 {
+            self.unproven_since_ms.store(clock_ms(), Relaxed);
+        }
+        Ok(opened)
     }
 
     fn encode(
@@ -474,15 +505,26 @@ impl Protocol for Target {
                 match seq {
                     None => Answer::Nothing,
                     Some(seq) => match wire::status(headers) {
-                        Some(503) => Answer::Refused(
-                            seq,
-                            "no stream captures the subject (503 no responders)".into(),
-                        ),
+                        Some(503) => {
+                            let since = self.unproven_since_ms.load(Relaxed);
+                            if since != 0 && clock_ms() < since + JETSTREAM_READY_MS {
+                                return Err("no responders (503) with nothing stored yet since connecting: JetStream may still be loading its streams".into());
+                            }
+                            Answer::Refused(
+                                seq,
+                                "no stream captures the subject (503 no responders)".into(),
+                            )
+                        }
                         Some(code) if payload.is_empty() => {
                             Answer::Refused(seq, format!("status {code}"))
                         }
                         _ => match wire::pub_ack(payload).map_err(|e| format!("{e} from the server"))? {
-                            PubAck::Stored { .. } => Answer::Acked(seq),
+                            PubAck::Stored { .. } => {
+                                if self.unproven_since_ms.load(Relaxed) != 0 {
+                                    self.unproven_since_ms.store(0, Relaxed);
+                                }
+                                Answer::Acked(seq)
+                            }
                             PubAck::Refused {
                                 code: 503,
                                 description,
