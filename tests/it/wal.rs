@@ -471,8 +471,10 @@ fn write_when_behind_with_a_healthy_sink_leaves_the_disk_alone() {
         src,
         sink,
         2,
-        // A small cap (6 MiB) with batches to match.
-        "write_when = \"behind\"\nmax_bytes = 6291456\nmemory_bytes = 2097152",
+        // A small cap (6 MiB) with batches to match. 2 MiB of memory per
+        // shard is 40 ms of this stream: with 1 MiB (20 ms) one fresh-clone
+        // CI run saw the sender stall past it 72 times and spill.
+        "write_when = \"behind\"\nmax_bytes = 6291456\nmemory_bytes = 4194304",
         "max_bytes = 131072",
     ));
     // What a healthy uplink carries: 200,000 lines/s, not a flood.
