@@ -35,8 +35,9 @@
 //! no log), while the log holds nothing unsent and `memory_bytes` are not
 //! exceeded; once they are, or the sender finds the sink failing, what
 //! memory holds is put in front of the writer's pending frames and written,
-//! and so is every batch after it until the sender has caught up
-//! (`keep_in_memory`, `spill`). At the end the writer waits for the sender
+//! and so is every batch after it until the sender has delivered every
+//! durable batch of the log; batches kept in memory after that wait behind
+//! those still waiting for their sync (`keep_in_memory`, `spill`). At the end the writer waits for the sender
 //! and writes what memory still holds.
 
 use super::format::{self, frame_bytes, CheckpointSlot, FRAME_HEADER_BYTES};
@@ -131,7 +132,9 @@ struct Wal {
     checkpoint_file: File,
     /// Written, waiting for a sync, with each batch's record count and
     /// whether they settle when it is durable (not if they settled when
-    /// kept in memory), in log order.
+    /// kept in memory), in log order. With `write_when = "behind"`, batches
+    /// kept in memory once the sender caught up wait at its tail, behind
+    /// the log's batches sent before them (never in front of one).
     written: RefCell<VecDeque<(Durable, u32, bool)>>,
     /// Durable, waiting for the sender (while `pacing`: the backlog).
     to_send: RefCell<VecDeque<Durable>>,
@@ -874,7 +877,9 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
 /// `memory_bytes`. Once one does not fit, or the sender asked for it (the
 /// sink is failing), everything memory holds goes to the log ahead of the
 /// pending frames (`spill`), and so does every batch after it until the
-/// sender has delivered all the log holds: the order of batches holds.
+/// sender has delivered every durable batch of the log; batches kept in
+/// memory then wait behind those still waiting for their sync: the order of
+/// batches holds.
 fn keep_in_memory(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue, pending: &mut VecDeque<Framed>) {
     let counters = &shard.metrics.sinks[wal.sink];
     if wal.spill_wanted.get() {
@@ -886,11 +891,14 @@ fn keep_in_memory(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue, pending: &mut V
         return;
     }
     if wal.spilling.get() {
-        // Every spilled frame written, and all the log holds delivered.
+        // Every spilled frame written, and every durable batch of the log
+        // delivered. Batches written and waiting for a sync may remain:
+        // under a steady stream there always are some, and batches kept in
+        // memory from now on wait behind them (in `written`), so the order
+        // of batches holds without a gap in the stream.
         let caught_up = !pending.iter().any(|f| f.settled)
-            && wal.written.borrow().is_empty()
-            && wal.nothing_to_send()
-            && wal.log.borrow().unacknowledged() == 0;
+            && wal.nothing_in_the_log_to_send()
+            && wal.log.borrow().durable_unacknowledged() == 0;
         if !caught_up {
             return;
         }
@@ -921,7 +929,7 @@ fn keep_in_memory(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue, pending: &mut V
         wal.memory_seq.set(seq + 1);
         wal.memory_held.set(wal.memory_held.get() + len);
         counters.wal_memory_bytes.set(wal.memory_held.get() as i64);
-        wal.to_send.borrow_mut().push_back(Durable {
+        let d = Durable {
             id: BatchId {
                 segment: wal.memory_epoch,
                 offset: seq,
@@ -930,7 +938,16 @@ fn keep_in_memory(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue, pending: &mut V
             frame: Some(f.buf),
             records: f.records,
             at: tokio::time::Instant::now(),
-        });
+        };
+        // Behind the log's batches still waiting for their sync, if any:
+        // the syncer hands it on after them.
+        let mut written = wal.written.borrow_mut();
+        if written.is_empty() {
+            wal.to_send.borrow_mut().push_back(d);
+        } else {
+            written.push_back((d, f.records, false));
+        }
+        drop(written);
         // As a memory buffer does: taken is settled.
         queue.settle(u64::from(f.records));
         wal.durable.notify_one();
@@ -945,17 +962,19 @@ fn spill(shard: &SinkCtx, wal: &Wal, pending: &mut VecDeque<Framed>, all: bool) 
     let counters = &shard.metrics.sinks[wal.sink];
     wal.spill_wanted.set(false);
     let mut taken: Vec<Durable> = Vec::new();
+    for q in [&wal.to_send, &wal.live] {
+        let mut q = q.borrow_mut();
+        let (memory, log): (VecDeque<Durable>, VecDeque<Durable>) =
+            q.drain(..).partition(|d| wal.is_memory(d.id));
+        *q = log;
+        taken.extend(memory);
+    }
+    // Those waiting behind the log's unsynced batches: always its tail.
     {
-        let mut to_send = wal.to_send.borrow_mut();
-        let mut kept = VecDeque::with_capacity(to_send.len());
-        for d in to_send.drain(..) {
-            if wal.is_memory(d.id) {
-                taken.push(d);
-            } else {
-                kept.push_back(d);
-            }
+        let mut written = wal.written.borrow_mut();
+        while written.back().is_some_and(|(d, _, _)| wal.is_memory(d.id)) {
+            taken.push(written.pop_back().expect("checked").0);
         }
-        *to_send = kept;
     }
     let waiting: usize = taken
         .iter()
@@ -1227,6 +1246,11 @@ async fn syncer(shard: Rc<SinkCtx>, wal: Rc<Wal>, queue: Rc<SinkQueue>) {
                 settle += n as u64;
             }
             wal.push_durable(d);
+        }
+        // write_when = "behind": batches kept in memory that waited behind
+        // the ones just made durable (they settled when kept).
+        while written.front().is_some_and(|(d, _, _)| wal.is_memory(d.id)) {
+            wal.push_durable(written.pop_front().expect("checked").0);
         }
         counters.durable_records.add(records);
         queue.settle(settle);

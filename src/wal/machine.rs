@@ -198,6 +198,12 @@ impl Log {
         self.outstanding.iter().filter(|(_, a)| !a).count() + self.written.len()
     }
 
+    /// Durable batches not yet acknowledged: those the sender has still to
+    /// deliver (what is written and waits for a sync is not counted).
+    pub fn durable_unacknowledged(&self) -> usize {
+        self.outstanding.iter().filter(|(_, a)| !a).count()
+    }
+
     /// Places a frame for an archive of `archive_len` bytes.
     pub fn append(&mut self, archive_len: usize) -> Result<Append, Full> {
         let frame = frame_bytes(archive_len) as u64;

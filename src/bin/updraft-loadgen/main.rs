@@ -196,6 +196,13 @@ struct ReceiveArgs {
     /// connection.
     #[arg(long)]
     read_bytes_per_sec: Option<u64>,
+    /// Play an upstream that stalls once: every connection stops reading
+    /// for --stall-s once this many records arrived (TCP).
+    #[arg(long)]
+    stall_after: Option<u64>,
+    /// How long the stall lasts.
+    #[arg(long, default_value_t = 2.0)]
+    stall_s: f64,
     #[command(flatten)]
     http: http::HttpArgs,
     #[command(flatten)]
@@ -960,7 +967,12 @@ fn parse_lines(buf: &[u8], out: &mut Vec<(u64, u64, u64)>, malformed: &mut u64) 
     used
 }
 
-fn tcp_connection(mut conn: TcpStream, tracker: Arc<Mutex<Tracker>>, read_rate: Option<u64>) {
+fn tcp_connection(
+    mut conn: TcpStream,
+    tracker: Arc<Mutex<Tracker>>,
+    read_rate: Option<u64>,
+    stall: Option<((u64, Duration), Arc<Stall>)>,
+) {
     let mut buf = vec![
         0u8;
         if read_rate.is_some() {
@@ -992,10 +1004,14 @@ fn tcp_connection(mut conn: TcpStream, tracker: Arc<Mutex<Tracker>>, read_rate: 
             malformed += 1;
             filled = 0;
         }
-        tracker
-            .lock()
-            .expect("tracker")
-            .apply(&parsed, malformed, n as u64);
+        let received = {
+            let mut t = tracker.lock().expect("tracker");
+            t.apply(&parsed, malformed, n as u64);
+            t.received
+        };
+        if let Some((plan, stall)) = &stall {
+            stall.wait(*plan, received);
+        }
     }
 }
 
@@ -1024,6 +1040,36 @@ struct Upstream {
     pause: Duration,
     /// Read at most this many bytes per second per connection.
     read_rate: Option<u64>,
+    /// Stop reading once, this long, after this many records.
+    stall: Option<(u64, Duration)>,
+}
+
+/// A stall the connections of one receiver share: when it ends, once begun.
+#[derive(Default)]
+struct Stall {
+    until: Mutex<Option<Instant>>,
+}
+
+impl Stall {
+    /// Sleeps while the stall lasts, beginning it once `received` reaches
+    /// `after`.
+    fn wait(&self, plan: (u64, Duration), received: u64) {
+        let (after, length) = plan;
+        let end = {
+            let mut until = self.until.lock().expect("stall");
+            if until.is_none() && received >= after {
+                *until = Some(Instant::now() + length);
+                eprintln!("receive: stalling for {:.1} s", length.as_secs_f64());
+            }
+            *until
+        };
+        if let Some(end) = end {
+            let now = Instant::now();
+            if now < end {
+                std::thread::sleep(end - now);
+            }
+        }
+    }
 }
 
 /// Accepts connections until `stop`; plays the graceful restart.
@@ -1039,7 +1085,9 @@ fn tcp_acceptor(
         pause_after,
         pause,
         read_rate,
+        stall,
     } = up;
+    let shared_stall = Arc::new(Stall::default());
     let mut listener = Some(first);
     let mut open: Vec<TcpStream> = Vec::new();
     let mut paused_until: Option<Instant> = None;
@@ -1077,7 +1125,8 @@ fn tcp_acceptor(
                     open.push(c);
                 }
                 let t = tracker.clone();
-                std::thread::spawn(move || tcp_connection(conn, t, read_rate));
+                let stall = stall.map(|plan| (plan, shared_stall.clone()));
+                std::thread::spawn(move || tcp_connection(conn, t, read_rate, stall));
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(5))
@@ -1156,6 +1205,9 @@ fn receive(a: ReceiveArgs) -> Result<bool> {
         let pause = Duration::from_secs_f64(a.pause_s);
         let (listen, proto, pause_after, read_rate) =
             (a.listen, a.proto, a.pause_after, a.read_bytes_per_sec);
+        let stall = a
+            .stall_after
+            .map(|n| (n, Duration::from_secs_f64(a.stall_s)));
         // Bind before anything else, so a sender started right after us connects.
         match proto {
             Proto::Tcp => {
@@ -1166,6 +1218,7 @@ fn receive(a: ReceiveArgs) -> Result<bool> {
                         pause_after,
                         pause,
                         read_rate,
+                        stall,
                     };
                     tcp_acceptor(l, up, tracker, stop, received)
                 })
