@@ -130,12 +130,11 @@ struct Wal {
     /// since: retired segments are deleted, not kept as spares.
     disk_trouble: Cell<bool>,
     checkpoint_file: File,
-    /// Written, waiting for a sync, with each batch's record count and
-    /// whether they settle when it is durable (not if they settled when
-    /// kept in memory), in log order. With `write_when = "behind"`, batches
-    /// kept in memory once the sender caught up wait at its tail, behind
-    /// the log's batches sent before them (never in front of one).
-    written: RefCell<VecDeque<(Durable, u32, bool)>>,
+    /// Written, waiting for a sync, in log order. With `write_when =
+    /// "behind"`, batches kept in memory once the sender caught up wait at
+    /// its tail, behind the log's batches sent before them (never in front
+    /// of one), and settle when those are durable.
+    written: RefCell<VecDeque<Written>>,
     /// Durable, waiting for the sender (while `pacing`: the backlog).
     to_send: RefCell<VecDeque<Durable>>,
     /// Backlog pacing (`buffer.replay_share`): once the oldest batch waiting
@@ -241,6 +240,26 @@ impl Wal {
         self.to_send.borrow().is_empty() && self.live.borrow().is_empty()
     }
 
+    /// When the oldest batch kept in memory and not yet taken by the sender
+    /// was kept.
+    fn oldest_memory_waiting(&self) -> Option<tokio::time::Instant> {
+        let first = |q: &VecDeque<Durable>| q.iter().find(|d| self.is_memory(d.id)).map(|d| d.at);
+        let written = self
+            .written
+            .borrow()
+            .iter()
+            .find(|w| self.is_memory(w.d.id))
+            .map(|w| w.d.at);
+        [
+            first(&self.to_send.borrow()),
+            first(&self.live.borrow()),
+            written,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
     /// Nothing waits for the sender but batches kept in memory.
     fn nothing_in_the_log_to_send(&self) -> bool {
         self.live.borrow().is_empty() && self.to_send.borrow().iter().all(|d| self.is_memory(d.id))
@@ -262,6 +281,12 @@ impl Wal {
     fn next_to_send(&self) -> Option<(Durable, bool)> {
         let mut backlog = self.to_send.borrow_mut();
         let mut live = self.live.borrow_mut();
+        if self.pacing.get() && backlog.front().is_none_or(|d| self.is_memory(d.id)) {
+            // The log's backlog is gone (sent, or dropped by drop_oldest):
+            // what is live follows what is left, in order.
+            backlog.extend(live.drain(..));
+            self.pacing.set(false);
+        }
         if !self.pacing.get() {
             let behind = backlog
                 .front()
@@ -504,6 +529,21 @@ struct Framed {
     /// Kept in memory first (`write_when = "behind"`): its records were
     /// settled then.
     settled: bool,
+    /// Written for a spill (`write_when = "behind"`): what memory held.
+    spilled: bool,
+}
+
+/// A batch written and waiting for a sync (or, with `write_when =
+/// "behind"`, kept in memory behind such batches).
+struct Written {
+    d: Durable,
+    records: u32,
+    /// Its records settle when it is durable (not if they settled when it
+    /// was kept in memory).
+    settles: bool,
+    /// Written for a spill: until it is durable and delivered, the sink has
+    /// not caught up.
+    spilled: bool,
 }
 
 /// Archives `batch` in its own payload buffer (the records stay where they
@@ -559,6 +599,7 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
                 archive_len,
                 records,
                 settled: false,
+                spilled: false,
             }),
             Err(e) => {
                 tracing::error!(sink = %plan.name, error = %e, "cannot archive a batch; dropped");
@@ -771,17 +812,18 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
                 give_back(wal, f.buf);
                 None
             };
-            wal.written.borrow_mut().push_back((
-                Durable {
+            wal.written.borrow_mut().push_back(Written {
+                d: Durable {
                     id: a.id,
                     archive_len: f.archive_len as u32,
                     frame,
                     records: f.records,
                     at: tokio::time::Instant::now(),
                 },
-                f.records,
-                !f.settled,
-            ));
+                records: f.records,
+                settles: !f.settled,
+                spilled: f.spilled,
+            });
             counters.wal_bytes_written.add(a.frame_bytes);
         }
         if done > 0 {
@@ -882,7 +924,14 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
 /// batches holds.
 fn keep_in_memory(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue, pending: &mut VecDeque<Framed>) {
     let counters = &shard.metrics.sinks[wal.sink];
-    if wal.spill_wanted.get() {
+    // A batch kept in memory that has waited SPILL_AFTER_FAILING: the sink
+    // is failing or stuck, though what the sender holds may be a batch of
+    // the log (which has no deadline of its own).
+    let stuck = !wal.spilling.get()
+        && wal
+            .oldest_memory_waiting()
+            .is_some_and(|at| at.elapsed() >= SPILL_AFTER_FAILING);
+    if wal.spill_wanted.get() || stuck {
         if !wal.spilling.get() {
             counters.wal_spills.add(1);
         }
@@ -896,7 +945,8 @@ fn keep_in_memory(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue, pending: &mut V
         // under a steady stream there always are some, and batches kept in
         // memory from now on wait behind them (in `written`), so the order
         // of batches holds without a gap in the stream.
-        let caught_up = !pending.iter().any(|f| f.settled)
+        let caught_up = !pending.iter().any(|f| f.spilled)
+            && !wal.written.borrow().iter().any(|w| w.spilled)
             && wal.nothing_in_the_log_to_send()
             && wal.log.borrow().durable_unacknowledged() == 0;
         if !caught_up {
@@ -940,16 +990,22 @@ fn keep_in_memory(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue, pending: &mut V
             at: tokio::time::Instant::now(),
         };
         // Behind the log's batches still waiting for their sync, if any:
-        // the syncer hands it on after them.
+        // the syncer hands it on after them, and settles it then (records
+        // settle in the order they were taken).
         let mut written = wal.written.borrow_mut();
         if written.is_empty() {
-            wal.to_send.borrow_mut().push_back(d);
+            wal.push_durable(d);
+            // As a memory buffer does: taken is settled.
+            queue.settle(u64::from(f.records));
         } else {
-            written.push_back((d, f.records, false));
+            written.push_back(Written {
+                d,
+                records: f.records,
+                settles: true,
+                spilled: false,
+            });
         }
         drop(written);
-        // As a memory buffer does: taken is settled.
-        queue.settle(u64::from(f.records));
         wal.durable.notify_one();
     }
 }
@@ -969,11 +1025,15 @@ fn spill(shard: &SinkCtx, wal: &Wal, pending: &mut VecDeque<Framed>, all: bool) 
         *q = log;
         taken.extend(memory);
     }
-    // Those waiting behind the log's unsynced batches: always its tail.
+    // Those waiting behind the log's unsynced batches (always its tail),
+    // not settled yet.
+    let mut unsettled: Vec<u64> = Vec::new();
     {
         let mut written = wal.written.borrow_mut();
-        while written.back().is_some_and(|(d, _, _)| wal.is_memory(d.id)) {
-            taken.push(written.pop_back().expect("checked").0);
+        while written.back().is_some_and(|w| wal.is_memory(w.d.id)) {
+            let w = written.pop_back().expect("checked");
+            unsettled.push(w.d.id.offset);
+            taken.push(w.d);
         }
     }
     let waiting: usize = taken
@@ -993,7 +1053,8 @@ fn spill(shard: &SinkCtx, wal: &Wal, pending: &mut VecDeque<Framed>, all: bool) 
             buf,
             archive_len: d.archive_len as usize,
             records: d.records,
-            settled: true,
+            settled: !unsettled.contains(&d.id.offset),
+            spilled: true,
         });
     }
     counters.wal_memory_bytes.set(wal.memory_held.get() as i64);
@@ -1239,18 +1300,20 @@ async fn syncer(shard: Rc<SinkCtx>, wal: Rc<Wal>, queue: Rc<SinkQueue>) {
         let mut written = wal.written.borrow_mut();
         let (mut records, mut settle) = (0u64, 0u64);
         for id in durable {
-            let (d, n, settles) = written.pop_front().expect("written in log order");
-            debug_assert_eq!(d.id, id);
-            records += n as u64;
-            if settles {
-                settle += n as u64;
+            let w = written.pop_front().expect("written in log order");
+            debug_assert_eq!(w.d.id, id);
+            records += u64::from(w.records);
+            if w.settles {
+                settle += u64::from(w.records);
             }
-            wal.push_durable(d);
+            wal.push_durable(w.d);
         }
         // write_when = "behind": batches kept in memory that waited behind
-        // the ones just made durable (they settled when kept).
-        while written.front().is_some_and(|(d, _, _)| wal.is_memory(d.id)) {
-            wal.push_durable(written.pop_front().expect("checked").0);
+        // the ones just made durable settle now, after them.
+        while written.front().is_some_and(|w| wal.is_memory(w.d.id)) {
+            let w = written.pop_front().expect("checked");
+            settle += u64::from(w.records);
+            wal.push_durable(w.d);
         }
         counters.durable_records.add(records);
         queue.settle(settle);

@@ -577,6 +577,52 @@ fn write_when_behind_comes_back_to_memory_after_the_sink_stalls_once() {
     );
 }
 
+/// Issue 14: a sink that goes away in the middle of a slow stream (2,000
+/// records/s): `write_when = "behind"` spills within about a second and
+/// stays on the disk while the sink is down, holding nothing in memory
+/// that a `kill -9` would lose (a review found it going back to memory
+/// right after the spill, before the spilled batches were synced).
+#[test]
+fn write_when_behind_stays_on_the_disk_while_a_sink_that_went_away_is_down() {
+    let (src, sink) = (free_addr(), free_addr());
+    // The receiver leaves after 3 s.
+    let rx = Receiver::start(sink, 1_000_000, 3, &[]);
+    let u_ = Updraft::start(&disk_config(
+        src,
+        sink,
+        2,
+        "write_when = \"behind\"\nmax_bytes = 268435456",
+        "linger_ms = 20",
+    ));
+    let mut sender = spawn_send(
+        src,
+        &[
+            "--connections",
+            "2",
+            "--count",
+            "20000",
+            "--size",
+            "128",
+            "--rate",
+            "2000",
+        ],
+    );
+    let _ = rx.finish();
+    u_.wait_metric(SPILLS, 1.0, Duration::from_secs(10));
+    // Records keep coming for about 5 s more.
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            u_.metric(r#"updraft_sink_wal_memory_bytes{sink="up",type="tcp"}"#),
+            0.0,
+            "batches held in memory while the sink is down\n{}",
+            u_.log_text()
+        );
+    }
+    assert!(sender.wait().expect("loadgen send").success());
+    assert!(u_.metric(WRITTEN) > 0.0);
+}
+
 /// Issue 14: with the sink down, `write_when = "behind"` spills what it
 /// holds to the log within about a second, so kill -9 after the spill loses
 /// nothing; restarted, everything arrives once.
