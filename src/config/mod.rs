@@ -141,6 +141,8 @@ pub enum SourceKind {
     Mqtt,
     /// Takes batches from other updrafts (the native protocol).
     Updraft,
+    /// Tails files (no socket of its own to bind).
+    File,
 }
 
 impl SourceKind {
@@ -150,6 +152,7 @@ impl SourceKind {
             SourceKind::Udp => "udp",
             SourceKind::Mqtt => "mqtt",
             SourceKind::Updraft => "updraft",
+            SourceKind::File => "file",
         }
     }
 }
@@ -316,6 +319,79 @@ pub struct SourceConfig {
     pub tls: Option<crate::tls::TlsConfig>,
     /// updraft: the longest batch frame taken from a sender.
     pub max_frame_bytes: Option<usize>,
+    /// file: globs of the files to tail.
+    pub include: Option<Vec<String>>,
+    /// file: globs of files not to tail, though `include` matches them.
+    pub exclude: Option<Vec<String>>,
+    /// file: where to begin a file seen the first time.
+    pub read_from: Option<ReadFrom>,
+}
+
+/// Where a file source begins a file it has no checkpoint for.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadFrom {
+    #[default]
+    Beginning,
+    /// The end, for the files found at start; files that appear later are
+    /// read from their beginning (they are new).
+    End,
+}
+
+/// A file source's keys, resolved.
+#[derive(Debug, Clone)]
+pub struct FileSourcePlan {
+    pub include: Vec<String>,
+    pub exclude: Vec<glob::Pattern>,
+    pub read_from: ReadFrom,
+    /// Where the source keeps each file's checkpoint.
+    pub checkpoints: PathBuf,
+}
+
+/// Names of compressed files a file source never reads, though `include`
+/// matches them (rotated logs compressed by logrotate).
+pub const COMPRESSED_SUFFIXES: [&str; 5] = [".gz", ".zst", ".xz", ".bz2", ".lz4"];
+
+/// Resolves a file source's own keys.
+fn file_source(
+    name: &str,
+    s: &SourceConfig,
+    data_dir: &Path,
+) -> Result<FileSourcePlan, ConfigError> {
+    let key = |k: &str| format!("sources.{name}.{k}");
+    let include = s.include.clone().unwrap_or_default();
+    if include.is_empty() {
+        return Err(invalid(
+            key("include"),
+            "a file source needs at least one path or glob to tail",
+        ));
+    }
+    for (i, g) in include.iter().enumerate() {
+        if let Err(e) = glob::Pattern::new(g) {
+            return Err(invalid(
+                format!("sources.{name}.include[{i}]"),
+                format!("{g:?} is not a glob: {e}"),
+            ));
+        }
+    }
+    let mut exclude = Vec::new();
+    for (i, g) in s.exclude.iter().flatten().enumerate() {
+        match glob::Pattern::new(g) {
+            Ok(p) => exclude.push(p),
+            Err(e) => {
+                return Err(invalid(
+                    format!("sources.{name}.exclude[{i}]"),
+                    format!("{g:?} is not a glob: {e}"),
+                ))
+            }
+        }
+    }
+    Ok(FileSourcePlan {
+        include,
+        exclude,
+        read_from: s.read_from.unwrap_or_default(),
+        checkpoints: data_dir.join("file_source").join(format!("{name}.json")),
+    })
 }
 
 /// An updraft source's keys, resolved.
@@ -557,6 +633,8 @@ pub struct SourcePlan {
     pub mqtt: Option<MqttSourcePlan>,
     /// updraft: TLS and the frame bound.
     pub native: Option<NativeSourcePlan>,
+    /// file: what to tail and where the checkpoints go.
+    pub file: Option<FileSourcePlan>,
     /// Ids of the sinks that list this source in `inputs`.
     pub sinks: Vec<usize>,
     /// What the source attaches to its records as meta because a sink of
@@ -869,6 +947,17 @@ impl Plan {
         for (name, s) in &file.sources {
             let key = |k: &str| format!("sources.{name}.{k}");
             let mut native = None;
+            let mut file_plan = None;
+            if s.kind != SourceKind::File {
+                let set = [
+                    ("include", s.include.is_some()),
+                    ("exclude", s.exclude.is_some()),
+                    ("read_from", s.read_from.is_some()),
+                ];
+                if let Some((k, _)) = set.iter().find(|(_, on)| *on) {
+                    return Err(invalid(key(k), "only a file source takes this key"));
+                }
+            }
             let mqtt = match s.kind {
                 SourceKind::Mqtt => {
                     if s.max_frame_bytes.is_some() {
@@ -881,6 +970,22 @@ impl Plan {
                 }
                 SourceKind::Updraft => {
                     native = Some(native_source(name, s)?);
+                    None
+                }
+                SourceKind::File => {
+                    if let Some(k) = mqtt_only_key(s) {
+                        return Err(invalid(key(k), "only an mqtt source takes this key"));
+                    }
+                    for (k, set) in [
+                        ("tls", s.tls.is_some()),
+                        ("max_frame_bytes", s.max_frame_bytes.is_some()),
+                        ("receive_buffer_bytes", s.receive_buffer_bytes.is_some()),
+                    ] {
+                        if set {
+                            return Err(invalid(key(k), "a file source reads files, not a socket"));
+                        }
+                    }
+                    file_plan = Some(file_source(name, s, &data_dir)?);
                     None
                 }
                 _ => {
@@ -903,6 +1008,15 @@ impl Plan {
                 }
             };
             let address = match (&mqtt, &s.address) {
+                _ if s.kind == SourceKind::File => match s.address {
+                    Some(_) => {
+                        return Err(invalid(
+                            key("address"),
+                            "a file source tails its include paths; it listens on no address",
+                        ))
+                    }
+                    None => SocketAddr::from(([0, 0, 0, 0], 0)),
+                },
                 (Some(m), None) => m.address,
                 (Some(_), Some(_)) => {
                     return Err(invalid(
@@ -948,6 +1062,13 @@ impl Plan {
                     ))
                 }
                 (SourceKind::Tcp, Some(f)) => f,
+                (SourceKind::File, None | Some(Framing::Newline)) => Framing::Newline,
+                (SourceKind::File, Some(_)) => {
+                    return Err(invalid(
+                        key("framing"),
+                        "a file source takes one record per line (\"newline\")",
+                    ))
+                }
             };
             let decoding = s.decoding.unwrap_or_default();
             if decoding != Decoding::Raw && s.kind == SourceKind::Updraft {
@@ -973,9 +1094,10 @@ impl Plan {
             let max_record_bytes = match (s.kind, s.max_record_bytes) {
                 (_, Some(m)) => m,
                 (SourceKind::Udp, None) => MAX_RECORD_BYTES_DEFAULT.min(UDP_PAYLOAD_BYTES_MAX),
-                (SourceKind::Tcp | SourceKind::Mqtt | SourceKind::Updraft, None) => {
-                    MAX_RECORD_BYTES_DEFAULT
-                }
+                (
+                    SourceKind::Tcp | SourceKind::Mqtt | SourceKind::Updraft | SourceKind::File,
+                    None,
+                ) => MAX_RECORD_BYTES_DEFAULT,
             };
             if max_record_bytes == 0 || max_record_bytes > MAX_RECORD_BYTES_LIMIT {
                 return Err(invalid(
@@ -992,7 +1114,7 @@ impl Plan {
                 ));
             }
             let max_connections = match (s.kind, s.max_connections) {
-                (SourceKind::Udp | SourceKind::Mqtt, Some(_)) => {
+                (SourceKind::Udp | SourceKind::Mqtt | SourceKind::File, Some(_)) => {
                     return Err(invalid(
                         key("max_connections"),
                         "only tcp sources have connections",
@@ -1027,7 +1149,7 @@ impl Plan {
                 }),
             };
             let idle_timeout_ms = match (s.kind, s.idle_timeout_ms) {
-                (SourceKind::Udp | SourceKind::Mqtt, Some(_)) => {
+                (SourceKind::Udp | SourceKind::Mqtt | SourceKind::File, Some(_)) => {
                     return Err(invalid(
                         key("idle_timeout_ms"),
                         "only tcp sources have connections",
@@ -1053,16 +1175,19 @@ impl Plan {
                     "an updraft source keeps each batch on the shard it came to, whole (senders are held back when its sinks are full)",
                 ));
             }
-            if s.kind == SourceKind::Mqtt && partitioned {
+            if matches!(s.kind, SourceKind::Mqtt | SourceKind::File) && partitioned {
                 return Err(invalid(
                     key("partition_by"),
-                    "an mqtt source runs on one shard and keeps its records there (\"none\")",
+                    format!(
+                        "an {} source runs on one shard and keeps its records there (\"none\")",
+                        s.kind.name()
+                    ),
                 ));
             }
             if let Some(other) = sources.iter().find(|o: &&SourcePlan| {
                 let stream = |k| matches!(k, SourceKind::Tcp | SourceKind::Updraft);
                 (o.kind == s.kind || (stream(o.kind) && stream(s.kind)))
-                    && o.kind != SourceKind::Mqtt
+                    && !matches!(o.kind, SourceKind::Mqtt | SourceKind::File)
                     && o.address == address
             }) {
                 return Err(invalid(
@@ -1096,6 +1221,7 @@ impl Plan {
                 idle_timeout_ms,
                 mqtt,
                 native,
+                file: file_plan,
                 sinks,
                 fields: Vec::new(),
                 index: false,
@@ -1514,6 +1640,7 @@ impl Plan {
         self.sinks
             .iter()
             .any(|s| s.buffer.kind == BufferKind::Disk || s.target.uses_data_dir())
+            || self.sources.iter().any(|s| s.kind == SourceKind::File)
     }
 
     /// Checks what can be checked before start of the paths the collector

@@ -212,7 +212,7 @@ fn cvt(n: isize) -> io::Result<usize> {
 }
 
 /// Runs `f` (a file operation) on a blocking thread of the shard's runtime.
-async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+pub(crate) async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
         Err(e) => match e.try_into_panic() {
@@ -539,6 +539,34 @@ impl File {
             // SAFETY: the initialised bytes of a buffer this call owns.
             let bytes = unsafe { std::slice::from_raw_parts(buf.stable_ptr(), buf.bytes_init()) };
             (f.write_all_at(bytes, pos), buf)
+        })
+        .await
+    }
+
+    /// Reads what there is from `pos` into `buf`, at most its length: the
+    /// bytes read (0 at the end of the file).
+    pub async fn read_at<T: BufMut>(&self, mut buf: T, pos: u64) -> BufResult<usize, T> {
+        let f = match self {
+            File::Uring(f) => return f.read_at(buf, pos).await,
+            File::Epoll(f) => f.get().clone(),
+        };
+        blocking(move || {
+            let (ptr, len) = (buf.stable_mut_ptr(), buf.bytes_total());
+            loop {
+                // SAFETY: the kernel writes within the buffer's writable
+                // region, which this call owns.
+                let n =
+                    cvt(unsafe { libc::pread(f.as_raw_fd(), ptr.cast(), len, pos as libc::off_t) });
+                match n {
+                    Ok(n) => {
+                        // SAFETY: n bytes were written.
+                        unsafe { buf.set_init(n) };
+                        return (Ok(n), buf);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return (Err(e), buf),
+                }
+            }
         })
         .await
     }

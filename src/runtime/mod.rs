@@ -124,7 +124,7 @@ fn check_port_free(src: &crate::config::SourcePlan) -> Result<(), StartError> {
     let (ty, proto, kind) = match src.kind {
         SourceKind::Tcp | SourceKind::Updraft => (Type::STREAM, Protocol::TCP, "tcp"),
         SourceKind::Udp => (Type::DGRAM, Protocol::UDP, "udp"),
-        SourceKind::Mqtt => return Ok(()),
+        SourceKind::Mqtt | SourceKind::File => return Ok(()),
     };
     let bind_error = |error| StartError::Bind {
         source_name: src.name.clone(),
@@ -250,6 +250,12 @@ pub fn start(plan: Plan) -> Result<Running, StartError> {
             // One session, on the first shard: it subscribes, nothing binds.
             sockets[0].push(BoundSocket::Mqtt { source: id });
             tracing::info!(source = %src.name, broker = %m.url, topics = ?m.topics, "subscribing (mqtt)");
+            continue;
+        }
+        if let Some(f) = &src.file {
+            // One tailer, on the first shard.
+            sockets[0].push(BoundSocket::File { source: id });
+            tracing::info!(source = %src.name, include = ?f.include, "tailing (file)");
             continue;
         }
         for shard_sockets in sockets.iter_mut() {

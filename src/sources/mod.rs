@@ -6,6 +6,7 @@
 //! (a taken port fails the start with the source named) and handed to the
 //! shard, which drives them through io_uring ([`tcp`], [`udp`]).
 
+pub mod file;
 pub mod mqtt;
 pub mod tcp;
 pub mod udp;
@@ -34,6 +35,8 @@ pub enum BoundSocket {
     },
     /// An mqtt source's session (on one shard; no socket bound up front).
     Mqtt { source: usize },
+    /// A file source's tailer (on one shard).
+    File { source: usize },
 }
 
 /// Binds one shard's socket for `source`.
@@ -41,6 +44,7 @@ pub fn bind(source: usize, plan: &SourcePlan) -> std::io::Result<BoundSocket> {
     let domain = Domain::for_address(plan.address);
     match plan.kind {
         SourceKind::Mqtt => Ok(BoundSocket::Mqtt { source }),
+        SourceKind::File => Ok(BoundSocket::File { source }),
         SourceKind::Tcp | SourceKind::Updraft => {
             let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
             s.set_reuse_address(true)?;
@@ -131,6 +135,9 @@ pub fn start(shard: &Rc<Ingest>, sockets: Vec<BoundSocket>) {
             }
             BoundSocket::Mqtt { source } => {
                 shard.spawn_source(mqtt::run(shard.clone(), source));
+            }
+            BoundSocket::File { source } => {
+                shard.spawn_source(file::run(shard.clone(), source));
             }
         }
     }

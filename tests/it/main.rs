@@ -6,6 +6,7 @@ mod harness;
 mod alloc;
 mod config;
 mod delivery;
+mod file;
 mod hostile;
 mod http;
 mod input;
