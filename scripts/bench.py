@@ -1031,6 +1031,76 @@ def native_bench(a, tmp, log):
         log(t)
 
 
+FILE_PAIRS = 3
+
+
+def write_lines(path, n, size=256):
+    """n loadgen-shaped lines of `size` bytes (newline included)."""
+    pad = "x" * size
+    with open(path, "w", buffering=1 << 20) as f:
+        for i in range(n):
+            head = f"stream=0 seq={i} ts=0 "
+            f.write(head + pad[: size - len(head) - 1] + "\n")
+
+
+def file_ceiling(path, n):
+    """cat FILE > /dev/tcp/...: the bytes of the file into the receiver."""
+    port = free_port()
+    rx = receiver(port, n, 120)
+    subprocess.run(["bash", "-c", f'cat "{path}" > /dev/tcp/127.0.0.1/{port}'], check=True)
+    r = finish(rx)
+    return row("file->tcp", "ceiling", 256, 1, None, r["records_per_sec"], None, lost=r["lost"],
+               dup=r["duplicates"], note="cat file > /dev/tcp")
+
+
+def updraft_file(tmp, path, n):
+    sink, mport = free_port(), free_port()
+    rx = receiver(sink, n, 120)
+    cfg = os.path.join(tmp, "updraft.toml")
+    with open(cfg, "w") as f:
+        f.write(f"""shards = 1
+{f'io = "{IO}"' if IO else ""}
+data_dir = "{os.path.join(tmp, 'data')}"
+[metrics]
+address = "127.0.0.1:{mport}"
+[sources.in]
+type = "file"
+include = ["{path}"]
+[sinks.out]
+type = "tcp"
+address = "127.0.0.1:{sink}"
+inputs = ["in"]
+""")
+    c = Collector([UPDRAFT, "run", "--config", cfg], mport, log=os.path.join(tmp, "updraft.log"))
+    r = finish(rx)
+    cpu, rss = c.usage()
+    c.stop()
+    shutil.rmtree(os.path.join(tmp, "data"), ignore_errors=True)
+    return row("file->tcp", "updraft", 256, 1, 1, r["records_per_sec"], None, cpu, rss, n,
+               r["lost"], r["duplicates"])
+
+
+def file_bench(a, tmp, log):
+    """The file source (a file written before, read from its beginning)
+    beside cat into the same receiver, in alternating pairs (rows: the
+    median run)."""
+    n = a.count or (200_000 if a.quick else 2_000_000)
+    path = os.path.join(tmp, "bench.log")
+    write_lines(path, n)
+    reps = 1 if a.quick else FILE_PAIRS
+    print(f"file source: {n} lines of 256 B, 1 shard, {reps} pairs", flush=True)
+    ceil, ours = [], []
+    for _ in range(reps):
+        ceil.append(file_ceiling(path, n))
+        ours.append(updraft_file(tmp, path, n))
+    log(median_run(ceil))
+    m = median_run(ours)
+    m["note"] += "; pairs updraft / cat: " + ", ".join(
+        f"{y['records_per_sec'] / x['records_per_sec']:.2f}" for x, y in zip(ceil, ours))
+    log(m)
+    os.remove(path)
+
+
 # --- two builds side by side ---------------------------------------------------
 
 def io_bench(a, tmp, log):
@@ -1150,7 +1220,8 @@ def main():
                          "longer runs show steady state rather than start-up")
     ap.add_argument("--only", default="all",
                     help="all, or a comma-separated list of: http, disk (only 256 B x 4 connections, the ceilings, "
-                         "memory mode and that scenario), mqtt, nats, native, decode, io (io_uring beside epoll)")
+                         "memory mode and that scenario), mqtt, nats, native, decode, io (io_uring beside epoll), "
+                         "file (the file source beside cat > /dev/tcp)")
     ap.add_argument("--against", metavar="BIN",
                     help="compare with another updraft binary: tcp->tcp and tcp->http, memory and disk, "
                          "in alternating pairs (writes against.md and against.json)")
@@ -1158,7 +1229,7 @@ def main():
     ap.add_argument("--scenario", default="", help="with --against: only scenarios whose name holds this")
     a = ap.parse_args()
     only = set(a.only.split(","))
-    unknown = only - {"all", "http", "disk", "mqtt", "nats", "native", "decode", "io"}
+    unknown = only - {"all", "http", "disk", "mqtt", "nats", "native", "decode", "io", "file"}
     if unknown or ("all" in only and len(only) > 1):
         ap.error(f"--only: unknown or mixed with all: {a.only}")
     os.makedirs(a.out, exist_ok=True)
@@ -1211,6 +1282,8 @@ def main():
             decode_bench(a, tmp, log)
         if "io" in only:
             io_bench(a, tmp, log)
+        if "file" in only:
+            file_bench(a, tmp, log)
         if not only & {"all", "http", "disk"}:
             raise StopIteration
         for size in sizes:

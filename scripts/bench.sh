@@ -12,6 +12,8 @@
 # `--only nats`: tcp -> nats (JetStream) beside the load generator publishing
 # to the same server. `--only io`: tcp->tcp (memory, disk) and udp on the
 # io_uring and the epoll backend, beside the ceilings (3 alternating pairs).
+# `--only file`: the file source reading a file beside `cat file > /dev/tcp`
+# into the same receiver (3 alternating pairs).
 # Results: bench-results/{results.json,results.md,throughput.png,latency.png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -359,7 +359,24 @@ fn file_source(
     data_dir: &Path,
 ) -> Result<FileSourcePlan, ConfigError> {
     let key = |k: &str| format!("sources.{name}.{k}");
-    let include = s.include.clone().unwrap_or_default();
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(invalid(
+            format!("sources.{name}"),
+            "a file source's name names its checkpoint file: use letters, digits, _ and -",
+        ));
+    }
+    // Relative globs are taken from the directory updraft starts in.
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let include: Vec<String> = s
+        .include
+        .iter()
+        .flatten()
+        .map(|g| cwd.join(g).to_string_lossy().into_owned())
+        .collect();
     if include.is_empty() {
         return Err(invalid(
             key("include"),
@@ -1144,7 +1161,11 @@ impl Plan {
                     ))
                 }
                 Some(r) => Some(RateLimitPlan {
-                    per_shard_per_sec: r.records_per_sec.div_ceil(shards as u64),
+                    // An mqtt or file source runs on one shard: all of it there.
+                    per_shard_per_sec: match s.kind {
+                        SourceKind::Mqtt | SourceKind::File => r.records_per_sec,
+                        _ => r.records_per_sec.div_ceil(shards as u64),
+                    },
                     when_exceeded: r.when_exceeded.unwrap_or_default(),
                 }),
             };
@@ -1179,8 +1200,12 @@ impl Plan {
                 return Err(invalid(
                     key("partition_by"),
                     format!(
-                        "an {} source runs on one shard and keeps its records there (\"none\")",
-                        s.kind.name()
+                        "{} source runs on one shard and keeps its records there (\"none\")",
+                        if s.kind == SourceKind::File {
+                            "a file"
+                        } else {
+                            "an mqtt"
+                        }
                     ),
                 ));
             }

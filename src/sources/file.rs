@@ -65,6 +65,8 @@ pub const LET_GO_AFTER: Duration = Duration::from_secs(2);
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Files one source keeps open at most.
 pub const MAX_OPEN_FILES: usize = 256;
+/// How long a checkpoint of a file no scan finds any more is kept.
+pub const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
 /// How long a stopping source waits for its last lines to settle before it
 /// writes its last checkpoint.
 const STOP_SETTLE_WAIT: Duration = Duration::from_secs(1);
@@ -105,8 +107,10 @@ struct Mark {
     head: Option<u32>,
     safe: u64,
     waiting: VecDeque<(u64, Vec<(usize, u64)>)>,
-    /// Still tailed, or found by the latest scan: kept in the file.
-    live: bool,
+    /// Neither tailed nor found by a scan since then. A checkpoint is
+    /// forgotten when its path holds another file, or after FORGET_AFTER
+    /// unseen (a directory mounted late must not make a file read twice).
+    unseen_since: Option<Instant>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -129,14 +133,24 @@ struct Shared {
     marks: RefCell<HashMap<Key, Mark>>,
     /// Checkpoints moved since the last write.
     dirty: std::cell::Cell<bool>,
+    /// The tailer has stopped: the checkpointer ends (after a write in
+    /// progress, so that the last write comes after it).
+    stop: std::cell::Cell<bool>,
+    stopped: Notify,
 }
 
 pub async fn run(ing: Rc<Ingest>, source: usize) {
     let plan = &ing.plan.sources[source];
     let f = plan.file.clone().expect("a file source has its plan");
+    let (name, at) = (plan.name.clone(), f.checkpoints.clone());
+    let loaded = tokio::task::spawn_blocking(move || load_checkpoints(&name, &at)).await;
+    // No checkpoint file at all: the first start (read_from applies).
+    let (marks, fresh) = loaded.unwrap_or_else(|_| (HashMap::new(), false));
     let shared = Rc::new(Shared {
-        marks: RefCell::new(load_checkpoints(&plan.name, &f.checkpoints)),
+        marks: RefCell::new(marks),
         dirty: std::cell::Cell::new(false),
+        stop: std::cell::Cell::new(false),
+        stopped: Notify::new(),
     });
     let events = Arc::new(Events {
         wake: Notify::new(),
@@ -144,7 +158,7 @@ pub async fn run(ing: Rc<Ingest>, source: usize) {
     });
     let inotify = start_inotify(&plan.name, events.clone());
     let writer = crate::io::spawn(checkpointer(ing.clone(), source, shared.clone()));
-    tail(&ing, source, &f, &shared, &events, inotify).await;
+    tail(&ing, source, &f, &shared, &events, inotify, fresh).await;
     // Stopping: give the last lines a moment to settle, then write down
     // where every file stands.
     let deadline = Instant::now() + STOP_SETTLE_WAIT;
@@ -160,7 +174,9 @@ pub async fn run(ing: Rc<Ingest>, source: usize) {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    writer.abort();
+    shared.stop.set(true);
+    shared.stopped.notify_one();
+    let _ = writer.await;
     write_checkpoints(&ing, source, &f, &shared).await;
 }
 
@@ -184,7 +200,13 @@ async fn checkpointer(ing: Rc<Ingest>, source: usize, shared: Rc<Shared>) {
         .clone()
         .expect("a file source");
     loop {
-        tokio::time::sleep(CHECKPOINT_EVERY).await;
+        tokio::select! {
+            _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+            _ = shared.stopped.notified() => {}
+        }
+        if shared.stop.get() {
+            return;
+        }
         settle(&ing, &shared);
         if shared.dirty.get() {
             write_checkpoints(&ing, source, &f, &shared).await;
@@ -192,17 +214,18 @@ async fn checkpointer(ing: Rc<Ingest>, source: usize, shared: Rc<Shared>) {
     }
 }
 
-fn load_checkpoints(name: &str, path: &Path) -> HashMap<Key, Mark> {
+/// The checkpoints kept (blocking), and whether there were none at all.
+fn load_checkpoints(name: &str, path: &Path) -> (HashMap<Key, Mark>, bool) {
     let text = match std::fs::read(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return HashMap::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (HashMap::new(), true),
         Err(e) => {
             tracing::warn!(source = %name, path = %path.display(), error = %e,
-                "cannot read the file checkpoints; files are read as if seen the first time");
-            return HashMap::new();
+                "cannot read the file checkpoints; files are read from their start");
+            return (HashMap::new(), false);
         }
     };
-    match serde_json::from_slice::<Stored>(&text) {
+    let marks = match serde_json::from_slice::<Stored>(&text) {
         Ok(s) => s
             .files
             .into_iter()
@@ -214,17 +237,18 @@ fn load_checkpoints(name: &str, path: &Path) -> HashMap<Key, Mark> {
                         head: f.head,
                         safe: f.offset,
                         waiting: VecDeque::new(),
-                        live: false,
+                        unseen_since: None,
                     },
                 )
             })
             .collect(),
         Err(e) => {
             tracing::warn!(source = %name, path = %path.display(), error = %e,
-                "the file checkpoints are damaged; files are read as if seen the first time");
+                "the file checkpoints are damaged; files are read from their start");
             HashMap::new()
         }
-    }
+    };
+    (marks, false)
 }
 
 /// Writes the checkpoints of the files still tailed or found, atomically.
@@ -236,7 +260,6 @@ async fn write_checkpoints(ing: &Ingest, source: usize, f: &FileSourcePlan, shar
             version: 1,
             files: marks
                 .iter()
-                .filter(|(_, m)| m.live)
                 .map(|(&(dev, ino), m)| StoredFile {
                     path: m.path.clone(),
                     dev,
@@ -476,6 +499,7 @@ async fn tail(
     shared: &Rc<Shared>,
     events: &Events,
     inotify: Option<Arc<OwnedFd>>,
+    fresh: bool,
 ) {
     let plan = &ing.plan.sources[source];
     let counters = &ing.metrics.sources[source];
@@ -528,7 +552,18 @@ async fn tail(
                     tracing::warn!(source = %plan.name, errors = ?errors, suppressed = held, "some paths could not be read");
                 }
             }
-            take_found(ing, source, f, shared, &mut tailed, found, first_scan).await;
+            take_found(
+                ing,
+                source,
+                f,
+                shared,
+                &mut tailed,
+                found,
+                first_scan,
+                fresh,
+                &mut log_files,
+            )
+            .await;
             first_scan = false;
         }
         counters.connections_open.set(tailed.len() as i64);
@@ -548,11 +583,9 @@ async fn tail(
                 t.pos = 0;
                 t.skip = None;
                 t.head = None;
-                if let Some(m) = shared.marks.borrow_mut().get_mut(&t.key) {
-                    m.head = None;
-                }
+                restart_mark(shared, t.key, None);
             }
-            let before = t.pos;
+            let before = (t.pos, t.skip);
             read_file(
                 ing,
                 source,
@@ -564,7 +597,7 @@ async fn tail(
                 &mut log_bad,
             )
             .await;
-            if t.pos != before || t.skip.is_some() {
+            if (t.pos, t.skip) != before {
                 grew = true;
                 t.idle_since = None;
             } else {
@@ -576,9 +609,6 @@ async fn tail(
             if (!t.matched || links == 0) && quiet {
                 let t = tailed.swap_remove(i);
                 tracing::debug!(source = %plan.name, path = %t.path.display(), "let go of a file read to its end");
-                if let Some(m) = shared.marks.borrow_mut().get_mut(&t.key) {
-                    m.live = links > 0 && t.matched;
-                }
                 continue;
             }
             i += 1;
@@ -599,17 +629,34 @@ async fn tail(
             RESCAN
         };
         let stop = ing.stop_signal.notified();
+        tokio::pin!(stop);
+        stop.as_mut().enable();
+        if ing.stopping.get() {
+            break;
+        }
         tokio::select! {
             _ = events.wake.notified() => {}
-            _ = tokio::time::sleep(wait) => { last_scan = None; }
+            _ = tokio::time::sleep(wait) => {}
             _ = stop => break,
         }
     }
     counters.connections_open.set(0);
 }
 
+/// A file read again from its start: its checkpoint starts there too,
+/// and what waited to settle of its old contents no longer counts.
+fn restart_mark(shared: &Shared, key: Key, head: Option<u32>) {
+    if let Some(m) = shared.marks.borrow_mut().get_mut(&key) {
+        m.safe = 0;
+        m.waiting.clear();
+        m.head = head;
+        shared.dirty.set(true);
+    }
+}
+
 /// Starts tailing what a scan found and is not tailed yet; marks what it
 /// did not find.
+#[allow(clippy::too_many_arguments)]
 async fn take_found(
     ing: &Rc<Ingest>,
     source: usize,
@@ -618,6 +665,8 @@ async fn take_found(
     tailed: &mut Vec<Tailed>,
     found: Vec<Found>,
     first_scan: bool,
+    fresh: bool,
+    log: &mut LogEvery,
 ) {
     let plan = &ing.plan.sources[source];
     for t in tailed.iter_mut() {
@@ -625,12 +674,21 @@ async fn take_found(
     }
     {
         let mut marks = shared.marks.borrow_mut();
-        let found_keys: std::collections::HashSet<Key> = found.iter().map(|x| x.key).collect();
-        for (k, m) in marks.iter_mut() {
-            m.live = found_keys.contains(k) || tailed.iter().any(|t| t.key == *k);
+        let before = marks.len();
+        marks.retain(|k, m| {
+            if found.iter().any(|x| x.key == *k) || tailed.iter().any(|t| t.key == *k) {
+                m.unseen_since = None;
+                return true;
+            }
+            let since = *m.unseen_since.get_or_insert_with(Instant::now);
+            // Its path holds another file now (rotated away, deleted and
+            // created again): forgotten once its lines settled.
+            let replaced = found.iter().any(|x| x.path == m.path && x.key != *k);
+            !m.waiting.is_empty() || !(replaced || since.elapsed() >= FORGET_AFTER)
+        });
+        if marks.len() != before {
+            shared.dirty.set(true);
         }
-        // Files gone for good, whose lines all settled, are forgotten.
-        marks.retain(|_, m| m.live || !m.waiting.is_empty());
     }
     for x in found {
         if let Some(t) = tailed.iter_mut().find(|t| t.key == x.key) {
@@ -644,6 +702,7 @@ async fn take_found(
                         "the file's first bytes changed (rewritten): reading it again from its start");
                     t.pos = 0;
                     t.skip = None;
+                    restart_mark(shared, t.key, x.head);
                 }
             }
             if x.head.is_some() {
@@ -656,14 +715,19 @@ async fn take_found(
             continue;
         }
         if tailed.len() >= MAX_OPEN_FILES {
-            tracing::warn!(source = %plan.name, path = %x.path.display(), open = MAX_OPEN_FILES,
-                "too many files open: this one waits until another is let go");
+            if let Some(held) = log.ready() {
+                tracing::warn!(source = %plan.name, path = %x.path.display(), open = MAX_OPEN_FILES, suppressed = held,
+                    "too many files open: this one waits until another is let go");
+            }
             continue;
         }
         let file = match OpenOptions::new().read(true).open(&x.path).await {
             Ok(file) => file,
             Err(e) => {
-                tracing::warn!(source = %plan.name, path = %x.path.display(), error = %e, "cannot open the file");
+                if let Some(held) = log.ready() {
+                    tracing::warn!(source = %plan.name, path = %x.path.display(), error = %e, suppressed = held,
+                        "cannot open the file; trying again at the next scan");
+                }
                 continue;
             }
         };
@@ -686,7 +750,9 @@ async fn take_found(
         let pos = match known {
             Some(m) if m.safe <= size => m.safe,
             Some(_) => 0,
-            None if first_scan && f.read_from == ReadFrom::End => size,
+            // "end" is for the files found at the very first start; later
+            // (and after a restart) a file without a checkpoint is new.
+            None if first_scan && fresh && f.read_from == ReadFrom::End => size,
             None => 0,
         };
         tracing::debug!(source = %plan.name, path = %x.path.display(), offset = pos, "tailing");
@@ -697,7 +763,7 @@ async fn take_found(
                 head: x.head,
                 safe: pos,
                 waiting: VecDeque::new(),
-                live: true,
+                unseen_since: None,
             },
         );
         shared.dirty.set(true);

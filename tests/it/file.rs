@@ -213,7 +213,17 @@ fn an_idle_file_source_uses_no_cpu() {
         w.line(0);
     }
     w.flush();
-    let u_ = Updraft::start(&file_config(logs.path(), sink, "type = \"memory\""));
+    // And a tail longer than max_record_bytes with no newline yet (a
+    // writer that died mid-line): skipped, and not looked at again and again.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(Writer::path(logs.path(), 1))
+        .unwrap()
+        .write_all(&[b'z'; 200_000])
+        .unwrap();
+    let config = file_config(logs.path(), sink, "type = \"memory\"")
+        .replace("include = [", "max_record_bytes = 65536\ninclude = [");
+    let u_ = Updraft::start(&config);
     let (r, ok) = rx.finish();
     assert!(ok, "{r}");
     let cpu = |pid: u32| -> f64 {
@@ -309,4 +319,46 @@ fn a_100_mb_line_a_binary_file_and_a_deleted_file_are_counted_and_the_rest_flows
     let peak = peak_rss(u_.pid());
     eprintln!("peak RSS {} MiB", peak >> 20);
     assert!(peak < 80 << 20, "peak RSS {peak}: the long line was held");
+}
+
+#[test]
+fn read_from_end_skips_what_was_there_only_at_the_very_first_start() {
+    let (sink, logs) = (free_addr(), tempfile::tempdir().unwrap());
+    let line = |stream: u32, seq: u32| format!("stream={stream} seq={seq} ts=0 {:x<64}\n", "");
+    let append = |name: &str, text: String| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(logs.path().join(name))
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap()
+    };
+    // Old lines (stream 9), there before the first start: not read.
+    append("app0.log", (0..1000).map(|i| line(9, i)).collect());
+    let rx = Receiver::start(sink, 2000, 60, &["--linger-ms", "1000"]);
+    let config = file_config(logs.path(), sink, "type = \"disk\"")
+        .replace("include = [", "read_from = \"end\"\ninclude = [");
+    let mut u_ = Updraft::start(&config);
+    u_.wait_metric(
+        r#"updraft_source_connections_open{source="logs"}"#,
+        1.0,
+        Duration::from_secs(10),
+    );
+    append("app0.log", (0..1000).map(|i| line(0, i)).collect());
+    wait_read(&u_, 1000);
+    // A checkpoint is on disk within a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    u_.kill9();
+    // A file created while updraft was down is new: read whole.
+    append("app1.log", (0..1000).map(|i| line(1, i)).collect());
+    u_.restart();
+    let (r, ok) = rx.finish();
+    assert!(ok, "{r}\n{}", u_.log_text());
+    assert_eq!(u(&r, "unique"), 2000, "{r}");
+    assert_eq!(u(&r, "duplicates"), 0, "{r}");
+    assert!(
+        r["per_stream"].get("9").is_none(),
+        "old lines were read: {r}"
+    );
 }

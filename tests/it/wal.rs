@@ -3,7 +3,7 @@
 
 use crate::harness::*;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const DURABLE: &str = r#"updraft_sink_durable_records_total{sink="up",type="tcp"}"#;
 const DROPPED: &str = r#"updraft_sink_buffer_dropped_records_total{sink="up",type="tcp"}"#;
@@ -517,7 +517,7 @@ fn write_when_behind_with_a_healthy_sink_leaves_the_disk_alone() {
 /// Issue 14: a sink that stalls once (the receiver stops reading for 2 s,
 /// what a congested uplink does) makes `write_when = "behind"` spill; once
 /// the backlog is delivered the buffer comes back to memory while the
-/// stream goes on: over the last seconds the disk is written less than once
+/// stream goes on: over its last 4 s the disk is written less than once
 /// per hundred bytes delivered, and every record arrives once.
 #[test]
 fn write_when_behind_comes_back_to_memory_after_the_sink_stalls_once() {
@@ -554,12 +554,25 @@ fn write_when_behind_comes_back_to_memory_after_the_sink_stalls_once() {
         ],
     );
     u_.wait_metric(SPILLS, 1.0, Duration::from_secs(20));
-    // The stall ends within 2 s of the spill; then the sender, held back
-    // meanwhile, catches up with its schedule at full speed (which may
-    // spill again), and the backlog drains.
-    std::thread::sleep(Duration::from_secs(5));
-    let (written0, sent0) = (u_.metric(WRITTEN), u_.metric(SENT_BYTES));
-    assert!(sender.wait().expect("loadgen send").success());
+    // After the stall the sender, held back meanwhile, catches up with its
+    // schedule at full speed (which may spill again: a CI run on epoll
+    // still did 5 s after the first spill). The window is the last 4 s of
+    // the stream, well after that.
+    let mut samples = Vec::new();
+    let status = loop {
+        samples.push((Instant::now(), u_.metric(WRITTEN), u_.metric(SENT_BYTES)));
+        if let Some(status) = sender.try_wait().expect("loadgen send") {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(status.success());
+    let end = samples.last().expect("sampled").0;
+    let &(_, written0, sent0) = samples
+        .iter()
+        .rev()
+        .find(|(t, _, _)| end.duration_since(*t) >= Duration::from_secs(4))
+        .expect("the stream ran past 4 s after the spill");
     let (r, ok) = rx.finish();
     assert!(ok, "{r}\n{}", u_.log_text());
     assert_eq!(u(&r, "unique"), 1_500_000, "{r}");
@@ -569,8 +582,8 @@ fn write_when_behind_comes_back_to_memory_after_the_sink_stalls_once() {
         "after the stall: disk bytes written {written}, bytes delivered {sent}, spills {}",
         u_.metric(SPILLS)
     );
-    // The window holds about 8 s of the stream.
-    assert!(sent >= 100e6, "{sent} bytes delivered after the stall");
+    // The window holds about 4 s of the stream.
+    assert!(sent >= 50e6, "{sent} bytes delivered after the stall");
     assert!(
         written / sent < 0.01,
         "{written} written for {sent} delivered after the stall: still spilled"

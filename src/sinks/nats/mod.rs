@@ -237,6 +237,11 @@ impl Kind for Sink {
         let mut t = t.clone();
         t.shard = cx.id;
         t.inbox = format!("_INBOX.{:016x}{:04x}.", fastrand::u64(..), cx.id);
+        // Each shard's connection proves JetStream ready for itself: a
+        // CI run saw one shard's message stored while another's, sent
+        // before JetStream had loaded the stream, still got "no
+        // responders" 110 ms after reconnecting (86 records dead-lettered).
+        t.unproven_since_ms = Arc::new(AtomicU64::new(0));
         Publisher::new(cx, sink, t, ack)
     }
 
