@@ -829,10 +829,12 @@ async fn read_file(
         }
         let mut start = 0;
         let mut records = 0u64;
+        // One time for the lines of one read, as a tcp source does.
+        let ts = ing.now_ns();
         while let Some(i) = memchr::memchr(b'\n', &data[start..]) {
             let line = &data[start..start + i];
             start += i + 1;
-            if offer_line(ing, source, line, meta, log_bad, &t.path).await {
+            if offer_line(ing, source, line, ts, meta, log_bad, &t.path).await {
                 records += 1;
             }
         }
@@ -868,6 +870,7 @@ async fn offer_line(
     ing: &Rc<Ingest>,
     source: usize,
     line: &[u8],
+    ts: u64,
     meta: &mut Vec<u8>,
     log_bad: &mut LogEvery,
     path: &Path,
@@ -899,7 +902,6 @@ async fn offer_line(
         }
     }
     meta.clear();
-    let ts = ing.now_ns();
     // A file source keeps its records on its shard (partition_by is
     // refused): only `where` and the index.
     let skip = match plan.decoding {
