@@ -692,6 +692,14 @@ fn write_when_behind_writes_what_memory_holds_at_sigterm() {
         src,
         &["--connections", "1", "--count", "20000", "--size", "128"],
     );
+    // The sender is done once its bytes are in the socket: SIGTERM only
+    // once updraft has read them (a CI run signalled 130 ms after start,
+    // before the records were in, and memory held nothing to write).
+    u_.wait_metric(
+        r#"updraft_source_received_records_total{source="app"}"#,
+        20_000.0,
+        Duration::from_secs(10),
+    );
     let (status, _) = u_.terminate();
     assert!(status.success());
     assert!(
