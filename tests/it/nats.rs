@@ -267,6 +267,49 @@ fn a_server_stopped_for_ten_seconds_mid_stream_loses_nothing() {
     );
 }
 
+/// A shard whose connection has stored nothing for longer than the
+/// JetStream wait loses the server: what it holds when the server comes
+/// back, while the stream is not there yet (as while JetStream loads its
+/// streams after a restart: "no responders"), is stored once the stream
+/// is, not dead-lettered. A CI run dead-lettered 39 records so.
+#[test]
+fn records_held_through_a_restart_after_an_idle_start_are_stored_not_dead_lettered() {
+    let mut server = Server::start("");
+    let src = free_addr();
+    let u_ = Updraft::start(&config(
+        src,
+        &server,
+        "[sinks.cloud.retry]\ninitial_backoff_ms = 20\nmax_backoff_ms = 100",
+    ));
+    // No stream yet: one shard connects and, after the wait, refuses
+    // these 10 for good; its connection stays, having stored nothing.
+    send(
+        src,
+        &["--connections", "1", "--count", "10", "--size", "100"],
+    );
+    let dead = r#"updraft_sink_dead_letter_records_total{sink="cloud",type="nats"}"#;
+    assert_eq!(
+        u_.wait_metric(dead, 10.0, Duration::from_secs(20)),
+        10.0,
+        "{}",
+        u_.log_text()
+    );
+    server.stop();
+    // Back with an empty store and the stream made 1 s later: both
+    // shards get "no responders" meanwhile.
+    std::fs::remove_dir_all(server.d.dir.path().join("js")).unwrap();
+    send(
+        src,
+        &["--connections", "8", "--count", "8000", "--size", "100"],
+    );
+    server.run();
+    std::thread::sleep(Duration::from_secs(1));
+    server.create_stream("GW", &["gw.>"]);
+    let n = server.wait_stream("GW", 8_000, Duration::from_secs(30));
+    assert_eq!(n, 8_000, "{}", u_.log_text());
+    assert_eq!(u_.metric(dead), 10.0, "{}", u_.log_text());
+}
+
 #[test]
 fn a_subject_no_stream_captures_goes_to_dead_letters_with_the_reason() {
     let server = Server::start("");

@@ -18,7 +18,9 @@
 //!   message for good: a dead letter with the server's reason. "No
 //!   responders" within JETSTREAM_READY_MS of connecting, before anything
 //!   was stored, is taken for a JetStream still loading its streams after a
-//!   restart and handled like a 503 PubAck.
+//!   restart and handled like a 503 PubAck (the reconnects this causes go
+//!   on with the same wait, so a subject no stream captures is refused
+//!   once it is over).
 //! - Core NATS (`jetstream = false`): a PUB per message, delivered once
 //!   written. The server acknowledges nothing: what it had not taken when a
 //!   connection broke, or what no subscriber was there for, is gone.
@@ -37,7 +39,7 @@ use crate::pipeline::{Ack, BatchId, SinkCtx};
 use crate::record::meta::Field;
 use crate::tls::Link;
 use serde::Deserialize;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -96,11 +98,54 @@ pub struct Target {
     pub inbox: String,
     /// The server's max_payload (from its INFO; shared by the shards).
     pub max_payload: Arc<AtomicUsize>,
-    /// When (ms on [`clock_ms`]) a connection opened with no message stored
-    /// since: "no responders" until JETSTREAM_READY_MS after it means the
-    /// server's JetStream is still loading its streams (after a restart),
-    /// not that no stream captures the subject. 0: a message was stored.
-    pub unproven_since_ms: Arc<AtomicU64>,
+    /// Whether this shard's connection has proved JetStream ready.
+    pub ready: Arc<JetStreamWait>,
+}
+
+/// A shard's wait for JetStream after a connection opens: "no responders"
+/// until JETSTREAM_READY_MS after it, with nothing stored since, means the
+/// server's JetStream is still loading its streams (after a restart), not
+/// that no stream captures the subject.
+#[derive(Debug, Default)]
+pub struct JetStreamWait {
+    /// When (ms on [`clock_ms`]) the wait began; 0: a message was stored.
+    since_ms: AtomicU64,
+    /// The last connection was ended here for an early "no responders":
+    /// the next one goes on with the same wait rather than a new one, so
+    /// a subject no stream captures is refused once the wait is over.
+    retrying: AtomicBool,
+}
+
+impl JetStreamWait {
+    /// A connection opened. Any open but a retry for an early "no
+    /// responders" starts a new wait: a CI run had a shard whose wait
+    /// began at its first connection (nothing stored on that shard before
+    /// the server stopped) expire by the time the server came back, and 39
+    /// records were dead-lettered 50 ms after reconnecting.
+    fn opened(&self) {
+        if !self.retrying.swap(false, Relaxed) || self.since_ms.load(Relaxed) == 0 {
+            self.since_ms.store(clock_ms(), Relaxed);
+        }
+    }
+
+    /// A message was stored: JetStream is ready on this connection.
+    fn stored(&self) {
+        if self.since_ms.load(Relaxed) != 0 {
+            self.since_ms.store(0, Relaxed);
+        }
+    }
+
+    /// "No responders": true if it is early (the connection is ended and
+    /// everything sent again after a backoff), false if the subject is
+    /// refused for good.
+    fn early_no_responders(&self) -> bool {
+        let since = self.since_ms.load(Relaxed);
+        let early = since != 0 && clock_ms() < since + JETSTREAM_READY_MS;
+        if early {
+            self.retrying.store(true, Relaxed);
+        }
+        early
+    }
 }
 
 /// How long after a connection opens, with nothing stored on it yet, a
@@ -229,7 +274,7 @@ impl Kind for Sink {
             shard: 0,
             inbox: String::new(),
             max_payload: Arc::new(AtomicUsize::new(MAX_PAYLOAD_DEFAULT)),
-            unproven_since_ms: Arc::new(AtomicU64::new(0)),
+            ready: Arc::default(),
         })
     }
 
@@ -241,7 +286,7 @@ impl Kind for Sink {
         // CI run saw one shard's message stored while another's, sent
         // before JetStream had loaded the stream, still got "no
         // responders" 110 ms after reconnecting (86 records dead-lettered).
-        t.unproven_since_ms = Arc::new(AtomicU64::new(0));
+        t.ready = Arc::default();
         Publisher::new(cx, sink, t, ack)
     }
 
@@ -420,11 +465,7 @@ impl Protocol for Target {
 
     async fn open(&self, _cx: &SinkCtx, _epoch: u64) -> Result<Opened, String> {
         let opened = self.handshake().await?;
-        // The first connection since something was stored starts the
-        // wait for JetStream (a reconnect within it does not extend it).
-        if self.unproven_since_ms.load(Relaxed) == 0 {
-            self.unproven_since_ms.store(clock_ms(), Relaxed);
-        }
+        self.ready.opened();
         Ok(opened)
     }
 
@@ -511,8 +552,7 @@ impl Protocol for Target {
                     None => Answer::Nothing,
                     Some(seq) => match wire::status(headers) {
                         Some(503) => {
-                            let since = self.unproven_since_ms.load(Relaxed);
-                            if since != 0 && clock_ms() < since + JETSTREAM_READY_MS {
+                            if self.ready.early_no_responders() {
                                 return Err("no responders (503) with nothing stored yet since connecting: JetStream may still be loading its streams".into());
                             }
                             Answer::Refused(
@@ -525,9 +565,7 @@ impl Protocol for Target {
                         }
                         _ => match wire::pub_ack(payload).map_err(|e| format!("{e} from the server"))? {
                             PubAck::Stored { .. } => {
-                                if self.unproven_since_ms.load(Relaxed) != 0 {
-                                    self.unproven_since_ms.store(0, Relaxed);
-                                }
+                                self.ready.stored();
                                 Answer::Acked(seq)
                             }
                             PubAck::Refused {
