@@ -140,6 +140,9 @@ pub struct SourceCounters {
     /// updraft source: connections closed for a protocol error (a bad
     /// greeting, tag, CRC or archive), by the peer's fault.
     pub protocol_errors: Counter,
+    /// file source: files read again from their start because they
+    /// shrank below where they were read to or their first bytes changed.
+    pub files_restarted: Counter,
 }
 
 impl SourceCounters {
@@ -428,6 +431,13 @@ impl Collector for Exposition {
             "Connections an updraft source closed because the peer broke the protocol (bad greeting, tag, CRC or archive).",
             MetricType::Counter,
             source_counter(|c| c.protocol_errors.get()),
+        )?;
+        family(
+            &mut enc,
+            "source_files_restarted",
+            "Files a file source read again from their start: they shrank below where they were read to (truncated), or their first bytes changed.",
+            MetricType::Counter,
+            source_counter(|c| c.files_restarted.get()),
         )?;
         family(
             &mut enc,

@@ -583,6 +583,7 @@ async fn tail(
                 t.pos = 0;
                 t.skip = None;
                 t.head = None;
+                counters.files_restarted.add(1);
                 restart_mark(shared, t.key, None);
             }
             let before = (t.pos, t.skip);
@@ -702,6 +703,7 @@ async fn take_found(
                         "the file's first bytes changed (rewritten): reading it again from its start");
                     t.pos = 0;
                     t.skip = None;
+                    ing.metrics.sources[source].files_restarted.add(1);
                     restart_mark(shared, t.key, x.head);
                 }
             }

@@ -362,3 +362,50 @@ fn read_from_end_skips_what_was_there_only_at_the_very_first_start() {
         "old lines were read: {r}"
     );
 }
+
+/// A file cut to a size short of where it was read to (not to nothing)
+/// is read again from its start: its first lines come twice, counted as
+/// a restart, and what is written after flows.
+#[test]
+fn a_file_that_shrinks_is_read_again_from_its_start_and_counted() {
+    let (sink, logs) = (free_addr(), tempfile::tempdir().unwrap());
+    let rx = Receiver::start(sink, 1_500, 60, &["--linger-ms", "1000"]);
+    let u_ = Updraft::start(&file_config(logs.path(), sink, "type = \"memory\""));
+    let mut w = Writer::new(logs.path());
+    for _ in 0..1_000 {
+        w.line(0);
+    }
+    w.flush();
+    wait_read(&u_, 1_000);
+    // Keep the first 100 lines (each ends in a newline).
+    let path = Writer::path(logs.path(), 0);
+    let text = std::fs::read(&path).unwrap();
+    let cut = text
+        .iter()
+        .enumerate()
+        .filter(|(_, &b)| b == b'\n')
+        .nth(99)
+        .map(|(i, _)| i + 1)
+        .unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(cut as u64)
+        .unwrap();
+    for _ in 0..500 {
+        w.line(0);
+    }
+    w.flush();
+    let (r, ok) = rx.finish();
+    assert!(ok, "{r}\n{}", u_.log_text());
+    assert_eq!(u(&r, "unique"), 1_500, "{r}");
+    assert_eq!(u(&r, "duplicates"), 100, "the kept lines, read again: {r}");
+    assert_eq!(
+        u_.metric(r#"updraft_source_files_restarted_total{source="logs"}"#),
+        1.0,
+        "{}",
+        u_.log_text()
+    );
+    assert!(u_.log_text().contains("truncated"), "{}", u_.log_text());
+}
