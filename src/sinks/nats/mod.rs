@@ -110,22 +110,30 @@ pub struct Target {
 pub struct JetStreamWait {
     /// When (ms on [`clock_ms`]) the wait began; 0: a message was stored.
     since_ms: AtomicU64,
-    /// The last connection was ended here for an early "no responders":
-    /// the next one goes on with the same wait rather than a new one, so
-    /// a subject no stream captures is refused once the wait is over.
+    /// A connection was ended here for an early "no responders", and
+    /// since then nothing was stored, no connect failed and the wait did
+    /// not end: the next connection goes on with the same wait rather than
+    /// a new one (whatever ended the one before), so a subject no stream
+    /// captures is refused once the wait is over.
     retrying: AtomicBool,
 }
 
 impl JetStreamWait {
-    /// A connection opened. Any open but a retry for an early "no
-    /// responders" starts a new wait: a CI run had a shard whose wait
+    /// A connection opened. Any open but one while retrying for an early
+    /// "no responders" starts a new wait: a CI run had a shard whose wait
     /// began at its first connection (nothing stored on that shard before
     /// the server stopped) expire by the time the server came back, and 39
     /// records were dead-lettered 50 ms after reconnecting.
     fn opened(&self) {
-        if !self.retrying.swap(false, Relaxed) || self.since_ms.load(Relaxed) == 0 {
+        if !self.retrying.load(Relaxed) || self.since_ms.load(Relaxed) == 0 {
             self.since_ms.store(clock_ms(), Relaxed);
         }
+    }
+
+    /// A connect failed: the server went away (restarting, perhaps), so
+    /// the next connection waits anew.
+    fn unreachable(&self) {
+        self.retrying.store(false, Relaxed);
     }
 
     /// A message was stored: JetStream is ready on this connection.
@@ -133,6 +141,7 @@ impl JetStreamWait {
         if self.since_ms.load(Relaxed) != 0 {
             self.since_ms.store(0, Relaxed);
         }
+        self.retrying.store(false, Relaxed);
     }
 
     /// "No responders": true if it is early (the connection is ended and
@@ -141,9 +150,7 @@ impl JetStreamWait {
     fn early_no_responders(&self) -> bool {
         let since = self.since_ms.load(Relaxed);
         let early = since != 0 && clock_ms() < since + JETSTREAM_READY_MS;
-        if early {
-            self.retrying.store(true, Relaxed);
-        }
+        self.retrying.store(early, Relaxed);
         early
     }
 }
@@ -464,7 +471,13 @@ impl Protocol for Target {
     }
 
     async fn open(&self, _cx: &SinkCtx, _epoch: u64) -> Result<Opened, String> {
-        let opened = self.handshake().await?;
+        let opened = match self.handshake().await {
+            Ok(o) => o,
+            Err(e) => {
+                self.ready.unreachable();
+                return Err(e);
+            }
+        };
         self.ready.opened();
         Ok(opened)
     }

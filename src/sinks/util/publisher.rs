@@ -189,6 +189,9 @@ struct State {
     epoch: u64,
     /// Written on this connection and not yet acknowledged.
     unacked: u32,
+    /// The far end answered a message (stored or refused) on this
+    /// connection: when it ends, the next one opens at once.
+    answered: bool,
     window: u32,
     /// Replies the reader asked for (PONGs), written before the next run.
     replies: Vec<u8>,
@@ -238,6 +241,7 @@ impl<P: Protocol> Publisher<P> {
                 conn: None,
                 epoch: 0,
                 unacked: 0,
+                answered: false,
                 window,
                 replies: Vec::new(),
                 dead: VecDeque::new(),
@@ -578,8 +582,14 @@ async fn reader<P: Protocol>(inner: Rc<Inner<P>>, stream: Rc<Link>, epoch: u64, 
                     start += used;
                     let mut st = inner.st.borrow_mut();
                     match answer {
-                        Answer::Acked(seq) => inner.settle(&mut st, seq, None),
-                        Answer::Refused(seq, why) => inner.settle(&mut st, seq, Some(why)),
+                        Answer::Acked(seq) => {
+                            st.answered = true;
+                            inner.settle(&mut st, seq, None)
+                        }
+                        Answer::Refused(seq, why) => {
+                            st.answered = true;
+                            inner.settle(&mut st, seq, Some(why))
+                        }
                         Answer::Reply(bytes) => {
                             st.replies.extend_from_slice(bytes);
                             inner.wake.notify_one();
@@ -675,12 +685,32 @@ async fn writer<P: Protocol>(inner: Rc<Inner<P>>) {
     let acknowledged = inner.p.acknowledged();
     let mut last_write = Instant::now();
     let mut replies = Vec::new();
+    // A connection of ours ended: the next opens after a backoff unless
+    // the far end answered something on it (a server that takes the login
+    // and then ends every connection, or answers only with an error that
+    // ends it, is not hammered).
+    let mut was_open = false;
     loop {
         if inner.closing.get() {
             break;
         }
         let conn = inner.st.borrow().conn.clone();
         let Some(conn) = conn else {
+            if std::mem::take(&mut was_open) && acknowledged {
+                if inner.st.borrow().answered {
+                    backoff.reset();
+                } else {
+                    let delay = backoff.next_delay();
+                    let c = inner.counters();
+                    c.retry_backoff_ms.set(delay.as_millis() as i64);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = inner.closed.notified() => {}
+                    }
+                    c.retries.add(1);
+                    continue;
+                }
+            }
             let pending = inner.st.borrow().batches.iter().any(|o| !o.done);
             if !pending {
                 // Connect when there is something to send.
@@ -699,6 +729,7 @@ async fn writer<P: Protocol>(inner: Rc<Inner<P>>) {
                         st.epoch = epoch;
                         st.conn = Some(stream.clone());
                         st.unacked = 0;
+                        st.answered = false;
                         st.replies.clear();
                         st.window = inner
                             .p
@@ -712,7 +743,10 @@ async fn writer<P: Protocol>(inner: Rc<Inner<P>>) {
                     let c = inner.counters();
                     c.connected.set(1);
                     c.retry_backoff_ms.set(0);
-                    backoff.reset();
+                    if !acknowledged {
+                        backoff.reset();
+                    }
+                    was_open = true;
                     if let Some(t) = down_since.take() {
                         tracing::info!(
                             sink = inner.name(),
