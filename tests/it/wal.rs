@@ -518,15 +518,19 @@ fn write_when_behind_with_a_healthy_sink_leaves_the_disk_alone() {
 /// what a congested uplink does) makes `write_when = "behind"` spill; once
 /// the backlog is delivered the buffer comes back to memory while the
 /// stream goes on: over its last 4 s the disk is written less than once
-/// per hundred bytes delivered, and every record arrives once.
+/// per hundred bytes delivered, and every record arrives once. At 50,000
+/// records/s: a fresh-clone CI run on epoll at 100,000/s drained the
+/// backlog only 3 MB/s faster than the stream came (the machine's two
+/// cores shared by sender, receiver and both shards writing and reading
+/// the log), so it was still draining it in the last 4 s.
 #[test]
 fn write_when_behind_comes_back_to_memory_after_the_sink_stalls_once() {
     let (src, sink) = (free_addr(), free_addr());
     let rx = Receiver::start(
         sink,
-        1_500_000,
+        750_000,
         60,
-        &["--stall-after", "200000", "--stall-s", "2"],
+        &["--stall-after", "100000", "--stall-s", "2"],
     );
     let u_ = Updraft::start(&disk_config(
         src,
@@ -539,21 +543,25 @@ fn write_when_behind_comes_back_to_memory_after_the_sink_stalls_once() {
         // stayed spilled for the rest of the stream).
         "max_bytes = 8192",
     ));
-    // 15 s of 100,000 lines/s; the stall begins about 2 s in.
+    // 15 s of 50,000 lines/s; the stall begins about 2 s in.
     let mut sender = spawn_send(
         src,
         &[
             "--connections",
             "4",
             "--count",
-            "1500000",
+            "750000",
             "--size",
             "256",
             "--rate",
-            "100000",
+            "50000",
         ],
     );
-    u_.wait_metric(SPILLS, 1.0, Duration::from_secs(20));
+    assert!(
+        u_.wait_metric(SPILLS, 1.0, Duration::from_secs(20)) >= 1.0,
+        "the stall made it spill: {}",
+        u_.log_text()
+    );
     // After the stall the sender, held back meanwhile, catches up with its
     // schedule at full speed (which may spill again: a CI run on epoll
     // still did 5 s after the first spill). The window is the last 4 s of
@@ -575,15 +583,15 @@ fn write_when_behind_comes_back_to_memory_after_the_sink_stalls_once() {
         .expect("the stream ran past 4 s after the spill");
     let (r, ok) = rx.finish();
     assert!(ok, "{r}\n{}", u_.log_text());
-    assert_eq!(u(&r, "unique"), 1_500_000, "{r}");
+    assert_eq!(u(&r, "unique"), 750_000, "{r}");
     assert_eq!(u(&r, "duplicates"), 0, "{r}");
     let (written, sent) = (u_.metric(WRITTEN) - written0, u_.metric(SENT_BYTES) - sent0);
     eprintln!(
         "after the stall: disk bytes written {written}, bytes delivered {sent}, spills {}",
         u_.metric(SPILLS)
     );
-    // The window holds about 4 s of the stream.
-    assert!(sent >= 50e6, "{sent} bytes delivered after the stall");
+    // The window holds about 4 s of the stream (51 MB).
+    assert!(sent >= 30e6, "{sent} bytes delivered after the stall");
     assert!(
         written / sent < 0.01,
         "{written} written for {sent} delivered after the stall: still spilled"
