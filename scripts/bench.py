@@ -1053,12 +1053,12 @@ def file_ceiling(path, n):
                dup=r["duplicates"], note="cat file > /dev/tcp")
 
 
-def updraft_file(tmp, path, n):
+def updraft_file(tmp, path, n, shards):
     sink, mport = free_port(), free_port()
     rx = receiver(sink, n, 120)
     cfg = os.path.join(tmp, "updraft.toml")
     with open(cfg, "w") as f:
-        f.write(f"""shards = 1
+        f.write(f"""shards = {shards}
 {f'io = "{IO}"' if IO else ""}
 data_dir = "{os.path.join(tmp, 'data')}"
 [metrics]
@@ -1076,28 +1076,30 @@ inputs = ["in"]
     cpu, rss = c.usage()
     c.stop()
     shutil.rmtree(os.path.join(tmp, "data"), ignore_errors=True)
-    return row("file->tcp", "updraft", 256, 1, 1, r["records_per_sec"], None, cpu, rss, n,
+    return row("file->tcp", "updraft", 256, 1, shards, r["records_per_sec"], None, cpu, rss, n,
                r["lost"], r["duplicates"])
 
 
 def file_bench(a, tmp, log):
-    """The file source (a file written before, read from its beginning)
-    beside cat into the same receiver, in alternating pairs (rows: the
-    median run)."""
+    """The file source (a file written before, read from its beginning),
+    on 1 and on 2 shards, beside cat into the same receiver, in rounds of
+    cat, 1 shard, 2 shards (rows: the median run)."""
     n = a.count or (200_000 if a.quick else 2_000_000)
     path = os.path.join(tmp, "bench.log")
     write_lines(path, n)
     reps = 1 if a.quick else FILE_PAIRS
-    print(f"file source: {n} lines of 256 B, 1 shard, {reps} pairs", flush=True)
-    ceil, ours = [], []
+    print(f"file source: {n} lines of 256 B, 1 and 2 shards, {reps} rounds", flush=True)
+    ceil, ours = [], {1: [], 2: []}
     for _ in range(reps):
         ceil.append(file_ceiling(path, n))
-        ours.append(updraft_file(tmp, path, n))
+        for shards, runs in ours.items():
+            runs.append(updraft_file(tmp, path, n, shards))
     log(median_run(ceil))
-    m = median_run(ours)
-    m["note"] += "; pairs updraft / cat: " + ", ".join(
-        f"{y['records_per_sec'] / x['records_per_sec']:.2f}" for x, y in zip(ceil, ours))
-    log(m)
+    for runs in ours.values():
+        m = median_run(runs)
+        m["note"] += "; rounds updraft / cat: " + ", ".join(
+            f"{y['records_per_sec'] / x['records_per_sec']:.2f}" for x, y in zip(ceil, runs))
+        log(m)
     os.remove(path)
 
 
