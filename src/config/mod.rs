@@ -1200,7 +1200,7 @@ impl Plan {
                 return Err(invalid(
                     key("partition_by"),
                     format!(
-                        "{} source runs on one shard and is not partitioned (\"none\")",
+                        "{} source runs on one shard and keeps its records there (\"none\")",
                         if s.kind == SourceKind::File {
                             "a file"
                         } else {

@@ -509,23 +509,6 @@ async fn tail(
         .copied()
         .filter(|&s| ing.plan.sinks[s].buffer.kind == crate::config::BufferKind::Disk)
         .collect();
-    // The tailer's shard reads and cuts lines; with memory buffers only,
-    // the next shard's sinks send them (one ring, so each file's order
-    // holds), and the work of one file takes two cores. With a disk
-    // buffer the lines stay here: a checkpoint waits for marks in this
-    // shard's log. They stay too when a source partitions over the mesh:
-    // bulk lines filling the ring would hold its records back (a UDP
-    // source's would be dropped as sink_full).
-    let partitioned = ing
-        .plan
-        .sources
-        .iter()
-        .any(|s| s.partition_by != crate::config::PartitionBy::None);
-    let dest = if disk_sinks.is_empty() && ing.shards > 1 && !partitioned {
-        (ing.id + 1) % ing.shards
-    } else {
-        ing.id
-    };
     let mut tailed: Vec<Tailed> = Vec::new();
     let mut buf: Vec<u8> = Vec::new();
     let mut meta = Vec::new();
@@ -607,7 +590,6 @@ async fn tail(
             read_file(
                 ing,
                 source,
-                dest,
                 t,
                 &mut buf,
                 &mut meta,
@@ -805,7 +787,6 @@ async fn take_found(
 async fn read_file(
     ing: &Rc<Ingest>,
     source: usize,
-    dest: usize,
     t: &mut Tailed,
     buf: &mut Vec<u8>,
     meta: &mut Vec<u8>,
@@ -855,7 +836,7 @@ async fn read_file(
         while let Some(i) = memchr::memchr(b'\n', &data[start..]) {
             let line = &data[start..start + i];
             start += i + 1;
-            if offer_line(ing, source, dest, line, ts, meta, log_bad, &t.path).await {
+            if offer_line(ing, source, line, ts, meta, log_bad, &t.path).await {
                 records += 1;
             }
         }
@@ -886,12 +867,10 @@ async fn read_file(
     }
 }
 
-/// Offers one line to shard `dest`; whether it was taken (not dropped).
-#[allow(clippy::too_many_arguments)]
+/// Offers one line; whether it was taken (not dropped).
 async fn offer_line(
     ing: &Rc<Ingest>,
     source: usize,
-    dest: usize,
     line: &[u8],
     ts: u64,
     meta: &mut Vec<u8>,
@@ -925,11 +904,11 @@ async fn offer_line(
         }
     }
     meta.clear();
-    // partition_by is refused for a file source: only `where` and the
-    // index.
+    // A file source keeps its records on its shard (partition_by is
+    // refused): only `where` and the index.
     let skip = match plan.decoding {
         Decoding::Raw => 0,
-        _ => match ing.route(source, line, ts, (0, dest), meta) {
+        _ => match ing.route(source, line, ts, (0, ing.id), meta) {
             Routed::To(_, why, skip) => {
                 if let Some(why) = why {
                     if let Some(held) = log_bad.ready() {
@@ -948,6 +927,6 @@ async fn offer_line(
             }
         },
     };
-    ing.offer(source, dest, ts, 0, line, meta, skip).await;
+    ing.offer(source, ing.id, ts, 0, line, meta, skip).await;
     true
 }
