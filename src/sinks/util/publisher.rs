@@ -688,8 +688,12 @@ async fn writer<P: Protocol>(inner: Rc<Inner<P>>) {
     // A connection of ours ended: the next opens after a backoff unless
     // the far end answered something on it (a server that takes the login
     // and then ends every connection, or answers only with an error that
-    // ends it, is not hammered).
+    // ends it, is not hammered). A backoff of its own, from the initial
+    // delay: not the one failed connects grew (after a server restart
+    // that is at its ceiling, and the nats sink's wait for JetStream
+    // would run out in one such sleep).
     let mut was_open = false;
+    let mut unanswered = Backoff::new(inner.cx.plan.sinks[inner.sink].retry);
     loop {
         if inner.closing.get() {
             break;
@@ -698,9 +702,9 @@ async fn writer<P: Protocol>(inner: Rc<Inner<P>>) {
         let Some(conn) = conn else {
             if std::mem::take(&mut was_open) && acknowledged {
                 if inner.st.borrow().answered {
-                    backoff.reset();
+                    unanswered.reset();
                 } else {
-                    let delay = backoff.next_delay();
+                    let delay = unanswered.next_delay();
                     let c = inner.counters();
                     c.retry_backoff_ms.set(delay.as_millis() as i64);
                     tokio::select! {
@@ -743,9 +747,7 @@ async fn writer<P: Protocol>(inner: Rc<Inner<P>>) {
                     let c = inner.counters();
                     c.connected.set(1);
                     c.retry_backoff_ms.set(0);
-                    if !acknowledged {
-                        backoff.reset();
-                    }
+                    backoff.reset();
                     was_open = true;
                     if let Some(t) = down_since.take() {
                         tracing::info!(
