@@ -39,7 +39,7 @@
 use crate::config::{Decoding, FileSourcePlan, ReadFrom, WhenExceeded, COMPRESSED_SUFFIXES};
 use crate::io::{BoundedBuf, File, OpenOptions};
 use crate::logging::LogEvery;
-use crate::metrics::DropReason;
+use crate::metrics::{DropReason, SourceCounters};
 use crate::pipeline::ingest::{Ingest, Routed};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -580,11 +580,7 @@ async fn tail(
             if size < t.skip.unwrap_or(t.pos) {
                 tracing::info!(source = %plan.name, path = %t.path.display(), size, offset = t.pos,
                     "the file is shorter than where it was read to (truncated): reading it again from its start");
-                t.pos = 0;
-                t.skip = None;
-                t.head = None;
-                counters.files_restarted.add(1);
-                restart_mark(shared, t.key, None);
+                restart(counters, shared, t, None);
             }
             let before = (t.pos, t.skip);
             read_file(
@@ -644,10 +640,15 @@ async fn tail(
     counters.connections_open.set(0);
 }
 
-/// A file read again from its start: its checkpoint starts there too,
-/// and what waited to settle of its old contents no longer counts.
-fn restart_mark(shared: &Shared, key: Key, head: Option<u32>) {
-    if let Some(m) = shared.marks.borrow_mut().get_mut(&key) {
+/// Reads `t` again from its start (its first bytes now `head`), counted:
+/// its checkpoint starts there too, and what waited to settle of its old
+/// contents no longer counts.
+fn restart(counters: &SourceCounters, shared: &Shared, t: &mut Tailed, head: Option<u32>) {
+    t.pos = 0;
+    t.skip = None;
+    t.head = head;
+    counters.files_restarted.add(1);
+    if let Some(m) = shared.marks.borrow_mut().get_mut(&t.key) {
         m.safe = 0;
         m.waiting.clear();
         m.head = head;
@@ -701,10 +702,7 @@ async fn take_found(
                 if old != new {
                     tracing::info!(source = %plan.name, path = %t.path.display(),
                         "the file's first bytes changed (rewritten): reading it again from its start");
-                    t.pos = 0;
-                    t.skip = None;
-                    ing.metrics.sources[source].files_restarted.add(1);
-                    restart_mark(shared, t.key, x.head);
+                    restart(&ing.metrics.sources[source], shared, t, x.head);
                 }
             }
             if x.head.is_some() {

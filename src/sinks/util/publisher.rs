@@ -675,6 +675,19 @@ fn next_run(st: &State) -> Option<(usize, u32, u32)> {
     None
 }
 
+/// Waits the backoff's next delay before trying to connect again (cut
+/// short when the output closes), counted as a retry.
+async fn retry_wait<P: Protocol>(inner: &Inner<P>, backoff: &mut Backoff) {
+    let delay = backoff.next_delay();
+    let c = inner.counters();
+    c.retry_backoff_ms.set(delay.as_millis() as i64);
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = inner.closed.notified() => {}
+    }
+    c.retries.add(1);
+}
+
 /// Owns the connection: opens it (again), writes queued messages within the
 /// window, pings when idle. Runs until the output closes.
 async fn writer<P: Protocol>(inner: Rc<Inner<P>>) {
@@ -704,14 +717,7 @@ async fn writer<P: Protocol>(inner: Rc<Inner<P>>) {
                 if inner.st.borrow().answered {
                     unanswered.reset();
                 } else {
-                    let delay = unanswered.next_delay();
-                    let c = inner.counters();
-                    c.retry_backoff_ms.set(delay.as_millis() as i64);
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = inner.closed.notified() => {}
-                    }
-                    c.retries.add(1);
+                    retry_wait(&inner, &mut unanswered).await;
                     continue;
                 }
             }
@@ -775,13 +781,7 @@ async fn writer<P: Protocol>(inner: Rc<Inner<P>>) {
                             "{why}; messages wait in the sink's buffer"
                         );
                     }
-                    let delay = backoff.next_delay();
-                    c.retry_backoff_ms.set(delay.as_millis() as i64);
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = inner.closed.notified() => {}
-                    }
-                    c.retries.add(1);
+                    retry_wait(&inner, &mut backoff).await;
                 }
             }
             continue;
