@@ -5,7 +5,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::time::{Duration, Instant};
 use updraft::record::Batch;
-use updraft::route::Mesh;
+use updraft::route::{Crossing, Mesh};
 
 const RECORDS_PER_BATCH: u64 = 1024;
 
@@ -19,10 +19,10 @@ fn hand_off(batches: u64) -> Duration {
         let mut got = 0;
         while got < batches {
             match inbound.pop() {
-                Ok(b) => {
+                Ok(c) => {
                     got += 1;
-                    std::hint::black_box(b.len());
-                    let _ = back.push(b);
+                    std::hint::black_box(c.batch.len());
+                    let _ = back.push(c.batch);
                 }
                 Err(_) => std::hint::spin_loop(),
             }
@@ -49,9 +49,13 @@ fn hand_off(batches: u64) -> Duration {
             std::hint::spin_loop();
             continue;
         };
-        match out.push(b) {
+        let c = Crossing {
+            batch: b,
+            generation: 1,
+        };
+        match out.push(c) {
             Ok(()) => sent += 1,
-            Err(rtrb::PushError::Full(b)) => free.push(b),
+            Err(rtrb::PushError::Full(c)) => free.push(c.batch),
         }
     }
     consumer.join().unwrap();

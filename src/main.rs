@@ -74,10 +74,9 @@ fn load(config: Option<&PathBuf>) -> Result<Plan, String> {
 /// Signals that stop the collector (flushing what is batched).
 const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT];
 /// Signals a service may be sent that would otherwise kill it on the spot
-/// (their default action is to terminate): logged and ignored. SIGHUP is
-/// what logrotate and a closed terminal send; config reload is not built yet.
-const IGNORED_SIGNALS: [i32; 9] = [
-    libc::SIGHUP,
+/// (their default action is to terminate): logged and ignored. (SIGHUP
+/// reloads the config.)
+const IGNORED_SIGNALS: [i32; 8] = [
     libc::SIGUSR1,
     libc::SIGUSR2,
     libc::SIGALRM,
@@ -182,8 +181,78 @@ fn top(
     }
 }
 
+/// SIGHUP: reads the config file again and, when it is valid and changes
+/// only sources and sinks, applies it (`config::reload`); otherwise says
+/// why, naming the key, and the running config stays.
+fn reload(
+    running: &mut updraft::runtime::Running,
+    path: Option<&PathBuf>,
+    running_config: &mut Option<toml::Table>,
+) {
+    let Some(path) = path else {
+        tracing::warn!("SIGHUP: nothing to reload (started on the embedded quickstart config, without --config)");
+        return;
+    };
+    let file = path.display();
+    let refused = |why: &dyn std::fmt::Display| {
+        tracing::error!("config reload refused: {file}: {why}; the running config stays");
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => return refused(&format_args!("cannot read it: {e}")),
+    };
+    let plan = match Plan::from_toml(&text) {
+        Ok(p) => p,
+        Err(e) => return refused(&e),
+    };
+    let (Ok(table), Some(old)) = (text.parse::<toml::Table>(), running_config.as_ref()) else {
+        return refused(&"the running config could not be read back to compare with");
+    };
+    let change = match updraft::config::reload::merge(running.plan(), old, plan, &table) {
+        Ok(c) => c,
+        Err(e) => return refused(&e),
+    };
+    let (src_added, src_changed, src_removed) = change.sources();
+    let (sink_added, sink_changed, sink_removed) = change.sinks();
+    let summary = format!(
+        "sources added {src_added:?}, changed {src_changed:?}, removed {src_removed:?}; sinks added {sink_added:?}, changed {sink_changed:?}, removed {sink_removed:?}"
+    );
+    match running.reload(change) {
+        Ok(()) => {
+            *running_config = Some(table);
+            tracing::info!("config reloaded from {file}: {summary}");
+        }
+        Err(updraft::runtime::ReloadError::Refused(e)) => refused(&e),
+        Err(updraft::runtime::ReloadError::Late(e)) => {
+            // Handed to the shards: it is the running config now.
+            *running_config = Some(table);
+            tracing::error!("config reload from {file} ({summary}): {e}");
+        }
+    }
+}
+
 fn run(config: Option<&PathBuf>) -> ExitCode {
-    let plan = match load(config) {
+    // Read once: the plan and what later reloads are compared with
+    // (`config::reload`) come from the same text.
+    let text = match config {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let e = updraft::config::ConfigError::Read {
+                    path: path.clone(),
+                    source: e,
+                };
+                updraft::logging::say(format_args!("error: {}: {e}", path.display()));
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
+    let plan = match (&text, config) {
+        (Some(t), Some(path)) => Plan::from_toml(t).map_err(|e| format!("{}: {e}", path.display())),
+        _ => load(None),
+    };
+    let plan = match plan {
         Ok(p) => p,
         Err(e) => {
             updraft::logging::say(format_args!("error: {e}"));
@@ -193,7 +262,11 @@ fn run(config: Option<&PathBuf>) -> ExitCode {
     // Installed before any thread starts, so no signal finds its default
     // action (terminate) in place once the collector holds records.
     let mut signals = match signal_hook::iterator::Signals::new(
-        STOP_SIGNALS.iter().chain(IGNORED_SIGNALS.iter()).copied(),
+        STOP_SIGNALS
+            .iter()
+            .chain(IGNORED_SIGNALS.iter())
+            .chain([libc::SIGHUP].iter())
+            .copied(),
     ) {
         Ok(s) => s,
         Err(e) => {
@@ -202,7 +275,8 @@ fn run(config: Option<&PathBuf>) -> ExitCode {
         }
     };
     let shards = plan.shards;
-    let running = match updraft::runtime::start(plan) {
+    let mut running_config = text.and_then(|t| t.parse::<toml::Table>().ok());
+    let mut running = match updraft::runtime::start(plan) {
         Ok(r) => r,
         Err(e) => {
             updraft::logging::say(format_args!("error: {e}"));
@@ -222,17 +296,16 @@ fn run(config: Option<&PathBuf>) -> ExitCode {
         if STOP_SIGNALS.contains(&signal) {
             break signal;
         }
+        if signal == libc::SIGHUP {
+            reload(&mut running, config, &mut running_config);
+            continue;
+        }
         if let Some(held) = log_ignored.ready() {
-            if signal == libc::SIGHUP {
-                tracing::info!(suppressed = held,
-                    "SIGHUP received and ignored: config reload is not supported yet (restart to apply a new config)");
-            } else {
-                tracing::info!(
-                    signal = signal_name(signal),
-                    suppressed = held,
-                    "signal received and ignored (SIGTERM, SIGINT or SIGQUIT stop the collector)"
-                );
-            }
+            tracing::info!(
+                signal = signal_name(signal),
+                suppressed = held,
+                "signal received and ignored (SIGTERM, SIGINT or SIGQUIT stop the collector)"
+            );
         }
     };
     tracing::info!(

@@ -20,6 +20,8 @@ use crate::record::meta::Field;
 use crate::sinks::{PlanCx, Target};
 use serde::Deserialize;
 use std::collections::BTreeMap;
+
+pub mod reload;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -530,6 +532,13 @@ pub struct SourceFilter {
 /// Sinks with a `where` are told apart by a bit each.
 pub const FILTERED_SINKS_MAX: usize = 64;
 
+/// Ids a running collector can give sources and sinks, over its whole life:
+/// a reload gives an added or changed source or sink a new id (the old one's
+/// tasks may still hold theirs), so reloads that change many are refused
+/// past these, asking for a restart.
+pub const SOURCE_SLOTS_MAX: usize = 128;
+pub const SINK_SLOTS_MAX: usize = FILTERED_SINKS_MAX;
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
@@ -662,6 +671,10 @@ pub struct SourcePlan {
     pub index: bool,
     /// The `where` of each sink of it that has one.
     pub filters: Vec<SourceFilter>,
+    /// A reload removed it (or changed it: the new one has a new id). Its
+    /// id is kept, never reused, so what its tasks still hold stays
+    /// meaningful while they end.
+    pub removed: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -682,6 +695,10 @@ pub struct SinkPlan {
     pub retry: RetryPlan,
     /// `rate_limit`: the sink's byte budget, shared by its shards.
     pub rate: Option<Arc<crate::limiter::ByteRate>>,
+    /// A reload removed it (or changed it: the new one has a new id): its
+    /// queue is closed and its sender ends once it has sent (memory) or
+    /// kept (disk buffer) what it held.
+    pub removed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1251,6 +1268,7 @@ impl Plan {
                 fields: Vec::new(),
                 index: false,
                 filters: Vec::new(),
+                removed: false,
             });
         }
 
@@ -1629,6 +1647,7 @@ impl Plan {
                 buffer,
                 retry,
                 rate,
+                removed: false,
             });
         }
         for s in &sources {

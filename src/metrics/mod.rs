@@ -261,11 +261,25 @@ impl ShardMetrics {
 /// All shards' counters with the names to label them by.
 #[derive(Debug)]
 pub struct Metrics {
-    pub source_names: Vec<String>,
-    pub sink_names: Vec<(String, &'static str)>,
+    /// Indexed by source id; `None` for a source a reload removed (its
+    /// counters are no longer shown).
+    names: std::sync::RwLock<Names>,
     pub shards: Vec<Arc<ShardMetrics>>,
     pub ready: AtomicBool,
 }
+
+/// The names the counters are labelled by, indexed by id.
+#[derive(Debug, Clone, Default)]
+pub struct Names {
+    pub sources: Vec<Option<String>>,
+    pub sinks: Vec<Option<(String, &'static str)>>,
+}
+
+/// Counter slots each shard keeps for sources and sinks: ids are never
+/// reused while the process runs, so a reload that adds (or changes) a
+/// source or sink takes a new slot (`config::reload`).
+pub const SOURCE_SLOTS: usize = crate::config::SOURCE_SLOTS_MAX;
+pub const SINK_SLOTS: usize = crate::config::SINK_SLOTS_MAX;
 
 impl Metrics {
     pub fn new(
@@ -273,15 +287,31 @@ impl Metrics {
         sink_names: Vec<(String, &'static str)>,
         shards: usize,
     ) -> Metrics {
+        let (n_sources, n_sinks) = (
+            SOURCE_SLOTS.max(source_names.len()),
+            SINK_SLOTS.max(sink_names.len()),
+        );
         let shards = (0..shards)
-            .map(|_| Arc::new(ShardMetrics::new(source_names.len(), sink_names.len())))
+            .map(|_| Arc::new(ShardMetrics::new(n_sources, n_sinks)))
             .collect();
         Metrics {
-            source_names,
-            sink_names,
+            names: std::sync::RwLock::new(Names {
+                sources: source_names.into_iter().map(Some).collect(),
+                sinks: sink_names.into_iter().map(Some).collect(),
+            }),
             shards,
             ready: AtomicBool::new(false),
         }
+    }
+
+    /// The names shown now (a reload changes them).
+    pub fn names(&self) -> Names {
+        self.names.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Shows the counters of the sources and sinks `names` has (a reload).
+    pub fn set_names(&self, names: Names) {
+        *self.names.write().unwrap_or_else(|e| e.into_inner()) = names;
     }
 
     /// Sum over shards of one source counter.
@@ -337,17 +367,26 @@ fn single<M: EncodeMetric>(
 impl Collector for Exposition {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let m = &self.0;
-        let src = |i: usize| vec![("source", m.source_names[i].clone())];
+        let names = m.names();
+        let name_of = |n: &Option<String>| n.clone().unwrap_or_default();
+        let src = |i: usize| vec![("source", name_of(&names.sources[i]))];
         let sink = |i: usize| {
-            vec![
-                ("sink", m.sink_names[i].0.clone()),
-                ("type", m.sink_names[i].1.to_string()),
-            ]
+            let (name, kind) = names.sinks[i].clone().unwrap_or_default();
+            vec![("sink", name), ("type", kind.to_string())]
         };
-        let n_src = m.source_names.len();
-        let n_sink = m.sink_names.len();
+        // The ids shown: a source or sink a reload removed is not.
+        let live_src: Vec<usize> = (0..names.sources.len())
+            .filter(|&i| names.sources[i].is_some())
+            .collect();
+        let live_sink: Vec<usize> = (0..names.sinks.len())
+            .filter(|&i| names.sinks[i].is_some())
+            .collect();
+        let n_src = live_src.iter().copied();
+        let n_sink = live_sink.iter().copied();
         let source_counter = |f: fn(&SourceCounters) -> u64| {
-            (0..n_src).map(move |i| (src(i), ConstCounter::new(m.source_sum(i, f))))
+            n_src
+                .clone()
+                .map(move |i| (src(i), ConstCounter::new(m.source_sum(i, f))))
         };
         family(
             &mut enc,
@@ -368,7 +407,7 @@ impl Collector for Exposition {
             "source_dropped_records",
             "Records a source dropped, by reason.",
             MetricType::Counter,
-            (0..n_src).flat_map(|i| {
+            n_src.clone().flat_map(|i| {
                 DropReason::ALL.iter().map(move |r| {
                     let mut l = src(i);
                     l.push(("reason", r.label().to_string()));
@@ -444,7 +483,7 @@ impl Collector for Exposition {
             "source_connections_open",
             "TCP connections open now.",
             MetricType::Gauge,
-            (0..n_src).map(|i| {
+            n_src.clone().map(|i| {
                 (
                     src(i),
                     ConstGauge::new(m.source_sum(i, |c| c.connections_open.get() as u64) as i64),
@@ -452,7 +491,9 @@ impl Collector for Exposition {
             }),
         )?;
         let sink_counter = |f: fn(&SinkCounters) -> i64| {
-            (0..n_sink).map(move |i| (sink(i), ConstCounter::new(m.sink_sum(i, f) as u64)))
+            n_sink
+                .clone()
+                .map(move |i| (sink(i), ConstCounter::new(m.sink_sum(i, f) as u64)))
         };
         family(
             &mut enc,
@@ -494,7 +535,7 @@ impl Collector for Exposition {
             "sink_retry_backoff_ms",
             "The wait of the current retry (drawn with full jitter below the backoff ceiling), the longest over shards; 0 when healthy.",
             MetricType::Gauge,
-            (0..n_sink).map(|i| {
+            n_sink.clone().map(|i| {
                 let longest = m.shards.iter().map(|s| s.sinks[i].retry_backoff_ms.get()).max().unwrap_or(0);
                 (sink(i), ConstGauge::new(longest))
             }),
@@ -504,7 +545,7 @@ impl Collector for Exposition {
             "sink_queued_batches",
             "Sealed batches waiting for the sink.",
             MetricType::Gauge,
-            (0..n_sink).map(|i| {
+            n_sink.clone().map(|i| {
                 (
                     sink(i),
                     ConstGauge::new(m.sink_sum(i, |c| c.queued_batches.get())),
@@ -516,7 +557,7 @@ impl Collector for Exposition {
             "sink_connected",
             "Shards whose connection to the sink is up.",
             MetricType::Gauge,
-            (0..n_sink).map(|i| {
+            n_sink.clone().map(|i| {
                 (
                     sink(i),
                     ConstGauge::new(m.sink_sum(i, |c| c.connected.get())),
@@ -647,7 +688,7 @@ impl Collector for Exposition {
             "sink_wal_bytes",
             "Disk buffer: bytes held in segments now.",
             MetricType::Gauge,
-            (0..n_sink).map(|i| {
+            n_sink.clone().map(|i| {
                 (
                     sink(i),
                     ConstGauge::new(m.sink_sum(i, |c| c.wal_bytes.get())),
@@ -673,7 +714,7 @@ impl Collector for Exposition {
             "sink_wal_memory_bytes",
             "Disk buffer (write_when = behind): bytes of batches held in memory only, now.",
             MetricType::Gauge,
-            (0..n_sink).map(|i| {
+            n_sink.clone().map(|i| {
                 (
                     sink(i),
                     ConstGauge::new(m.sink_sum(i, |c| c.wal_memory_bytes.get())),
@@ -700,7 +741,7 @@ impl Collector for Exposition {
                 "sink_http_responses",
                 "HTTP: answers by class (throttled = 429 and 503; timeout = no answer in request.timeout_ms).",
                 MetricType::Counter,
-                (0..n_sink).flat_map(|i| {
+                n_sink.clone().flat_map(|i| {
                     classes.iter().map(move |(class, f)| {
                         let mut labels = sink(i);
                         labels.push(("class", class.to_string()));
@@ -714,7 +755,7 @@ impl Collector for Exposition {
             "sink_in_flight_requests",
             "HTTP: requests in flight now (all shards).",
             MetricType::Gauge,
-            (0..n_sink).map(|i| {
+            n_sink.clone().map(|i| {
                 (
                     sink(i),
                     ConstGauge::new(m.sink_sum(i, |c| c.in_flight.get())),
@@ -726,7 +767,7 @@ impl Collector for Exposition {
             "sink_concurrency_limit",
             "HTTP: the concurrency limit, summed over shards (adaptive or fixed).",
             MetricType::Gauge,
-            (0..n_sink).map(|i| {
+            n_sink.clone().map(|i| {
                 (
                     sink(i),
                     ConstGauge::new(m.sink_sum(i, |c| c.concurrency_limit.get())),

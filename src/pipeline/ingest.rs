@@ -13,13 +13,13 @@
 //! `Rc`/`RefCell` and never locks. The runtime's shard owns one and drives
 //! its lifecycle; sources see nothing of the runtime.
 
-use super::{SinkCtx, SinkQueue};
+use super::{PlanCell, SinkCtx, SinkQueue};
 use crate::codec::index;
 use crate::config::{BatchLimits, FieldRef, PartitionBy, Plan, Utf8Policy};
 use crate::metrics::DropReason;
 use crate::metrics::ShardMetrics;
 use crate::record::{meta, Batch, BatchBuilder, BatchPool};
-use crate::route::{ShardEnds, ShardWake};
+use crate::route::{Crossing, ShardEnds, ShardWake};
 use rtrb::{Consumer, Producer};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -60,38 +60,42 @@ pub enum Blocked {
 
 /// The batch being filled for another shard and the ring that carries it.
 struct OutLane {
-    state: RefCell<(BatchBuilder, Producer<Batch>)>,
+    state: RefCell<(BatchBuilder, Producer<Crossing>)>,
     opened: Notify,
 }
 
 pub struct Ingest {
     pub id: usize,
     pub shards: usize,
-    pub plan: Arc<Plan>,
+    /// The plan run now (a reload replaces it; see [`Ingest::reload`]).
+    pub plan: Rc<PlanCell>,
     pub metrics: Arc<ShardMetrics>,
     /// Open connections per source, over all shards (`max_connections`).
     pub connections: Arc<Vec<AtomicUsize>>,
     /// Each source's ingress rate on this shard (`rate_limit`), if set.
-    rates: Vec<RefCell<Option<crate::limiter::IngressRate>>>,
-    pub sinks: Vec<Rc<SinkQueue>>,
+    rates: RefCell<Vec<Option<crate::limiter::IngressRate>>>,
+    /// Indexed by sink id (a removed sink's closed queue stays).
+    pub sinks: RefCell<Vec<Rc<SinkQueue>>>,
     /// What the shard's sinks may use of it (plan, counters, clock, pool).
     pub ctx: Rc<SinkCtx>,
     out: Vec<Option<OutLane>>,
-    inbound: RefCell<Vec<Option<Consumer<Batch>>>>,
+    inbound: RefCell<Vec<Option<Consumer<Crossing>>>>,
     returns_out: RefCell<Vec<Option<Producer<Batch>>>>,
     returns_in: RefCell<Vec<Option<Consumer<Batch>>>>,
     wakes: Arc<Vec<ShardWake>>,
     inbound_busy: Cell<bool>,
     /// Set when the shard begins to stop; sources finish their reads.
     pub stopping: Rc<Cell<bool>>,
-    /// Sockets to shut down for reading when the shard stops.
-    open_fds: RefCell<HashMap<u64, RawFd>>,
+    /// Sockets to shut down for reading when the shard stops (or a reload
+    /// removes their source), with their source.
+    open_fds: RefCell<HashMap<u64, (usize, RawFd)>>,
     next_fd_key: Cell<u64>,
     /// Source tasks (listeners, connections, datagram loops) still running.
     active_sources: Cell<usize>,
     sources_changed: Notify,
-    /// Signalled once when the shard begins to stop.
-    pub stop_signal: Notify,
+    /// Per source id: signalled when the shard begins to stop, or a reload
+    /// removes the source.
+    stop_signals: RefCell<Vec<Rc<Notify>>>,
 }
 
 impl Ingest {
@@ -109,33 +113,7 @@ impl Ingest {
             .enumerate()
             .map(|(i, s)| Rc::new(SinkQueue::new(s, i, metrics.clone())))
             .collect();
-        // Pool: a batch must take the largest record in one piece.
-        let record_bytes = plan.max_record_bytes() + 1;
-        let batch_bytes = plan
-            .sinks
-            .iter()
-            .map(|s| s.batch.max_bytes)
-            .chain([CROSSING_BATCH.max_bytes])
-            .max()
-            .unwrap_or(0)
-            .max(record_bytes);
-        let batch_records = plan
-            .sinks
-            .iter()
-            .map(|s| s.batch.max_records)
-            .chain([CROSSING_BATCH.max_records])
-            .max()
-            .unwrap_or(0)
-            .min(1 << 16);
-        // What the pool keeps is the sum of its consumers: per sink, its queue
-        // plus the open batch and the one being sent; per outbound lane, the
-        // open batch plus a full ring.
-        let keep = plan
-            .sinks
-            .iter()
-            .map(|s| s.queue_batches + 2)
-            .sum::<usize>()
-            + (shards - 1) * (crate::route::RING_BATCHES + 1);
+        let (batch_records, batch_bytes, keep) = pool_sizes(&plan);
         let out = ends
             .out
             .into_iter()
@@ -147,6 +125,7 @@ impl Ingest {
             })
             .collect();
         let stopping = Rc::new(Cell::new(false));
+        let plan = Rc::new(PlanCell::new(plan));
         let ctx = Rc::new(SinkCtx::new(
             id,
             plan.clone(),
@@ -158,7 +137,7 @@ impl Ingest {
             ctx,
             id,
             shards,
-            sinks,
+            sinks: RefCell::new(sinks),
             out,
             inbound: RefCell::new(ends.inbound),
             returns_out: RefCell::new(ends.returns_out),
@@ -170,17 +149,12 @@ impl Ingest {
             next_fd_key: Cell::new(0),
             active_sources: Cell::new(0),
             sources_changed: Notify::new(),
-            stop_signal: Notify::new(),
-            rates: plan
-                .sources
-                .iter()
-                .map(|s| {
-                    RefCell::new(
-                        s.rate_limit
-                            .map(|r| crate::limiter::IngressRate::new(r.per_shard_per_sec, 0)),
-                    )
-                })
-                .collect(),
+            stop_signals: RefCell::new(
+                (0..plan.sources.len())
+                    .map(|_| Rc::new(Notify::new()))
+                    .collect(),
+            ),
+            rates: RefCell::new(plan.sources.iter().map(ingress_rate).collect()),
             plan,
             metrics,
             connections,
@@ -197,7 +171,7 @@ impl Ingest {
     /// without a limit).
     #[inline]
     pub fn rate_admit(&self, source: usize) -> bool {
-        match &mut *self.rates[source].borrow_mut() {
+        match &mut self.rates.borrow_mut()[source] {
             None => true,
             Some(r) => r.try_take(self.ctx.clock.delta_as_nanos(0, self.ctx.clock.raw())),
         }
@@ -207,7 +181,7 @@ impl Ingest {
     /// (`when_exceeded = "block"`: the connection is not read meanwhile).
     pub async fn rate_wait(&self, source: usize) {
         loop {
-            let wait = match &mut *self.rates[source].borrow_mut() {
+            let wait = match &mut self.rates.borrow_mut()[source] {
                 None => return,
                 Some(r) => {
                     let now = self.ctx.clock.delta_as_nanos(0, self.ctx.clock.raw());
@@ -314,6 +288,23 @@ impl Ingest {
         Routed::To(to, None, skip)
     }
 
+    /// The `where` mask of `record` under the plan run now (a record
+    /// routed by an earlier one: a reload came between).
+    fn skip_mask(&self, source: usize, record: &[u8], now_ns: u64) -> u64 {
+        let plan = &self.plan.sources[source];
+        if plan.filters.is_empty() {
+            return 0;
+        }
+        let parsed = index::parse(plan.decoding, record, now_ns, None);
+        plan.filters
+            .iter()
+            .filter(|f| match &parsed {
+                Ok(p) => !p.value(record, &f.field, |v| f.matcher.takes(v)),
+                Err(_) => !f.matcher.takes(None),
+            })
+            .fold(0u64, |m, f| m | 1 << f.sink)
+    }
+
     #[inline]
     fn keyed(&self, value: &[u8]) -> (u32, usize) {
         let k = crate::route::value_key(value);
@@ -323,7 +314,7 @@ impl Ingest {
     /// Starts what moves records on this shard for its life: each sink
     /// queue's linger, each outbound lane's linger, the inbound rings.
     pub fn start(self: &Rc<Self>) {
-        for q in &self.sinks {
+        for q in self.sinks.borrow().iter() {
             let q = q.clone();
             crate::io::spawn(async move { q.linger().await });
         }
@@ -335,12 +326,84 @@ impl Ingest {
         crate::io::spawn(self.clone().inbound());
     }
 
+    /// Runs `plan` from now on (a reload, [`crate::config::reload`]): the
+    /// sinks `added` (new ids, in order) get queues, with their linger; the
+    /// queues of those `removed` close (their senders end once they have
+    /// sent or kept what they held); the sources the plan marks removed are
+    /// told to stop and their sockets are shut for reading. Returns the new
+    /// queues, whose senders the runtime starts.
+    pub fn reload(
+        self: &Rc<Self>,
+        plan: Arc<Plan>,
+        added: &[usize],
+        removed: &[usize],
+    ) -> Vec<Rc<SinkQueue>> {
+        self.plan.set(plan.clone());
+        {
+            let mut rates = self.rates.borrow_mut();
+            while rates.len() < plan.sources.len() {
+                let next = ingress_rate(&plan.sources[rates.len()]);
+                rates.push(next);
+            }
+        }
+        let (records, bytes, keep) = pool_sizes(&plan);
+        self.ctx.pool.borrow_mut().grow(records, bytes, keep);
+        let mut new = Vec::with_capacity(added.len());
+        {
+            let mut sinks = self.sinks.borrow_mut();
+            for (s, q) in sinks.iter().enumerate() {
+                if !plan.sinks[s].removed {
+                    q.set_marks(plan.sinks[s].marks.clone());
+                }
+            }
+            for &s in added {
+                assert_eq!(s, sinks.len(), "added sinks take the next ids");
+                let q = Rc::new(SinkQueue::new(&plan.sinks[s], s, self.metrics.clone()));
+                sinks.push(q.clone());
+                new.push(q);
+            }
+        }
+        for q in &new {
+            let q = q.clone();
+            crate::io::spawn(async move { q.linger().await });
+        }
+        for &s in removed {
+            self.sinks.borrow()[s].close();
+        }
+        // Sources waiting for room look at the plan again (a sink they
+        // waited for may no longer take them, or be gone).
+        for q in self.sinks.borrow().iter() {
+            q.space.notify_waiters();
+        }
+        self.wakes[self.id].space.notify_waiters();
+        for (source, fd) in self.open_fds.borrow().values() {
+            if plan.sources[*source].removed {
+                // SAFETY: the fds are open sockets owned by live source tasks.
+                unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
+            }
+        }
+        {
+            let mut signals = self.stop_signals.borrow_mut();
+            while signals.len() < plan.sources.len() {
+                signals.push(Rc::new(Notify::new()));
+            }
+            for (s, n) in signals.iter().enumerate() {
+                if plan.sources[s].removed {
+                    n.notify_waiters();
+                }
+            }
+        }
+        new
+    }
+
     /// Stops the sources: no new connections; every read in flight
     /// completes. Returns when every source task has ended.
     pub async fn stop_sources(&self) {
         self.stopping.set(true);
-        self.stop_signal.notify_waiters();
-        for fd in self.open_fds.borrow().values() {
+        for n in self.stop_signals.borrow().iter() {
+            n.notify_waiters();
+        }
+        for (_, fd) in self.open_fds.borrow().values() {
             // SAFETY: the fds are open sockets owned by live source tasks.
             unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
         }
@@ -400,8 +463,9 @@ impl Ingest {
         let len = record.len() + meta.len();
         if dest == self.id {
             let src = &self.plan.sources[source];
+            let sinks = self.sinks.borrow();
             for &s in &src.sinks {
-                let q = &self.sinks[s];
+                let q = &sinks[s];
                 if !skipped(skip, s) && !q.drops_when_full && !q.has_room(len, source) {
                     return Err(Blocked::Sink(s));
                 }
@@ -411,7 +475,7 @@ impl Ingest {
                 if skipped(skip, s) {
                     continue;
                 }
-                let q = &self.sinks[s];
+                let q = &sinks[s];
                 if q.has_room(len, source) {
                     q.append(&mut pool, ts_ns, key_hash, source as u16, record, meta);
                 } else if q.evicts_when_full && q.is_top(source) {
@@ -482,10 +546,14 @@ impl Ingest {
     }
 
     /// Seals the lane's open batch into the ring to `dest` (which has room).
-    fn cross(&self, builder: &mut BatchBuilder, ring: &mut Producer<Batch>, dest: usize) {
+    fn cross(&self, builder: &mut BatchBuilder, ring: &mut Producer<Crossing>, dest: usize) {
         if let Some(b) = builder.seal() {
             self.metrics.crossed_records.add(b.len() as u64);
-            if ring.push(b).is_err() {
+            let c = Crossing {
+                batch: b,
+                generation: self.plan.generation() as u32,
+            };
+            if ring.push(c).is_err() {
                 unreachable!("the caller checked the ring has room");
             }
             self.wakes[dest].data.notify_one();
@@ -505,17 +573,25 @@ impl Ingest {
         key_hash: u32,
         record: &[u8],
         meta: &[u8],
-        skip: u64,
+        mut skip: u64,
     ) {
+        let mut generation = self.plan.generation();
         loop {
+            if generation != self.plan.generation() {
+                // A reload while it waited: the new plan's `where` decides.
+                generation = self.plan.generation();
+                skip = self.skip_mask(source, record, ts_ns);
+            }
             let blocked = match self.try_offer(source, dest, ts_ns, key_hash, record, meta, skip) {
                 Ok(()) => return,
                 Err(b) => b,
             };
+            let queue;
             let notify = match blocked {
                 Blocked::Sink(s) => {
                     self.metrics.sinks[s].backpressure_waits.add(1);
-                    &self.sinks[s].space
+                    queue = self.sinks.borrow()[s].clone();
+                    &queue.space
                 }
                 Blocked::Ring(_) => &self.wakes[self.id].space,
             };
@@ -589,11 +665,36 @@ impl Ingest {
                         Some(c) => c.pop().ok(),
                         None => None,
                     };
-                    let Some(mut batch) = popped else { break };
+                    let Some(Crossing {
+                        mut batch,
+                        generation,
+                    }) = popped
+                    else {
+                        break;
+                    };
                     got = true;
                     self.inbound_busy.set(true);
                     self.wakes[k].space.notify_waiters();
+                    // Routed by a plan a reload gave the sending shard first:
+                    // this one takes it in a moment (stopping, it may not:
+                    // what it cannot route is counted).
+                    let mut unknown = false;
+                    while generation as usize > self.plan.generation() {
+                        if self.stopping.get() {
+                            unknown = true;
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    // Routed by another plan than this shard's: its `where`
+                    // masks are looked at again.
+                    let stale = generation as usize != self.plan.generation();
                     for (e, rec, meta) in batch.iter() {
+                        let source = e.source as usize;
+                        if unknown && source >= self.plan.sources.len() {
+                            self.metrics.sources[source].drop(DropReason::NoSink, 1);
+                            continue;
+                        }
                         let (meta, skip) = match meta {
                             [SKIP_ITEM, 8, 0, rest @ ..] if rest.len() >= 8 => (
                                 &rest[8..],
@@ -601,16 +702,13 @@ impl Ingest {
                             ),
                             _ => (meta, 0),
                         };
-                        self.offer(
-                            e.source as usize,
-                            self.id,
-                            e.ts_ns,
-                            e.key_hash,
-                            rec,
-                            meta,
-                            skip,
-                        )
-                        .await;
+                        let skip = if stale {
+                            self.skip_mask(source, rec, e.ts_ns)
+                        } else {
+                            skip
+                        };
+                        self.offer(source, self.id, e.ts_ns, e.key_hash, rec, meta, skip)
+                            .await;
                     }
                     batch.clear();
                     if let Some(p) = self.returns_out.borrow_mut()[k].as_mut() {
@@ -657,24 +755,23 @@ impl Ingest {
     /// Each of `sinks`' `appended()` mark now: once all have settled to
     /// them, what was offered so far is durable.
     pub fn marks(&self, sinks: &[usize]) -> Vec<(usize, u64)> {
-        sinks
-            .iter()
-            .map(|&s| (s, self.sinks[s].appended()))
-            .collect()
+        let queues = self.sinks.borrow();
+        sinks.iter().map(|&s| (s, queues[s].appended())).collect()
     }
 
     /// The first of `marks` not yet settled.
     pub fn unsettled(&self, marks: &[(usize, u64)]) -> Option<(usize, u64)> {
+        let queues = self.sinks.borrow();
         marks
             .iter()
-            .find(|&&(s, mark)| self.sinks[s].settled() < mark)
+            .find(|&&(s, mark)| queues[s].settled() < mark)
             .copied()
     }
 
     /// Waits until sink `s` has settled to `mark` (or moved at all: the
     /// caller looks again).
     pub async fn settle_wait(&self, (s, mark): (usize, u64)) {
-        let q = &self.sinks[s];
+        let q = self.sinks.borrow()[s].clone();
         let wait = q.settled_changed.notified();
         tokio::pin!(wait);
         wait.as_mut().enable();
@@ -683,16 +780,29 @@ impl Ingest {
         }
     }
 
-    /// Registers a socket to shut down when the shard stops; returns its key.
-    pub fn watch_fd(&self, fd: RawFd) -> u64 {
+    /// Registers a socket of `source` to shut down when the shard stops (or
+    /// a reload removes the source); returns its key.
+    pub fn watch_fd(&self, source: usize, fd: RawFd) -> u64 {
         let key = self.next_fd_key.get();
         self.next_fd_key.set(key + 1);
-        self.open_fds.borrow_mut().insert(key, fd);
-        if self.stopping.get() {
+        self.open_fds.borrow_mut().insert(key, (source, fd));
+        if self.source_stopping(source) {
             // SAFETY: shutdown(2) on a descriptor the caller owns and keeps open.
             unsafe { libc::shutdown(fd, libc::SHUT_RD) };
         }
         key
+    }
+
+    /// What is signalled when `source` is to stop (see [`Ingest::source_stopping`]).
+    pub fn stop_signal(&self, source: usize) -> Rc<Notify> {
+        self.stop_signals.borrow()[source].clone()
+    }
+
+    /// Whether `source` is to stop reading: the shard stops, or a reload
+    /// removed it.
+    #[inline]
+    pub fn source_stopping(&self, source: usize) -> bool {
+        self.stopping.get() || self.plan.sources[source].removed
     }
 
     pub fn unwatch_fd(&self, key: u64) {
@@ -709,6 +819,36 @@ impl Ingest {
             shard.sources_changed.notify_waiters();
         });
     }
+}
+
+/// The batch pool's sizes for `plan`: records and bytes of a new batch (a
+/// batch must take the largest record in one piece) and how many free
+/// batches it keeps: the sum of its consumers, per sink its queue plus the
+/// open batch and the one being sent, per outbound lane the open batch plus
+/// a full ring.
+fn pool_sizes(plan: &Plan) -> (usize, usize, usize) {
+    let live = || plan.sinks.iter().filter(|s| !s.removed);
+    let record_bytes = plan.max_record_bytes() + 1;
+    let batch_bytes = live()
+        .map(|s| s.batch.max_bytes)
+        .chain([CROSSING_BATCH.max_bytes])
+        .max()
+        .unwrap_or(0)
+        .max(record_bytes);
+    let batch_records = live()
+        .map(|s| s.batch.max_records)
+        .chain([CROSSING_BATCH.max_records])
+        .max()
+        .unwrap_or(0)
+        .min(1 << 16);
+    let keep = live().map(|s| s.queue_batches + 2).sum::<usize>()
+        + (plan.shards - 1) * (crate::route::RING_BATCHES + 1);
+    (batch_records, batch_bytes, keep)
+}
+
+fn ingress_rate(s: &crate::config::SourcePlan) -> Option<crate::limiter::IngressRate> {
+    s.rate_limit
+        .map(|r| crate::limiter::IngressRate::new(r.per_shard_per_sec, 0))
 }
 
 /// Whether sink `s`'s bit is set in a `where` mask.

@@ -30,13 +30,56 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 
+/// The plan a shard runs, replaced whole by a reload
+/// ([`crate::config::reload`]). Every plan it held stays alive as long as
+/// it does, so a `&Plan` read from it stays valid across awaits: a task that
+/// read its source's or sink's entry before a reload goes on with that
+/// entry, which a reload does not change for what it keeps.
+pub struct PlanCell {
+    current: Cell<*const Plan>,
+    held: RefCell<Vec<Arc<Plan>>>,
+}
+
+impl PlanCell {
+    pub fn new(plan: Arc<Plan>) -> PlanCell {
+        PlanCell {
+            current: Cell::new(Arc::as_ptr(&plan)),
+            held: RefCell::new(vec![plan]),
+        }
+    }
+
+    /// Runs `plan` from now on.
+    pub fn set(&self, plan: Arc<Plan>) {
+        self.current.set(Arc::as_ptr(&plan));
+        self.held.borrow_mut().push(plan);
+    }
+
+    /// How many plans it has run (1, and one more per reload): what a task
+    /// that keeps something derived from the plan compares to know it is
+    /// stale.
+    pub fn generation(&self) -> usize {
+        self.held.borrow().len()
+    }
+}
+
+impl std::ops::Deref for PlanCell {
+    type Target = Plan;
+    #[inline]
+    fn deref(&self) -> &Plan {
+        // SAFETY: `current` points into an `Arc<Plan>` that `held` keeps
+        // until this cell is dropped (plans are only ever added), so the
+        // plan outlives the borrow of `self`.
+        unsafe { &*self.current.get() }
+    }
+}
+
 /// One shard's handle for its sinks. Lives on the shard's thread.
 pub struct SinkCtx {
     /// The shard's id.
     pub id: usize,
     /// How many shards run.
     pub shards: usize,
-    pub plan: Arc<Plan>,
+    pub plan: Rc<PlanCell>,
     /// The shard's counters (each sink writes its own `sinks[sink]`).
     pub metrics: Arc<ShardMetrics>,
     /// Set when the shard begins to stop.
@@ -52,7 +95,7 @@ pub struct SinkCtx {
 impl SinkCtx {
     pub fn new(
         id: usize,
-        plan: Arc<Plan>,
+        plan: Rc<PlanCell>,
         metrics: Arc<ShardMetrics>,
         stopping: Rc<Cell<bool>>,
         pool: BatchPool,
@@ -67,6 +110,14 @@ impl SinkCtx {
             clock_base: Cell::new(None),
             pool: RefCell::new(pool),
         }
+    }
+
+    /// Whether sink `sink` is to stop: the shard stops, or a reload removed
+    /// the sink (its sender keeps, in a disk buffer, or sends, from memory,
+    /// what it holds, and ends).
+    #[inline]
+    pub fn sink_stopping(&self, sink: usize) -> bool {
+        self.stopping.get() || self.plan.sinks[sink].removed
     }
 
     /// Wall-clock time, nanoseconds since the Unix epoch: read once from

@@ -33,7 +33,7 @@ pub struct SinkQueue {
     /// Indexed by source id: sealed batches past which that source's
     /// records are refused (it is held back, or its records dropped): its
     /// rank's admission mark (`config::admission_marks`).
-    marks: Vec<usize>,
+    marks: RefCell<Vec<usize>>,
     counters: Arc<crate::metrics::ShardMetrics>,
     /// A memory buffer with `when_full = "drop_newest"`: a record that finds
     /// the queue full is dropped and counted instead of waiting.
@@ -79,7 +79,7 @@ impl SinkQueue {
             space: Notify::new(),
             opened: Notify::new(),
             capacity: plan.queue_batches,
-            marks: plan.marks.clone(),
+            marks: RefCell::new(plan.marks.clone()),
             counters,
             drops_when_full: plan.buffer.kind == crate::config::BufferKind::Memory
                 && matches!(
@@ -108,7 +108,7 @@ impl SinkQueue {
     #[inline]
     pub fn has_room(&self, len: usize, source: usize) -> bool {
         let st = self.state.borrow();
-        let mark = self.marks[source];
+        let mark = self.mark(source);
         if mark < self.capacity {
             st.sealed.len() < mark
         } else {
@@ -118,7 +118,23 @@ impl SinkQueue {
 
     /// Whether `source` is of the queue's top rank (it may fill it all).
     pub fn is_top(&self, source: usize) -> bool {
-        self.marks[source] >= self.capacity
+        self.mark(source) >= self.capacity
+    }
+
+    /// `source`'s admission mark (a source the sink does not take, added
+    /// since the marks were set, is of the top rank: it sends nothing here).
+    #[inline]
+    fn mark(&self, source: usize) -> usize {
+        self.marks
+            .borrow()
+            .get(source)
+            .copied()
+            .unwrap_or(self.capacity)
+    }
+
+    /// The admission marks of a reloaded plan (sources were added).
+    pub fn set_marks(&self, marks: Vec<usize>) {
+        *self.marks.borrow_mut() = marks;
     }
 
     /// Appends a record; the caller checked [`has_room`](Self::has_room).
@@ -210,6 +226,8 @@ impl SinkQueue {
         st.closed = true;
         self.seal(&mut st);
         self.work.notify_one();
+        // The linger task, waiting for a batch to open, ends.
+        self.opened.notify_one();
     }
 
     pub fn is_idle(&self) -> bool {

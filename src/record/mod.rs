@@ -580,6 +580,15 @@ impl BatchPool {
         }
     }
 
+    /// Sizes new batches and bounds the free ones anew (a reload): a batch
+    /// made before is still taken, smaller or not.
+    pub fn grow(&mut self, records: usize, bytes: usize, keep: usize) {
+        self.records = self.records.max(records);
+        self.bytes = self.bytes.max(bytes);
+        self.keep = keep;
+        self.free.truncate(keep);
+    }
+
     /// A payload buffer the size of this pool's batches'.
     pub fn new_payload(&self) -> Payload {
         Payload::with_capacity(self.records, self.bytes)

@@ -27,6 +27,15 @@ pub const RING_BATCHES: usize = 16;
 pub const RETURN_RING_BATCHES: usize = 2 * RING_BATCHES;
 const _: () = assert!(RETURN_RING_BATCHES >= RING_BATCHES);
 
+/// A batch on its way to another shard, with the generation of the plan
+/// it was routed by (see `PlanCell::generation`): a shard that runs another
+/// generation (a reload is being applied) routes its records by its own.
+#[derive(Debug)]
+pub struct Crossing {
+    pub batch: Batch,
+    pub generation: u32,
+}
+
 /// Wake-ups of one shard, set by the others.
 #[derive(Debug, Default)]
 pub struct ShardWake {
@@ -41,9 +50,9 @@ pub struct ShardWake {
 pub struct ShardEnds {
     pub shard: usize,
     /// Batches to shard j.
-    pub out: Vec<Option<Producer<Batch>>>,
+    pub out: Vec<Option<Producer<Crossing>>>,
     /// Batches from shard k.
-    pub inbound: Vec<Option<Consumer<Batch>>>,
+    pub inbound: Vec<Option<Consumer<Crossing>>>,
     /// Emptied batches back to shard k, whose pool they belong to.
     pub returns_out: Vec<Option<Producer<Batch>>>,
     /// This shard's batches coming back from shard j.
@@ -149,8 +158,12 @@ mod tests {
         let mut ends = Mesh::build(3);
         let mut b = Batch::default();
         b.push(1, 2, 0, b"hello", &[]);
-        ends[0].out[2].as_mut().unwrap().push(b).unwrap();
-        let got = ends[2].inbound[0].as_mut().unwrap().pop().unwrap();
+        let c = Crossing {
+            batch: b,
+            generation: 1,
+        };
+        ends[0].out[2].as_mut().unwrap().push(c).unwrap();
+        let got = ends[2].inbound[0].as_mut().unwrap().pop().unwrap().batch;
         assert_eq!(got.record(0), b"hello");
         ends[2].returns_out[0].as_mut().unwrap().push(got).unwrap();
         assert!(ends[0].returns_in[2].as_mut().unwrap().pop().is_ok());

@@ -170,6 +170,8 @@ pub struct Lifecycle {
     pub stop: Vec<Notify>,
     /// Shards whose sources have finished and whose lanes have crossed.
     pub sources_done: AtomicUsize,
+    /// A reload each shard is to apply (woken through `stop`).
+    pub reload: Vec<std::sync::Mutex<Option<shard::ShardReload>>>,
 }
 
 /// Raises the open-file limit to its hard limit: every connection, segment
@@ -220,9 +222,25 @@ pub struct Running {
     shards: usize,
     timeout: Duration,
     pub metrics: Arc<Metrics>,
+    /// The plan run now (with every reload's ids).
+    plan: Arc<Plan>,
+    /// Told each shard's id as it takes the last reload.
+    reload_taken: mpsc::Receiver<usize>,
     /// The `data_dir` lock, held until the process exits.
-    _lock: Option<std::fs::File>,
+    lock: Option<std::fs::File>,
 }
+
+/// Why a reload did not apply, or not yet.
+#[derive(Debug)]
+pub enum ReloadError {
+    /// Nothing changed (a port taken, a path not writable, ...).
+    Refused(String),
+    /// Handed to the shards, but one did not take it in time.
+    Late(String),
+}
+
+/// How long a reload waits for every shard to take it.
+const RELOAD_WAIT: Duration = Duration::from_secs(10);
 
 /// Starts the collector described by `plan`.
 pub fn start(plan: Plan) -> Result<Running, StartError> {
@@ -298,9 +316,14 @@ pub fn start(plan: Plan) -> Result<Running, StartError> {
         stopping: AtomicBool::new(false),
         stop: (0..n).map(|_| Notify::new()).collect(),
         sources_done: AtomicUsize::new(0),
+        reload: (0..n).map(|_| std::sync::Mutex::new(None)).collect(),
     });
-    let connections: Arc<Vec<AtomicUsize>> =
-        Arc::new(plan.sources.iter().map(|_| AtomicUsize::new(0)).collect());
+    // One slot per source id a reload may give (`config::SOURCE_SLOTS_MAX`).
+    let connections: Arc<Vec<AtomicUsize>> = Arc::new(
+        (0..crate::config::SOURCE_SLOTS_MAX.max(plan.sources.len()))
+            .map(|_| AtomicUsize::new(0))
+            .collect(),
+    );
     let cpus = allowed_cpus();
     let (done_tx, done) = mpsc::channel();
     let ends = Mesh::build(n);
@@ -341,11 +364,119 @@ pub fn start(plan: Plan) -> Result<Running, StartError> {
         shards: n,
         timeout: Duration::from_millis(plan.shutdown_timeout_ms),
         metrics,
-        _lock: lock,
+        plan,
+        reload_taken: mpsc::channel().1,
+        lock,
     })
 }
 
 impl Running {
+    /// The plan run now.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Applies a reload ([`crate::config::reload`]) prepared against
+    /// [`Running::plan`]: binds the added sources' sockets (a port taken
+    /// refuses the reload before anything changes), takes the `data_dir`
+    /// lock if the collector did not hold it yet, shows the new names in
+    /// the metrics, and hands each shard its part; returns once every shard
+    /// runs the new plan.
+    pub fn reload(&mut self, r: crate::config::reload::Reload) -> Result<(), ReloadError> {
+        self.prepare(r).map_err(ReloadError::Refused)?;
+        let deadline = Instant::now() + RELOAD_WAIT;
+        for _ in 0..self.shards {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.reload_taken.recv_timeout(left).is_err() {
+                return Err(ReloadError::Late(format!(
+                    "a shard did not take the new config within {} s; it applies it when it can",
+                    RELOAD_WAIT.as_secs()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything a reload does up to handing it to the shards; an error
+    /// leaves the collector as it was.
+    fn prepare(&mut self, r: crate::config::reload::Reload) -> Result<(), String> {
+        if self
+            .life
+            .reload
+            .iter()
+            .any(|m| m.lock().unwrap_or_else(|e| e.into_inner()).is_some())
+        {
+            return Err(
+                "a shard has not taken the last reload yet; send SIGHUP again later".into(),
+            );
+        }
+        // The new config's paths were checked when it was read.
+        let plan = Arc::new(r.plan);
+        let n = self.shards;
+        let mut sockets: Vec<Vec<BoundSocket>> = (0..n).map(|_| Vec::new()).collect();
+        for &id in &r.added_sources {
+            let src = &plan.sources[id];
+            // A changed source's new sockets share its port with the old
+            // ones (SO_REUSEPORT) until those close.
+            let stream = |k: SourceKind| matches!(k, SourceKind::Tcp | SourceKind::Updraft);
+            let held = r.removed_sources.iter().any(|&o| {
+                let old = &plan.sources[o];
+                old.address == src.address && stream(old.kind) == stream(src.kind)
+            });
+            if !held {
+                check_port_free(src).map_err(|e| e.to_string())?;
+            }
+            match src.kind {
+                SourceKind::Mqtt => sockets[0].push(BoundSocket::Mqtt { source: id }),
+                SourceKind::File => sockets[0].push(BoundSocket::File { source: id }),
+                _ => {
+                    for shard_sockets in sockets.iter_mut() {
+                        let bound = crate::sources::bind(id, src).map_err(|error| {
+                            StartError::Bind {
+                                source_name: src.name.clone(),
+                                address: src.address,
+                                error,
+                            }
+                            .to_string()
+                        })?;
+                        shard_sockets.push(bound);
+                    }
+                }
+            }
+        }
+        if self.lock.is_none() && plan.uses_data_dir() {
+            self.lock = Some(lock_data_dir(&plan.data_dir).map_err(|e| e.to_string())?);
+        }
+        self.metrics.set_names(crate::metrics::Names {
+            sources: plan
+                .sources
+                .iter()
+                .map(|s| (!s.removed).then(|| s.name.clone()))
+                .collect(),
+            sinks: plan
+                .sinks
+                .iter()
+                .map(|s| (!s.removed).then(|| (s.name.clone(), s.target.kind())))
+                .collect(),
+        });
+        let (done, taken) = mpsc::channel();
+        self.reload_taken = taken;
+        for (k, sockets) in sockets.into_iter().enumerate() {
+            *self.life.reload[k]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(shard::ShardReload {
+                plan: plan.clone(),
+                added_sinks: r.added_sinks.clone(),
+                removed_sinks: r.removed_sinks.clone(),
+                sockets,
+                done: done.clone(),
+            });
+            self.life.stop[k].notify_one();
+        }
+        self.plan = plan;
+        Ok(())
+    }
+
     /// Tells every shard to stop and waits for them to drain. Returns false
     /// when the timeout passed first, or when a task had died (what it held
     /// is lost).

@@ -5,16 +5,38 @@
 //! sinks' senders (each fed by its memory or disk buffer), the sources, and
 //! the stop order.
 
-use crate::config::Plan;
+use crate::config::{BufferKind, Plan};
 use crate::metrics::ShardMetrics;
 use crate::pipeline::ingest::Ingest;
+use crate::pipeline::SinkQueue;
 use crate::route::ShardEnds;
 use crate::runtime::Lifecycle;
+use crate::sources::BoundSocket;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
+
+/// What one shard is to apply of a reload (see `Running::reload`).
+#[derive(Debug)]
+pub struct ShardReload {
+    /// The merged plan ([`crate::config::reload`]).
+    pub plan: Arc<Plan>,
+    pub added_sinks: Vec<usize>,
+    pub removed_sinks: Vec<usize>,
+    /// This shard's sockets for the sources added.
+    pub sockets: Vec<BoundSocket>,
+    /// Told this shard's id once the shard runs the plan.
+    pub done: mpsc::Sender<usize>,
+}
+
+/// The shard's sink senders (each with its sink's id), awaited at the end.
+type Senders = Rc<RefCell<Vec<(usize, tokio::task::JoinHandle<()>)>>>;
+
+/// How long a disk buffer that cannot be opened after a reload waits
+/// before it is tried again.
+const REOPEN_WAIT: Duration = Duration::from_secs(5);
 
 pub struct Shard {
     pub id: usize,
@@ -46,27 +68,34 @@ impl Shard {
     /// their reads, lanes cross, rings empty, sinks send what they hold.
     pub async fn run(self, start_sources: impl FnOnce(&Rc<Ingest>)) {
         let ingest = &self.ingest;
-        let mut senders = Vec::new();
-        for q in &ingest.sinks {
+        let senders: Senders = Rc::default();
+        for q in ingest.sinks.borrow().iter() {
             let rec = self
                 .recovered
                 .borrow_mut()
                 .get_mut(q.sink)
                 .and_then(Option::take);
-            senders.push(crate::sinks::spawn_sender(
-                ingest.ctx.clone(),
-                q.clone(),
-                rec,
-            ));
+            let sender = crate::sinks::spawn_sender(ingest.ctx.clone(), q.clone(), rec);
+            senders.borrow_mut().push((q.sink, sender));
         }
         ingest.start();
         start_sources(ingest);
 
-        // Wait to be told to stop.
+        // Wait to be told to stop, applying reloads meanwhile.
         loop {
             let wait = self.life.stop[self.id].notified();
             tokio::pin!(wait);
             wait.as_mut().enable();
+            // A reload handed over is applied even when the stop follows
+            // at once: the other shards may run it already.
+            let reload = self.life.reload[self.id]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(r) = reload {
+                self.apply(r, &senders);
+                continue;
+            }
             if self.life.stopping.load(Ordering::Acquire) {
                 break;
             }
@@ -89,12 +118,100 @@ impl Shard {
         }
 
         // 4. Sinks: seal and send what they hold, then stop.
-        for q in &ingest.sinks {
+        for q in ingest.sinks.borrow().iter() {
             q.close();
         }
-        for s in senders {
+        loop {
+            let next = senders.borrow_mut().pop();
+            let Some((_, s)) = next else { break };
             let _ = s.await;
         }
-        debug_assert!(ingest.sinks.iter().all(|q| q.is_idle()));
+        debug_assert!(ingest.sinks.borrow().iter().all(|q| q.is_idle()));
     }
+
+    /// Applies a reload: the plan is swapped, removed sinks' queues close
+    /// and removed sources stop (in [`Ingest::reload`]), added sinks'
+    /// senders start, then added sources'.
+    fn apply(&self, r: ShardReload, senders: &Senders) {
+        let ingest = &self.ingest;
+        let added = ingest.reload(r.plan.clone(), &r.added_sinks, &r.removed_sinks);
+        for q in added {
+            let sink = q.sink;
+            let sender = if r.plan.sinks[sink].buffer.kind == BufferKind::Disk {
+                crate::io::spawn(open_disk_buffer(
+                    ingest.clone(),
+                    q,
+                    r.plan.clone(),
+                    senders.clone(),
+                ))
+            } else {
+                crate::sinks::spawn_sender(ingest.ctx.clone(), q, None)
+            };
+            senders.borrow_mut().push((sink, sender));
+        }
+        crate::sources::start(ingest, r.sockets);
+        let _ = r.done.send(self.id);
+    }
+}
+
+/// Starts the sender of a disk buffer a reload added: once the senders of
+/// removed sinks that used the same log have ended (a changed sink: the
+/// old one keeps what it held in the log, the new one sends it), the log is
+/// recovered (off the shard) and its sender runs until it ends.
+async fn open_disk_buffer(
+    ingest: Rc<Ingest>,
+    queue: Rc<SinkQueue>,
+    plan: Arc<Plan>,
+    senders: Senders,
+) {
+    let sink = &plan.sinks[queue.sink];
+    let before: Vec<usize> = plan
+        .sinks
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| {
+            s.removed && s.buffer.kind == BufferKind::Disk && s.buffer.dir == sink.buffer.dir
+        })
+        .map(|(i, _)| i)
+        .collect();
+    while senders
+        .borrow()
+        .iter()
+        .any(|(s, h)| before.contains(s) && !h.is_finished())
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let shard = ingest.id;
+    let dir = sink.buffer.dir.join(shard.to_string());
+    let rec = loop {
+        if ingest.ctx.sink_stopping(queue.sink) {
+            // Stopping (or removed again) before its log could be opened:
+            // what waits for it is lost, and counted.
+            let counters = &ingest.metrics.sinks[queue.sink];
+            while let Some(b) = queue.next().await {
+                counters.buffer_dropped.add(b.len() as u64);
+                queue.settle(b.len() as u64);
+                ingest.ctx.recycle(b);
+            }
+            return;
+        }
+        let (path, cfg, name) = (
+            dir.clone(),
+            crate::wal::driver::log_config(sink, plan.shards),
+            sink.name.clone(),
+        );
+        let opened =
+            crate::io::blocking(move || crate::wal::recovery::recover(&path, cfg, &name, shard))
+                .await;
+        match opened {
+            Ok(rec) => break rec,
+            Err(e) => {
+                tracing::error!(sink = %sink.name, shard, path = %dir.display(), error = %e,
+                    "cannot open the disk buffer after a reload; its records wait in memory, trying again in 5 s");
+                tokio::time::sleep(REOPEN_WAIT).await;
+            }
+        }
+    };
+    let sender = crate::sinks::spawn_sender(ingest.ctx.clone(), queue, Some(rec));
+    let _ = sender.await;
 }

@@ -253,12 +253,23 @@ async fn run_memory(cx: Rc<SinkCtx>, queue: Rc<SinkQueue>) {
         let buf = FrameBuf(std::mem::take(&mut batch.payload).into_buffer());
         let end = HEADROOM + bytes;
         // A memory buffer holds nothing after the process: keep trying until
-        // the shutdown timeout ends the process.
-        let (Ok(buf) | Err(buf)) = out.deliver(&cx, buf.slice(HEADROOM..end), None).await;
+        // the shutdown timeout ends the process (or, for a sink a reload
+        // removed, until what a stop would give it has passed).
+        let sent = out.deliver(&cx, buf.slice(HEADROOM..end), None).await;
+        let (ok, buf) = match sent {
+            Ok(b) => (true, b),
+            Err(b) => (false, b),
+        };
         batch.payload = Payload::from_buffer(buf.into_inner().0);
-        counters.records.add(batch.len() as u64);
-        counters.bytes.add(bytes as u64);
-        counters.batches.add(1);
+        if ok {
+            counters.records.add(batch.len() as u64);
+            counters.bytes.add(bytes as u64);
+            counters.batches.add(1);
+        } else {
+            counters.buffer_dropped.add(batch.len() as u64);
+            tracing::warn!(sink = %cx.plan.sinks[queue.sink].name, shard = cx.id, records = batch.len(),
+                "the sink a reload removed could not send what it held in memory: lost");
+        }
         cx.recycle(batch);
     }
     out.close(&cx).await;

@@ -142,6 +142,14 @@ struct Shared {
 pub async fn run(ing: Rc<Ingest>, source: usize) {
     let plan = &ing.plan.sources[source];
     let f = plan.file.clone().expect("a file source has its plan");
+    let busy = || TAILERS.with_borrow(|t| t.iter().any(|(_, p)| *p == f.checkpoints));
+    while busy() {
+        if ing.source_stopping(source) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    TAILERS.with_borrow_mut(|t| t.push((source, f.checkpoints.clone())));
     let (name, at) = (plan.name.clone(), f.checkpoints.clone());
     let loaded = tokio::task::spawn_blocking(move || load_checkpoints(&name, &at)).await;
     // No checkpoint file at all: the first start (read_from applies).
@@ -155,6 +163,7 @@ pub async fn run(ing: Rc<Ingest>, source: usize) {
     let events = Arc::new(Events {
         wake: Notify::new(),
         rescan: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
     });
     let inotify = start_inotify(&plan.name, events.clone());
     let writer = crate::io::spawn(checkpointer(ing.clone(), source, shared.clone()));
@@ -178,6 +187,8 @@ pub async fn run(ing: Rc<Ingest>, source: usize) {
     shared.stopped.notify_one();
     let _ = writer.await;
     write_checkpoints(&ing, source, &f, &shared).await;
+    events.closed.store(true, Ordering::Release);
+    TAILERS.with_borrow_mut(|t| t.retain(|(s, _)| *s != source));
 }
 
 /// Moves each file's safe offset over the reads whose lines settled.
@@ -302,6 +313,18 @@ struct Events {
     wake: Notify,
     /// A file was created, moved or deleted (not only written): scan again.
     rescan: AtomicBool,
+    /// The source has ended: the inotify thread ends too (within a second).
+    closed: AtomicBool,
+}
+
+/// How often the inotify thread looks whether its source has ended.
+const INOTIFY_CLOSED_CHECK_MS: i32 = 1000;
+
+thread_local! {
+    /// The file sources tailing on this thread (their ids and checkpoint
+    /// files): a source a reload changed starts once its old self has
+    /// written its checkpoints and ended, never beside it.
+    static TAILERS: RefCell<Vec<(usize, PathBuf)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The inotify descriptor, and a thread that wakes the tailer on its events.
@@ -321,6 +344,18 @@ fn start_inotify(name: &str, events: Arc<Events>) -> Option<Arc<OwnedFd>> {
         .spawn(move || {
             let mut buf = [0u8; 4096];
             loop {
+                if events.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                let mut pfd = libc::pollfd {
+                    fd: reader.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: poll(2) on one pollfd this frame owns.
+                if unsafe { libc::poll(&mut pfd, 1, INOTIFY_CLOSED_CHECK_MS) } <= 0 {
+                    continue;
+                }
                 // SAFETY: read into a buffer this frame owns.
                 let n =
                     unsafe { libc::read(reader.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -503,12 +538,9 @@ async fn tail(
 ) {
     let plan = &ing.plan.sources[source];
     let counters = &ing.metrics.sources[source];
-    let disk_sinks: Vec<usize> = plan
-        .sinks
-        .iter()
-        .copied()
-        .filter(|&s| ing.plan.sinks[s].buffer.kind == crate::config::BufferKind::Disk)
-        .collect();
+    // Looked up again after a reload.
+    let mut disk_sinks = ing.disk_sinks(source);
+    let mut plan_seen = ing.plan.generation();
     let mut tailed: Vec<Tailed> = Vec::new();
     let mut buf: Vec<u8> = Vec::new();
     let mut meta = Vec::new();
@@ -516,7 +548,11 @@ async fn tail(
     let mut log_files = LogEvery::ten_seconds();
     let mut first_scan = true;
     let mut last_scan: Option<Instant> = None;
-    while !ing.stopping.get() {
+    while !ing.source_stopping(source) {
+        if plan_seen != ing.plan.generation() {
+            plan_seen = ing.plan.generation();
+            disk_sinks = ing.disk_sinks(source);
+        }
         // Look for files: at start, after an inotify event, and every RESCAN.
         let scan_due = last_scan.is_none_or(|t| t.elapsed() >= RESCAN)
             || events.rescan.swap(false, Ordering::AcqRel);
@@ -571,7 +607,7 @@ async fn tail(
         // Read every file to its end.
         let mut grew = false;
         let mut i = 0;
-        while i < tailed.len() && !ing.stopping.get() {
+        while i < tailed.len() && !ing.source_stopping(source) {
             let t = &mut tailed[i];
             let Some((size, links, _)) = fstat(&t.file) else {
                 i += 1;
@@ -625,10 +661,11 @@ async fn tail(
         } else {
             RESCAN
         };
-        let stop = ing.stop_signal.notified();
+        let stop_signal = ing.stop_signal(source);
+        let stop = stop_signal.notified();
         tokio::pin!(stop);
         stop.as_mut().enable();
-        if ing.stopping.get() {
+        if ing.source_stopping(source) {
             break;
         }
         tokio::select! {
@@ -796,7 +833,7 @@ async fn read_file(
     let counters = &ing.metrics.sources[source];
     let max = plan.max_record_bytes;
     let block = READ_BYTES + max + 1;
-    while !ing.stopping.get() {
+    while !ing.source_stopping(source) {
         let at = t.skip.unwrap_or(t.pos);
         let mut b = std::mem::take(buf);
         b.clear();

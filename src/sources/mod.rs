@@ -24,6 +24,7 @@ pub const UDP_RECEIVE_BUFFER_BYTES_DEFAULT: usize = 8 * 1024 * 1024;
 pub const TCP_BACKLOG: i32 = 1024;
 
 /// A socket bound for one source on one shard.
+#[derive(Debug)]
 pub enum BoundSocket {
     Tcp {
         source: usize,

@@ -80,13 +80,13 @@ pub async fn run(ing: Rc<Ingest>, source: usize) {
     });
     let mut log = LogEvery::ten_seconds();
     let mut down_since: Option<Instant> = None;
-    while !ing.stopping.get() {
+    while !ing.source_stopping(source) {
         let r = session(&ing, source, m, &mut backoff, &mut down_since).await;
         counters.connections_open.set(0);
         match r {
             Ok(()) => break,
             Err(why) => {
-                if ing.stopping.get() {
+                if ing.source_stopping(source) {
                     break;
                 }
                 down_since.get_or_insert_with(Instant::now);
@@ -94,7 +94,8 @@ pub async fn run(ing: Rc<Ingest>, source: usize) {
                     tracing::warn!(source = %plan.name, broker = %m.url, suppressed = held,
                         "{why}; subscribing again after a backoff");
                 }
-                let stop = ing.stop_signal.notified();
+                let stop_signal = ing.stop_signal(source);
+                let stop = stop_signal.notified();
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.next_delay()) => {}
                     _ = stop => break,
@@ -114,16 +115,17 @@ async fn session(
     down_since: &mut Option<Instant>,
 ) -> Result<(), String> {
     let connect = Link::connect(m.address, m.tls.as_ref());
+    let stop_signal = ing.stop_signal(source);
     let stream = tokio::select! {
         r = tokio::time::timeout(CONNECT_TIMEOUT, connect) => match r {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err("connect timed out".into()),
         },
-        _ = ing.stop_signal.notified() => return Ok(()),
+        _ = stop_signal.notified() => return Ok(()),
     };
     let stream = Rc::new(stream);
-    let fd_key = ing.watch_fd(stream.fd());
+    let fd_key = ing.watch_fd(source, stream.fd());
     let result = serve(ing, source, m, &stream, backoff, down_since).await;
     ing.unwatch_fd(fd_key);
     stream.shutdown();
@@ -163,8 +165,10 @@ async fn serve(
         .extend_from_slice(&wire::subscribe(v, 1, &m.topics, m.qos).map_err(|e| e.to_string())?);
     write(stream, hello_bytes).await?;
 
-    // The sinks whose durability a PUBACK waits for.
-    let disk_sinks = ing.disk_sinks(source);
+    // The sinks whose durability a PUBACK waits for (looked up again after
+    // a reload).
+    let mut disk_sinks = ing.disk_sinks(source);
+    let mut plan_seen = ing.plan.generation();
     let out = Rc::new(Out {
         buf: RefCell::new(Vec::new()),
         ready: Notify::new(),
@@ -186,7 +190,6 @@ async fn serve(
     let mut pkids: Vec<u16> = Vec::new();
     // The record's meta, when a sink uses the topic (reused; no allocation
     // once it fits the longest topic).
-    let keep_topic = plan.fields.contains(&Field::Topic);
     let mut meta: Vec<u8> = Vec::new();
     let mut log_bad = LogEvery::ten_seconds();
     let why = loop {
@@ -210,10 +213,10 @@ async fn serve(
         };
         buf = b;
         let n = match res {
-            Ok(0) if ing.stopping.get() => break String::new(),
+            Ok(0) if ing.source_stopping(source) => break String::new(),
             Ok(0) => break "the broker closed the connection".to_string(),
             Ok(n) => n,
-            Err(_) if ing.stopping.get() => break String::new(),
+            Err(_) if ing.source_stopping(source) => break String::new(),
             Err(e) => break e,
         };
         have += n;
@@ -300,7 +303,8 @@ async fn serve(
                 // waits: nothing else reads into it meanwhile.
                 let record = &buf[packet.start + (total - p.payload.len())..packet.end];
                 meta.clear();
-                if keep_topic {
+                // Looked at per message: a reload may add a sink that uses it.
+                if ing.plan.sources[source].fields.contains(&Field::Topic) {
                     // A topic too long to keep (over 64 KiB less 3 bytes)
                     // travels without it.
                     meta::put(&mut meta, meta::TOPIC, p.topic);
@@ -339,6 +343,10 @@ async fn serve(
         }
         counters.records.add(records);
         let acked_in_read = pkids.len();
+        if plan_seen != ing.plan.generation() {
+            plan_seen = ing.plan.generation();
+            disk_sinks = ing.disk_sinks(source);
+        }
         if !pkids.is_empty() {
             if disk_sinks.is_empty() {
                 let mut o = out.buf.borrow_mut();
@@ -372,7 +380,7 @@ async fn serve(
     };
     // Stopping: give the last records a moment to settle, so their
     // acknowledgements go out and the broker does not send them again.
-    if ing.stopping.get() {
+    if ing.source_stopping(source) {
         let deadline = Instant::now() + STOP_SETTLE_WAIT;
         while !pending.borrow().is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;

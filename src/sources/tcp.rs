@@ -162,7 +162,7 @@ pub fn serve(
 pub async fn accept_loop(shard: Rc<Ingest>, source: usize, listener: TcpListener, serve: Serve) {
     let plan = &shard.plan.sources[source];
     let counters = &shard.metrics.sources[source];
-    let fd_key = shard.watch_fd(listener.as_raw_fd());
+    let fd_key = shard.watch_fd(source, listener.as_raw_fd());
     let conns = Rc::new(Conns {
         open: RefCell::new(HashMap::new()),
         next_key: Cell::new(0),
@@ -177,7 +177,7 @@ pub async fn accept_loop(shard: Rc<Ingest>, source: usize, listener: TcpListener
     let mut log_accept = LogEvery::ten_seconds();
     loop {
         let accepted = listener.accept().await;
-        if shard.stopping.get() {
+        if shard.source_stopping(source) {
             break;
         }
         let (stream, peer) = match accepted {
@@ -284,7 +284,7 @@ async fn connection(
 ) {
     let plan = &shard.plan.sources[source];
     let counters = &shard.metrics.sources[source];
-    let fd_key = shard.watch_fd(stream.as_raw_fd());
+    let fd_key = shard.watch_fd(source, stream.as_raw_fd());
     let mut decoder = Decoder::new(plan.framing, plan.max_record_bytes);
     let busy_capacity = decoder.frame_bytes_max() + READ_BYTES;
     let mut capacity = IDLE_READ_BYTES.min(busy_capacity);

@@ -251,11 +251,12 @@ pub async fn receive_loop(shard: Rc<Ingest>, source: usize, socket: std::net::Ud
     // Stopping drops the receive in flight (tokio-uring cannot complete a
     // datagram receive that a shutdown(2) ended). A datagram that arrives in
     // that instant stays in the kernel buffer and dies with the socket.
-    let stop = shard.stop_signal.notified();
+    let stop_signal = shard.stop_signal(source);
+    let stop = stop_signal.notified();
     tokio::pin!(stop);
     stop.as_mut().enable();
     loop {
-        if shard.stopping.get() {
+        if shard.source_stopping(source) {
             break;
         }
         // Wait for a datagram through io_uring...
@@ -268,7 +269,7 @@ pub async fn receive_loop(shard: Rc<Ingest>, source: usize, socket: std::net::Ud
         match res {
             Ok((n, peer)) => take.datagram(&buf[..n], n > plan.max_record_bytes + 1, peer),
             Err(e) => {
-                if shard.stopping.get() {
+                if shard.source_stopping(source) {
                     break;
                 }
                 tracing::warn!(source = %plan.name, error = %e, "receive failed");

@@ -116,7 +116,7 @@ pub fn serve(
             .as_ref()
             .expect("an updraft source has its plan");
         let mut link = Link::from_stream(stream);
-        let fd_key = ing.watch_fd(link.fd());
+        let fd_key = ing.watch_fd(source, link.fd());
         let tls = match &native.tls {
             None => Ok(()),
             Some(tls) => match tokio::time::timeout(GREETING_TIMEOUT, link.accept_tls(tls)).await {
@@ -235,7 +235,9 @@ async fn connection(
     buf.copy_within(wire::HELLO_BYTES..have, 0);
     have -= wire::HELLO_BYTES;
     let stream_key = (source, hello.sender, hello.stream);
-    let disk_sinks = ing.disk_sinks(source);
+    // Looked up again after a reload.
+    let mut disk_sinks = ing.disk_sinks(source);
+    let mut plan_seen = ing.plan.generation();
     let acks = Rc::new(Acks {
         pending: RefCell::new(VecDeque::new()),
         more: Notify::new(),
@@ -284,6 +286,10 @@ async fn connection(
                 counters.frames_duplicate.add(1);
             } else {
                 take(ing, source, batch).await;
+            }
+            if plan_seen != ing.plan.generation() {
+                plan_seen = ing.plan.generation();
+                disk_sinks = ing.disk_sinks(source);
             }
             let marks = ing.marks(&disk_sinks);
             acks.pending.borrow_mut().push_back(Pending {

@@ -725,7 +725,7 @@ async fn writer(shard: &SinkCtx, wal: &Wal, queue: &SinkQueue) {
                     wal.space_wanted.notify_one();
                     let max = (plan.buffer.max_bytes / shard.shards) as u64;
                     let space = wait_until(&wal.space, || wal.log.borrow().bytes() + needed <= max);
-                    if !shard.stopping.get() {
+                    if !shard.sink_stopping(wal.sink) {
                         // Looked at again now and then: the collector may
                         // begin to stop meanwhile.
                         let _ = tokio::time::timeout(Duration::from_millis(200), space).await;
@@ -1446,7 +1446,7 @@ async fn sender<O: Deliver>(shard: Rc<SinkCtx>, wal: Rc<Wal>, mut out: O) {
     let mut buf = FrameBuf(shard.new_payload().into_buffer());
     let mut backoff = Backoff::new(plan.retry);
     let give_up = Duration::from_millis(shard.plan.shutdown_timeout_ms / 2);
-    let stopping_now = || wal.stop_deadline(shard.stopping.get(), give_up);
+    let stopping_now = || wal.stop_deadline(shard.sink_stopping(wal.sink), give_up);
     let mut give_up_at: Option<tokio::time::Instant> = None;
     let mut log_failing = LogEvery::new(Duration::from_secs(10));
     // The sink did not take what was left by the give-up.

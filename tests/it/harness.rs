@@ -96,6 +96,40 @@ impl Updraft {
         Updraft::start_with(config, true, true)
     }
 
+    /// Writes a new config in place of the one it started on (with the
+    /// same `data_dir`, metrics address and I/O backend), for a SIGHUP.
+    pub fn rewrite_config(&self, config: &str) {
+        let text = format!(
+            "{}data_dir = \"{}\"\n{config}\n[metrics]\naddress = \"{}\"\n",
+            io_line(config),
+            self.data_dir().display(),
+            self.metrics
+        );
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Sends SIGHUP and waits for the log line that answers it (reloaded or
+    /// refused); returns that line.
+    pub fn reload(&self) -> String {
+        let count = |t: &str| t.matches("config reload").count();
+        let before = count(&self.log_text());
+        self.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let log = self.log_text();
+            if count(&log) > before {
+                return log
+                    .lines()
+                    .filter(|l| l.contains("config reload"))
+                    .nth(before)
+                    .unwrap_or_default()
+                    .to_string();
+            }
+            assert!(Instant::now() < deadline, "no answer to SIGHUP:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `data_dir` of this collector.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")

@@ -16,6 +16,7 @@ mod mqtt;
 mod native;
 mod nats;
 mod records;
+mod reload;
 mod runtime;
 mod top;
 mod wal;

@@ -51,6 +51,16 @@ pub struct Encoder {
 }
 
 impl Encoder {
+    /// How many source names it labels records with.
+    pub fn sources(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// The names records are labelled with, by source id (a reload added some).
+    pub fn set_sources(&mut self, sources: Vec<String>) {
+        self.sources = sources;
+    }
+
     pub fn new(encoding: Encoding, compression: Compression, sources: Vec<String>) -> Encoder {
         Encoder {
             encoding,

@@ -420,10 +420,15 @@ impl HttpOutput {
         let room = inner.head.room(dest.map_or(0, |(p, h)| p.len() + h.len()));
         body.resize(room, 0);
         let only = group.as_ref().map(|g| (g.of, g.index));
-        let done = inner
-            .encoder
-            .borrow_mut()
-            .encode_some(batch, &mut body, only);
+        let done = {
+            let mut encoder = inner.encoder.borrow_mut();
+            let sources = &inner.shard.plan.sources;
+            if encoder.sources() != sources.len() {
+                // A reload added sources: their names label their records.
+                encoder.set_sources(sources.iter().map(|s| s.name.clone()).collect());
+            }
+            encoder.encode_some(batch, &mut body, only)
+        };
         let pending = group.map(|g| g.pending);
         if done.dropped > 0 {
             counters.encode_dropped.add(done.dropped as u64);

@@ -17,7 +17,7 @@ use crate::logging::LogEvery;
 use crate::pipeline::{BatchId, Deliver, SinkCtx};
 use crate::record::BatchView;
 use std::future::Future;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// How a stream output reaches its far end.
 pub trait Transport {
@@ -50,6 +50,8 @@ pub struct StreamOutput<T: Transport> {
     backoff: Backoff,
     log: LogEvery,
     down_since: Option<Instant>,
+    /// When a reload removed the sink: the instant it gives up.
+    removed_give_up: Option<tokio::time::Instant>,
 }
 
 impl<T: Transport> StreamOutput<T> {
@@ -62,6 +64,7 @@ impl<T: Transport> StreamOutput<T> {
             backoff: Backoff::new(cx.plan.sinks[sink].retry),
             log: LogEvery::ten_seconds(),
             down_since: None,
+            removed_give_up: None,
         }
     }
 
@@ -93,7 +96,18 @@ impl<T: Transport> Deliver for StreamOutput<T> {
         let counters = &cx.metrics.sinks[self.sink];
         let past =
             |t: Option<tokio::time::Instant>| t.is_some_and(|t| tokio::time::Instant::now() >= t);
+        let mut give_up = give_up;
         loop {
+            if give_up.is_none() && cx.plan.sinks[self.sink].removed {
+                // A reload removed the sink: it has what a stop gives it,
+                // counted from the first batch that found it removed.
+                let grace = Duration::from_millis(cx.plan.shutdown_timeout_ms / 2);
+                give_up = Some(
+                    *self
+                        .removed_give_up
+                        .get_or_insert_with(|| tokio::time::Instant::now() + grace),
+                );
+            }
             if past(give_up) {
                 return Err(buf);
             }
