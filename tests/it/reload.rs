@@ -10,12 +10,18 @@ use std::time::{Duration, Instant};
 const APP: &str = r#"updraft_source_received_records_total{source="app"}"#;
 
 fn app_and_up(app: SocketAddr, up: SocketAddr) -> String {
+    app_and_up_with(app, up, "")
+}
+
+/// `app` → `up`; `extra` adds keys to the source.
+fn app_and_up_with(app: SocketAddr, up: SocketAddr, extra: &str) -> String {
     format!(
         r#"
 shards = 2
 [sources.app]
 type = "tcp"
 address = "{app}"
+{extra}
 [sinks.up]
 type = "tcp"
 inputs = ["app"]
@@ -41,6 +47,20 @@ fn wait_closed(addr: SocketAddr) {
 
 #[test]
 fn a_reload_under_load_adds_a_sink_and_removes_a_source_losing_nothing_on_the_sink_that_stayed() {
+    reload_under_load("");
+}
+
+#[test]
+fn a_reload_while_records_cross_between_shards_routes_each_by_the_new_plan() {
+    // Each connection's records go to the shard its peer hashes to: the
+    // shards switch plans while batches are in the rings between them.
+    reload_under_load("partition_by = \"peer\"");
+}
+
+/// Under load, a reload removes a source (and its only sink) and adds a
+/// sink: the sink that stayed gets every record once, the added one every
+/// record from the reload on.
+fn reload_under_load(app_keys: &str) {
     let (app, extra, up, more) = (free_addr(), free_addr(), free_addr(), free_addr());
     let before = format!(
         r#"{}
@@ -51,7 +71,7 @@ address = "{extra}"
 type = "blackhole"
 inputs = ["extra"]
 "#,
-        app_and_up(app, up)
+        app_and_up_with(app, up, app_keys)
     );
     let after = format!(
         r#"{}
@@ -60,7 +80,7 @@ type = "tcp"
 inputs = ["app"]
 address = "{more}"
 "#,
-        app_and_up(app, up)
+        app_and_up_with(app, up, app_keys)
     );
     let count: u64 = 300_000;
     let r_up = Receiver::start(up, count, 90, &[]);
@@ -132,6 +152,11 @@ address = "{more}"
     assert!(metrics.contains(r#"sink="more""#), "{metrics}");
 
     assert!(sender.wait().unwrap().success());
+    if !app_keys.is_empty() {
+        let crossed = ud.metric(r#"updraft_shard_crossed_records_total{shard="0"}"#)
+            + ud.metric(r#"updraft_shard_crossed_records_total{shard="1"}"#);
+        assert!(crossed > 0.0, "no record crossed between shards");
+    }
     let (r, ok) = r_up.finish();
     assert!(ok, "{r}\n{}", ud.log_text());
     assert_eq!(
