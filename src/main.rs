@@ -208,6 +208,11 @@ fn reload(
     let (Ok(table), Some(old)) = (text.parse::<toml::Table>(), running_config.as_ref()) else {
         return refused(&"the running config could not be read back to compare with");
     };
+    if *old == table {
+        // logrotate's postrotate, say: nothing to do (and no plan kept).
+        tracing::info!("config reloaded from {file}: nothing changed");
+        return;
+    }
     let change = match updraft::config::reload::merge(running.plan(), old, plan, &table) {
         Ok(c) => c,
         Err(e) => return refused(&e),
