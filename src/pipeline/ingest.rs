@@ -368,7 +368,22 @@ impl Ingest {
             crate::io::spawn(async move { q.linger().await });
         }
         for &s in removed {
-            self.sinks.borrow()[s].close();
+            let old = self.sinks.borrow()[s].clone();
+            let memory =
+                |p: &crate::config::SinkPlan| p.buffer.kind == crate::config::BufferKind::Memory;
+            // A changed sink with a memory buffer (before and after): its
+            // batches go on in the new one's queue.
+            let changed_into = new
+                .iter()
+                .find(|q| {
+                    let (was, is) = (&plan.sinks[s], &plan.sinks[q.sink]);
+                    is.name == was.name && memory(is) && memory(was)
+                })
+                .cloned();
+            match changed_into {
+                Some(next) => old.hand_over(next),
+                None => old.close(),
+            }
         }
         // Sources waiting for room look at the plan again (a sink they
         // waited for may no longer take them, or be gone).

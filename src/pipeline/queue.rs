@@ -54,6 +54,10 @@ pub struct SinkQueue {
     settled: Cell<u64>,
     /// Signalled when `settled` moves.
     pub settled_changed: Notify,
+    /// The queue of the sink a reload changed this one into (memory buffers
+    /// both): it took what was queued here, and takes what the sender here
+    /// could not send.
+    successor: RefCell<Option<std::rc::Rc<SinkQueue>>>,
 }
 
 struct QueueState {
@@ -92,7 +96,42 @@ impl SinkQueue {
             appended: Cell::new(0),
             settled: Cell::new(0),
             settled_changed: Notify::new(),
+            successor: RefCell::new(None),
         }
+    }
+
+    /// Closes the queue and moves what it holds (sealed, and the open batch)
+    /// to `next`, the queue of the sink a reload changed this one into; the
+    /// sender here ends once it has sent the batch it holds, or handed it
+    /// to `next` (see [`successor`](Self::successor)).
+    pub fn hand_over(&self, next: std::rc::Rc<SinkQueue>) {
+        self.close();
+        let moved: Vec<Batch> = self.state.borrow_mut().sealed.drain(..).collect();
+        self.counters().queued_batches.set(0);
+        for b in moved {
+            next.adopt(b, false);
+        }
+        *self.successor.borrow_mut() = Some(next);
+    }
+
+    /// The queue that took this one's batches at a reload, if any.
+    pub fn successor(&self) -> Option<std::rc::Rc<SinkQueue>> {
+        self.successor.borrow().clone()
+    }
+
+    /// Takes a sealed batch from the queue a reload changed into this one
+    /// (past the capacity, for a moment: the budget was the other queue's),
+    /// at the front when it is older than what is queued.
+    pub fn adopt(&self, batch: Batch, front: bool) {
+        let mut st = self.state.borrow_mut();
+        if front {
+            st.sealed.push_front(batch);
+        } else {
+            st.sealed.push_back(batch);
+        }
+        self.counters().queued_batches.set(st.sealed.len() as i64);
+        drop(st);
+        self.work.notify_one();
     }
 
     fn counters(&self) -> &SinkCounters {

@@ -114,6 +114,18 @@ impl Payload {
 
     /// The whole buffer: headroom, records, and whatever was written behind
     /// them (an archive's entries and root after [`archive_in_place`]).
+    /// A payload whose buffer (from [`into_buffer`](Self::into_buffer))
+    /// still holds its records: a batch given back unsent. Its checksum is
+    /// not kept (only a disk buffer's payloads carry one).
+    pub fn with_records(buf: AlignedVec<PAYLOAD_ALIGN>) -> Payload {
+        debug_assert!(buf.len() >= HEADROOM);
+        Payload {
+            buf,
+            crc: 0,
+            crc_len: 0,
+        }
+    }
+
     pub fn into_buffer(self) -> AlignedVec<PAYLOAD_ALIGN> {
         self.buf
     }

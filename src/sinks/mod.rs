@@ -260,7 +260,16 @@ async fn run_memory(cx: Rc<SinkCtx>, queue: Rc<SinkQueue>) {
             Ok(b) => (true, b),
             Err(b) => (false, b),
         };
-        batch.payload = Payload::from_buffer(buf.into_inner().0);
+        let buf = buf.into_inner().0;
+        if !ok {
+            if let Some(next) = queue.successor() {
+                // The sink a reload changed this one into sends it.
+                batch.payload = Payload::with_records(buf);
+                next.adopt(batch, true);
+                continue;
+            }
+        }
+        batch.payload = Payload::from_buffer(buf);
         if ok {
             counters.records.add(batch.len() as u64);
             counters.bytes.add(bytes as u64);

@@ -250,21 +250,33 @@ fn a_bad_config_on_sighup_is_refused_by_key_and_the_running_one_goes_on() {
 
 #[test]
 fn a_sink_changed_by_a_reload_sends_what_its_disk_buffer_held() {
-    // The sink's first address has no receiver: records wait in its disk
-    // buffer. The reload points it at one; the buffer goes with it.
+    changed_sink_sends_what_it_held("disk");
+}
+
+#[test]
+fn a_sink_changed_by_a_reload_sends_what_its_memory_buffer_held() {
+    changed_sink_sends_what_it_held("memory");
+}
+
+/// The sink's first address has no receiver: records wait in its buffer.
+/// The reload points it at one; what the buffer held goes with it.
+fn changed_sink_sends_what_it_held(buffer: &str) {
     let (app, down, up) = (free_addr(), free_addr(), free_addr());
-    let config = |to: SocketAddr| app_and_up(app, to) + "[sinks.up.buffer]\ntype = \"disk\"\n";
+    let config =
+        |to: SocketAddr| app_and_up(app, to) + &format!("[sinks.up.buffer]\ntype = \"{buffer}\"\n");
     let ud = Updraft::start(&config(down));
     send(
         app,
         &["--connections", "2", "--count", "50000", "--size", "100"],
     );
     ud.wait_metric(APP, 50_000.0, Duration::from_secs(20));
-    ud.wait_metric(
-        r#"updraft_sink_durable_records_total{sink="up",type="tcp"}"#,
-        50_000.0,
-        Duration::from_secs(20),
-    );
+    if buffer == "disk" {
+        ud.wait_metric(
+            r#"updraft_sink_durable_records_total{sink="up",type="tcp"}"#,
+            50_000.0,
+            Duration::from_secs(20),
+        );
+    }
 
     let r = Receiver::start(up, 60_000, 60, &[]);
     ud.rewrite_config(&config(up));
@@ -291,4 +303,5 @@ fn a_sink_changed_by_a_reload_sends_what_its_disk_buffer_held() {
     let (s, ok) = r.finish();
     assert!(ok, "{s}\n{}", ud.log_text());
     assert_eq!(u(&s, "unique"), 60_000, "{s}");
+    assert_eq!(u(&s, "duplicates"), 0, "{s}");
 }
