@@ -62,6 +62,9 @@ pub enum Blocked {
 struct OutLane {
     state: RefCell<(BatchBuilder, Producer<Crossing>)>,
     opened: Notify,
+    /// The plan generation the open batch's records were routed by (a
+    /// batch holds one generation's records only).
+    generation: Cell<u32>,
 }
 
 pub struct Ingest {
@@ -121,6 +124,7 @@ impl Ingest {
                 p.map(|p| OutLane {
                     state: RefCell::new((BatchBuilder::new(CROSSING_BATCH), p)),
                     opened: Notify::new(),
+                    generation: Cell::new(1),
                 })
             })
             .collect();
@@ -541,32 +545,42 @@ impl Ingest {
             .expect("a lane to every other shard");
         let mut st = lane.state.borrow_mut();
         let (builder, ring) = &mut *st;
-        if !builder.fits(len) {
+        let generation = self.plan.generation() as u32;
+        let older = builder.is_open() && lane.generation.get() != generation;
+        if older || !builder.fits(len) {
             if ring.is_full() {
                 return Err(Blocked::Ring(dest));
             }
-            self.cross(builder, ring, dest);
+            self.cross(builder, ring, dest, lane.generation.get());
         }
         let opened = {
             let mut pool = self.ctx.pool.borrow_mut();
             builder.push(&mut pool, ts_ns, key_hash, source as u16, record, meta)
         };
         if opened {
+            lane.generation.set(generation);
             lane.opened.notify_one();
         }
         if builder.is_full() && !ring.is_full() {
-            self.cross(builder, ring, dest);
+            self.cross(builder, ring, dest, generation);
         }
         Ok(())
     }
 
     /// Seals the lane's open batch into the ring to `dest` (which has room).
-    fn cross(&self, builder: &mut BatchBuilder, ring: &mut Producer<Crossing>, dest: usize) {
+    /// `generation`: the plan its records were routed by.
+    fn cross(
+        &self,
+        builder: &mut BatchBuilder,
+        ring: &mut Producer<Crossing>,
+        dest: usize,
+        generation: u32,
+    ) {
         if let Some(b) = builder.seal() {
             self.metrics.crossed_records.add(b.len() as u64);
             let c = Crossing {
                 batch: b,
-                generation: self.plan.generation() as u32,
+                generation,
             };
             if ring.push(c).is_err() {
                 unreachable!("the caller checked the ring has room");
@@ -657,7 +671,7 @@ impl Ingest {
         if ring.is_full() {
             return false;
         }
-        self.cross(builder, ring, dest);
+        self.cross(builder, ring, dest, lane.generation.get());
         true
     }
 
@@ -701,10 +715,11 @@ impl Ingest {
                         }
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
-                    // Routed by another plan than this shard's: its `where`
-                    // masks are looked at again.
-                    let stale = generation as usize != self.plan.generation();
                     for (e, rec, meta) in batch.iter() {
+                        // Routed by another plan than this shard's (one
+                        // record may wait across a reload): its `where` mask
+                        // is looked at again.
+                        let stale = generation as usize != self.plan.generation();
                         let source = e.source as usize;
                         if unknown && source >= self.plan.sources.len() {
                             self.metrics.sources[source].drop(DropReason::NoSink, 1);

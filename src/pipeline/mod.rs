@@ -38,6 +38,7 @@ use std::sync::Arc;
 pub struct PlanCell {
     current: Cell<*const Plan>,
     held: RefCell<Vec<Arc<Plan>>>,
+    generation: Cell<usize>,
 }
 
 impl PlanCell {
@@ -45,6 +46,7 @@ impl PlanCell {
         PlanCell {
             current: Cell::new(Arc::as_ptr(&plan)),
             held: RefCell::new(vec![plan]),
+            generation: Cell::new(1),
         }
     }
 
@@ -52,13 +54,15 @@ impl PlanCell {
     pub fn set(&self, plan: Arc<Plan>) {
         self.current.set(Arc::as_ptr(&plan));
         self.held.borrow_mut().push(plan);
+        self.generation.set(self.generation.get() + 1);
     }
 
     /// How many plans it has run (1, and one more per reload): what a task
     /// that keeps something derived from the plan compares to know it is
     /// stale.
+    #[inline]
     pub fn generation(&self) -> usize {
-        self.held.borrow().len()
+        self.generation.get()
     }
 }
 

@@ -114,9 +114,19 @@ impl SinkQueue {
         *self.successor.borrow_mut() = Some(next);
     }
 
-    /// The queue that took this one's batches at a reload, if any.
+    /// The queue that takes this one's batches after a reload changed its
+    /// sink: the first along the chain of changes that is still open (one
+    /// changed again has handed its own on); `None` when there is none, or
+    /// it has closed too (the collector stops).
     pub fn successor(&self) -> Option<std::rc::Rc<SinkQueue>> {
-        self.successor.borrow().clone()
+        let mut next = self.successor.borrow().clone();
+        while let Some(q) = next {
+            if !q.state.borrow().closed {
+                return Some(q);
+            }
+            next = q.successor.borrow().clone();
+        }
+        None
     }
 
     /// Takes a sealed batch from the queue a reload changed into this one

@@ -413,12 +413,14 @@ impl Running {
         // The new config's paths were checked when it was read.
         let plan = Arc::new(r.plan);
         let n = self.shards;
-        let mut sockets: Vec<Vec<BoundSocket>> = (0..n).map(|_| Vec::new()).collect();
+        // Every check first, then the lock, then the binds: a refusal
+        // leaves no new socket in a port's group, where it would take
+        // connections only to reset them.
+        let stream = |k: SourceKind| matches!(k, SourceKind::Tcp | SourceKind::Updraft);
         for &id in &r.added_sources {
             let src = &plan.sources[id];
             // A changed source's new sockets share its port with the old
             // ones (SO_REUSEPORT) until those close.
-            let stream = |k: SourceKind| matches!(k, SourceKind::Tcp | SourceKind::Updraft);
             let held = r.removed_sources.iter().any(|&o| {
                 let old = &plan.sources[o];
                 old.address == src.address && stream(old.kind) == stream(src.kind)
@@ -426,6 +428,13 @@ impl Running {
             if !held {
                 check_port_free(src).map_err(|e| e.to_string())?;
             }
+        }
+        if self.lock.is_none() && plan.uses_data_dir() {
+            self.lock = Some(lock_data_dir(&plan.data_dir).map_err(|e| e.to_string())?);
+        }
+        let mut sockets: Vec<Vec<BoundSocket>> = (0..n).map(|_| Vec::new()).collect();
+        for &id in &r.added_sources {
+            let src = &plan.sources[id];
             match src.kind {
                 SourceKind::Mqtt => sockets[0].push(BoundSocket::Mqtt { source: id }),
                 SourceKind::File => sockets[0].push(BoundSocket::File { source: id }),
@@ -443,9 +452,6 @@ impl Running {
                     }
                 }
             }
-        }
-        if self.lock.is_none() && plan.uses_data_dir() {
-            self.lock = Some(lock_data_dir(&plan.data_dir).map_err(|e| e.to_string())?);
         }
         self.metrics.set_names(crate::metrics::Names {
             sources: plan

@@ -184,17 +184,6 @@ async fn open_disk_buffer(
     let shard = ingest.id;
     let dir = sink.buffer.dir.join(shard.to_string());
     let rec = loop {
-        if ingest.ctx.sink_stopping(queue.sink) {
-            // Stopping (or removed again) before its log could be opened:
-            // what waits for it is lost, and counted.
-            let counters = &ingest.metrics.sinks[queue.sink];
-            while let Some(b) = queue.next().await {
-                counters.buffer_dropped.add(b.len() as u64);
-                queue.settle(b.len() as u64);
-                ingest.ctx.recycle(b);
-            }
-            return;
-        }
         let (path, cfg, name) = (
             dir.clone(),
             crate::wal::driver::log_config(sink, plan.shards),
@@ -205,6 +194,18 @@ async fn open_disk_buffer(
                 .await;
         match opened {
             Ok(rec) => break rec,
+            Err(e) if ingest.ctx.sink_stopping(queue.sink) => {
+                // Stopping (or removed again) and its log cannot be opened:
+                // what waits for it is lost, and counted.
+                tracing::error!(sink = %sink.name, shard, path = %dir.display(), error = %e,
+                    "cannot open the disk buffer while stopping: the records waiting for it are lost (counted)");
+                let counters = &ingest.metrics.sinks[queue.sink];
+                while let Some(b) = queue.next().await {
+                    counters.buffer_dropped.add(b.len() as u64);
+                    ingest.ctx.recycle(b);
+                }
+                return;
+            }
             Err(e) => {
                 tracing::error!(sink = %sink.name, shard, path = %dir.display(), error = %e,
                     "cannot open the disk buffer after a reload; its records wait in memory, trying again in 5 s");

@@ -149,6 +149,9 @@ pub async fn run(ing: Rc<Ingest>, source: usize) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    if ing.source_stopping(source) {
+        return;
+    }
     TAILERS.with_borrow_mut(|t| t.push((source, f.checkpoints.clone())));
     let (name, at) = (plan.name.clone(), f.checkpoints.clone());
     let loaded = tokio::task::spawn_blocking(move || load_checkpoints(&name, &at)).await;
