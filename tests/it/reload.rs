@@ -10,27 +10,7 @@ use std::time::{Duration, Instant};
 const APP: &str = r#"updraft_source_received_records_total{source="app"}"#;
 
 fn app_and_up(app: SocketAddr, up: SocketAddr) -> String {
-    app_and_up_with(app, up, "")
-}
-
-/// `app` → `up`; `extra` adds keys to the source.
-fn app_and_up_with(app: SocketAddr, up: SocketAddr, extra: &str) -> String {
-    format!(
-        r#"
-shards = 2
-[sources.app]
-type = "tcp"
-address = "{app}"
-{extra}
-[sinks.up]
-type = "tcp"
-inputs = ["app"]
-address = "{up}"
-[sinks.up.retry]
-initial_backoff_ms = 20
-max_backoff_ms = 200
-"#
-    )
+    tcp_to_tcp(app, up, 2, "")
 }
 
 /// Waits until nothing accepts connections on `addr`.
@@ -71,7 +51,7 @@ address = "{extra}"
 type = "blackhole"
 inputs = ["extra"]
 "#,
-        app_and_up_with(app, up, app_keys)
+        tcp_to_tcp(app, up, 2, app_keys)
     );
     let after = format!(
         r#"{}
@@ -80,7 +60,7 @@ type = "tcp"
 inputs = ["app"]
 address = "{more}"
 "#,
-        app_and_up_with(app, up, app_keys)
+        tcp_to_tcp(app, up, 2, app_keys)
     );
     let count: u64 = 300_000;
     let r_up = Receiver::start(up, count, 90, &[]);
